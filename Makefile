@@ -1,0 +1,34 @@
+# llm-platform: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PLATFORM_HOME ?= $(HOME)/.llm-platform
+
+.PHONY: install test test-fast demo down e2e-kind test-vllm clean docs crds
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU build lies on this machine's disk; a looser spec pulls CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not integration and not e2e"
+
+demo: install
+	$(BIN)/python -m llmplatform.demo
+
+down: install
+	$(BIN)/platformctl down
+
+clean:
+	rm -rf $(VENV) build *.egg-info

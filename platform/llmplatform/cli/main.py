@@ -1,0 +1,47 @@
+"""platformctl entry point: assembles the noun groups and maps platform errors to exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llmplatform.cli import pending, spec
+from llmplatform.errors import PlatformError
+
+
+def build_app() -> typer.Typer:
+    """The full command tree. Nouns are imported lazily by their own modules' heavy code."""
+    from llmplatform.cli import data, finetune, models, plan, serve, stack
+
+    app = typer.Typer(
+        help="platformctl: fine-tune and serve Llama 2 on Ray, tracked in MLflow.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    stack.register(app)
+    app.command("plan")(plan.plan)
+    app.add_typer(spec.app, name="spec")
+    app.add_typer(data.app, name="data")
+    app.add_typer(finetune.app, name="finetune")
+    app.add_typer(models.app, name="models")
+    app.add_typer(serve.app, name="serve")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run platformctl; returns the exit code (usage errors 2, PlatformError its own code)."""
+    app = build_app()
+    try:
+        app(args=argv, prog_name="platformctl")  # standalone: ends with SystemExit
+    except PlatformError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

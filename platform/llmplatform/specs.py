@@ -1,0 +1,405 @@
+"""Job and deployment specs: the single source of truth.
+
+`FineTuneSpec` (a LoRA/QLoRA fine-tuning job) and `ServeSpec` (a serving deployment) are
+pydantic v2 models with `extra="forbid"` and a description on every field. The CLI, the YAML
+files in `jobs/`, the Ray job entrypoint, the CRD schemas in `manifests/` and the operator all
+use these models, so they cannot drift. `load_spec` reads YAML/JSON and reports every problem at
+once, each with its field path, what was given and what is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmplatform.errors import Problem, SpecError
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[\w\-]+)|/(?P<version>\d+))$")
+LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown fields are errors, defaults are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+class DataSpec(StrictModel):
+    """Where the training data is and how it becomes token sequences."""
+
+    train: str = Field(description="Training data: a local path or object-store URI (s3://, gs://) to a JSONL, JSON or Parquet file.")
+    validation: str | None = Field(default=None, description="Validation data in the same shapes as `train`. If omitted, `validation_split` of the training data is held out.")
+    validation_split: float = Field(default=0.05, ge=0.0, lt=0.5, description="Share of training records held out for evaluation when `validation` is not given (0 disables evaluation).")
+    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape: `chat` (messages), `prompt_completion`, `alpaca` (instruction/input/output), or `auto` to detect per file.")
+    max_seq_length: int = Field(default=2048, ge=16, le=32768, description="Tokens per training sequence (Llama 2's context is 4096).")
+    packing: bool = Field(default=False, description="Pack several examples into one sequence; attention and position ids are reset at example boundaries so examples never see each other.")
+    truncation: Literal["right", "drop"] = Field(default="right", description="Examples longer than `max_seq_length`: `right` cuts the end (keeping the prompt), `drop` skips the example.")
+    system_prompt: str | None = Field(default=None, description="System prompt added to examples that have none (Llama 2 `<<SYS>>` block, first turn only).")
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapter shape (peft)."""
+
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r (adapter matrices are d x r and r x k).")
+    alpha: float = Field(default=32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR_MODULES), min_length=1, description="Linear layers that get adapters. Llama names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in LLAMA_LINEAR_MODULES and m not in ("all-linear",)]
+        if unknown:
+            raise ValueError(f"unknown Llama module(s) {unknown}; accepted: {LLAMA_LINEAR_MODULES} or 'all-linear'")
+        return value
+
+
+class QuantizationSpec(StrictModel):
+    """4-bit base-model quantisation for QLoRA (bitsandbytes)."""
+
+    bits: Literal[4] = Field(default=4, description="Bits per base weight. QLoRA uses 4.")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type; NF4 is QLoRA's normal-float.")
+    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too (saves ~0.37 bits/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Dtype of the matmuls after dequantisation.")
+
+
+class HyperParameters(StrictModel):
+    """Optimiser and schedule. Defaults follow the Llama 2 recipe (AdamW 0.9/0.95, wd 0.1, cosine)."""
+
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate (LoRA usually 1e-4..3e-4; Llama 2 SFT full tuning used 2e-5).")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(default=4, ge=1, description="Sequences per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step. Global batch = micro_batch_size x accumulation x workers.")
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field(default="adamw", description="Optimizer; paged variants (bitsandbytes) are QLoRA's default on GPU.")
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW beta1 (Llama 2: 0.9).")
+    adam_beta2: float = Field(default=0.95, ge=0.0, lt=1.0, description="AdamW beta2 (Llama 2: 0.95).")
+    adam_epsilon: float = Field(default=1e-5, gt=0, description="AdamW epsilon (Llama 2: 1e-5).")
+    weight_decay: float = Field(default=0.1, ge=0.0, description="Decoupled weight decay (Llama 2: 0.1).")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule after warmup (Llama 2: cosine).")
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Share of steps spent in linear warmup.")
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Cosine decays to this share of the peak (Llama 2: 10%).")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm (Llama 2: 1.0).")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(default="auto", description="Autocast dtype: `auto` is bf16 on GPU, fp32 on CPU (bf16 for QLoRA on CPU).")
+    seed: int = Field(default=42, ge=0, description="Seed for data order, init and dropout; the same seed gives the same run.")
+
+
+class Toleration(StrictModel):
+    """A Kubernetes toleration for the worker pods."""
+
+    key: str = Field(description="Taint key to tolerate, e.g. `nvidia.com/gpu`.")
+    operator: Literal["Exists", "Equal"] = Field(default="Exists", description="`Exists` matches any value; `Equal` needs `value`.")
+    value: str | None = Field(default=None, description="Taint value (with operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(default=None, description="Taint effect to tolerate; empty matches all.")
+
+
+class ResourcesSpec(StrictModel):
+    """How many Ray Train workers, and what each one gets."""
+
+    workers: int = Field(default=1, ge=1, le=512, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per worker (0 = CPU training, gloo backend).")
+    memory_gb_per_worker: float | None = Field(default=None, gt=0, description="Memory per worker (Kubernetes request); unset = planner default.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(default="auto", description="`ddp` replicates the model per worker; `fsdp` shards it; `auto` picks FSDP when the planner says one device can't hold it.")
+    max_failures: int = Field(default=0, ge=0, le=100, description="Worker-group restarts allowed; a restart resumes from the last checkpoint.")
+    gpu_type: str | None = Field(default=None, description="GPU model for the planner and node selection, e.g. `a100-80gb`, `h100-80gb`.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes node selector for worker pods.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Kubernetes tolerations for worker pods.")
+
+
+class CheckpointSpec(StrictModel):
+    """Ray Train checkpoints: adapter, optimizer, scheduler and data position."""
+
+    every_n_steps: int = Field(default=50, ge=1, description="Checkpoint cadence in optimizer steps.")
+    storage_uri: str | None = Field(default=None, description="Where checkpoints go: a local path or s3:// / gs:// URI. Default: `<PLATFORM_HOME>/checkpoints`.")
+    keep_best: int = Field(default=2, ge=1, description="Checkpoints kept, best first by `metric`.")
+    metric: str = Field(default="eval_loss", description="Metric that ranks checkpoints.")
+    mode: Literal["min", "max"] = Field(default="min", description="Whether a lower or higher `metric` is better.")
+
+
+class EvalSpec(StrictModel):
+    """Evaluation on the validation set: loss, perplexity, token accuracy."""
+
+    every_n_steps: int = Field(default=50, ge=1, description="Evaluation cadence in optimizer steps (also at the end).")
+    max_batches: int | None = Field(default=None, ge=1, description="Cap on validation batches per evaluation; unset = all.")
+
+
+class MlflowSpec(StrictModel):
+    """Tracking and registration."""
+
+    experiment: str = Field(default="llm-platform", min_length=1, description="MLflow experiment for the run.")
+    registered_model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.\-]*$", description="On success the adapter becomes a new version of this registered model; unset = not registered.")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking server; default: the embedded stack's or `$MLFLOW_TRACKING_URI`.")
+
+
+class FineTuneSpec(StrictModel):
+    """A LoRA or QLoRA fine-tuning job for a Llama 2 base model."""
+
+    name: str = Field(pattern=DNS_LABEL, description="Job name: lowercase letters, digits and '-', at most 63 characters (a Kubernetes name).")
+    base_model: str = Field(min_length=1, description="Base model: a catalog name (`llama2-7b`, `llama2-13b-chat`, `llama2-tiny`, ...), a local directory, or a Hugging Face id.")
+    method: Literal["lora", "qlora"] = Field(default="lora", description="`lora` trains adapters on a bf16/fp32 base; `qlora` on a 4-bit NF4 base.")
+    data: DataSpec = Field(description="Training and validation data.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape.")
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="4-bit settings (used when method is qlora).")
+    hyperparameters: HyperParameters = Field(default_factory=HyperParameters, description="Optimiser and schedule.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers and what each gets.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and storage.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation cadence.")
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="Tracking and registration.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FineTuneSpec":
+        if self.resources.gpus_per_worker and self.resources.gpus_per_worker != int(self.resources.gpus_per_worker) and self.resources.gpus_per_worker > 1:
+            raise ValueError("resources.gpus_per_worker above 1 must be a whole number")
+        return self
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+class AdapterRef(StrictModel):
+    """A LoRA adapter to serve on the base model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$", description="Name clients use: `BASE:NAME` in the request's `model`.")
+    source: str = Field(min_length=1, description="A local adapter directory, an object-store URI, or a registry reference `models:/NAME@ALIAS` or `models:/NAME/VERSION`.")
+
+
+class ModelSource(StrictModel):
+    """What the deployment serves: a base and adapters, or a registry reference."""
+
+    base: str | None = Field(default=None, description="Base model (catalog name, directory or HF id). May be omitted with `registry`: the base then comes from the registered version's lineage.")
+    adapters: list[AdapterRef] = Field(default_factory=list, description="Adapters served beside the base (multi-LoRA).")
+    registry: str | None = Field(default=None, description="Registry reference `models:/NAME@ALIAS` (followed when the alias moves) or `models:/NAME/VERSION` (pinned).")
+    allow_dynamic_adapters: bool = Field(default=True, description="Let requests name any registered version (`NAME@ALIAS`, `NAME/VERSION`) beyond the listed adapters.")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_uri(cls, value: str | None) -> str | None:
+        if value is not None and not REGISTRY_URI.match(value):
+            raise ValueError("must look like models:/NAME@ALIAS or models:/NAME/VERSION")
+        return value
+
+    @model_validator(mode="after")
+    def _has_something(self) -> "ModelSource":
+        if not self.base and not self.registry:
+            raise ValueError("set `base` (a base model), `registry` (models:/NAME@ALIAS), or both")
+        names = [a.name for a in self.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapter names must be unique; repeated: {dupes}")
+        return self
+
+
+class AutoscalingSpec(StrictModel):
+    """Replica count: fixed (min == max) or autoscaled on ongoing requests."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas; 0 allows scale to zero.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time; default min_replicas (at least 1).")
+    target_ongoing_requests: float = Field(default=16.0, gt=0, description="Requests in flight per replica the autoscaler aims for.")
+    downscale_delay_s: float = Field(default=300.0, ge=0, description="Seconds of low load before removing a replica.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class LimitsSpec(StrictModel):
+    """Concurrency and request limits; beyond them clients get 429/503 with Retry-After."""
+
+    max_concurrent_requests: int = Field(default=64, ge=1, description="Requests a replica runs at once (its batch).")
+    max_queued_requests: int = Field(default=128, ge=0, description="Requests waiting beyond those; more are refused with 429 and Retry-After.")
+    max_batch_size: int = Field(default=32, ge=1, description="Sequences decoded together per step (hf engine).")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="A request running longer is ended with an error; no connection hangs.")
+    default_max_tokens: int = Field(default=256, ge=1, description="`max_tokens` when a request does not set it.")
+
+
+class AuthSpec(StrictModel):
+    """API-key authentication (keys are stored as SHA-256 hashes)."""
+
+    enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 routes.")
+    api_keys_file: str | None = Field(default=None, description="File with one key hash (`sha256:<hex>`) or plain key per line; plain keys are hashed on load.")
+    api_keys_env: str | None = Field(default="PLATFORM_API_KEYS", description="Env var with comma-separated keys or `sha256:` hashes.")
+
+
+class ServeResources(StrictModel):
+    """What one replica reserves."""
+
+    gpus_per_shard: float = Field(default=0.0, ge=0, description="GPUs per tensor-parallel shard (one bundle each); 0 on CPU.")
+    cpus_per_shard: float = Field(default=1.0, gt=0, description="CPUs per tensor-parallel shard.")
+    accelerator_resource: str | None = Field(default=None, description="Custom Ray resource name standing in for a GPU (tests, heterogeneous pools).")
+    gpu_type: str | None = Field(default=None, description="GPU model for the planner, e.g. `a100-80gb`.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes node selector for serving pods.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Kubernetes tolerations for serving pods.")
+
+
+class ServeSpec(StrictModel):
+    """An OpenAI-compatible deployment of a Llama 2 base model and its adapters on Ray Serve."""
+
+    name: str = Field(pattern=DNS_LABEL, description="Deployment name (a Kubernetes name); also the Serve application name.")
+    model: ModelSource = Field(description="Base model, adapters and/or registry reference.")
+    engine: Literal["auto", "vllm", "hf"] = Field(default="auto", description="`vllm` (GPU production engine), `hf` (transformers, batched), or `auto` (vllm when importable and usable).")
+    tensor_parallel: int | Literal["auto"] = Field(default=1, description="Shards per replica (one placement-group bundle each), or `auto` to let the planner pick for the GPU type.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights/activations dtype; `auto` is bf16 on GPU, fp32 on CPU.")
+    max_model_len: int = Field(default=4096, ge=16, le=32768, description="Prompt + generated tokens per request (Llama 2: 4096).")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replicas and autoscaling.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Concurrency, queue and timeouts.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="API-key authentication.")
+    resources: ServeResources = Field(default_factory=ServeResources, description="What a replica reserves.")
+    max_loaded_adapters: int = Field(default=8, ge=1, description="LRU bound on adapters held per replica.")
+    registry_poll_s: float = Field(default=10.0, gt=0, le=3600, description="How often aliases are re-resolved; a moved alias is served within this delay.")
+    route_prefix: str = Field(default="/", pattern=r"^/", description="HTTP route prefix of the application.")
+    tracking_uri: str | None = Field(default=None, description="MLflow server for registry references; default: the embedded stack's or `$MLFLOW_TRACKING_URI`.")
+
+    @field_validator("tensor_parallel")
+    @classmethod
+    def _tp(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and (value < 1 or value & (value - 1)):
+            raise ValueError("must be a power of two (1, 2, 4, 8, ...) or 'auto'")
+        return value
+
+
+SPEC_KINDS: dict[str, type[StrictModel]] = {"finetune": FineTuneSpec, "serve": ServeSpec}
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _accepted(model: type[BaseModel] | None, err: dict[str, Any]) -> str:
+    """What would have been accepted, in words, for one pydantic error."""
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "literal_error":
+        return str(ctx.get("expected", ""))
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()), "")
+        return f"a number {sign} {bound}"
+    if kind == "string_pattern_mismatch":
+        return f"text matching {ctx.get('pattern')}"
+    if kind == "extra_forbidden" and model is not None:
+        return "one of " + ", ".join(sorted(model.model_fields))
+    if kind == "missing":
+        return "a value (this field is required)"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return kind.replace("_parsing", "").replace("_type", "")
+    return ""
+
+
+def _model_at(root: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last element of `path`."""
+    model: Any = root
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) + (ann,):
+            inner = getattr(cand, "__args__", ())
+            found = next((c for c in (cand, *inner) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if found is not None:
+                model = found
+                break
+        else:
+            return None
+    return model if isinstance(model, type) else None
+
+
+def problems_from_validation(root: type[BaseModel], exc: ValidationError) -> list[Problem]:
+    """Turn pydantic's errors into `Problem`s with dotted paths and 'did you mean' hints."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",))))
+        where = ".".join(str(p) for p in path) or "(top level)"
+        owner = _model_at(root, path) if path else root
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and owner is not None and path:
+            close = difflib.get_close_matches(str(path[-1]), list(owner.model_fields), n=1)
+            message = "unknown field" + (f"; did you mean '{close[0]}'?" if close else "")
+        given = None if err["type"] == "missing" else err.get("input")
+        if isinstance(given, dict):
+            given = "{...}"
+        problems.append(Problem(where, message, given, _accepted(owner, err)))
+    return problems
+
+
+def parse_spec(kind: str, data: Any, source: str = "<spec>") -> StrictModel:
+    """Validate already-parsed data as a spec of `kind`; raise SpecError with every problem."""
+    model = SPEC_KINDS[kind]
+    if not isinstance(data, dict):
+        raise SpecError(source, [Problem("(top level)", "a spec must be a mapping of fields", type(data).__name__, "a YAML/JSON object")])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, problems_from_validation(model, exc)) from None
+
+
+def read_document(path: str | Path) -> tuple[str | None, dict]:
+    """Read a YAML/JSON spec file. Returns (kind, body).
+
+    A file may be a bare spec, or wrapped as `{kind: FineTuneJob|ModelDeployment, spec: {...}}`
+    (the Kubernetes CR shape; `metadata.name` then fills `name`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), [Problem("(file)", "file not found", str(path), "a readable YAML or JSON file")])
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else f"line {getattr(exc, 'lineno', '?')}"
+        raise SpecError(str(path), [Problem(where, f"not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError(str(path), [Problem("(top level)", "a spec must be a mapping of fields", type(data).__name__, "a YAML/JSON object")])
+    cr_kind = {"FineTuneJob": "finetune", "ModelDeployment": "serve"}.get(str(data.get("kind")))
+    if cr_kind:
+        body = dict(data.get("spec") or {})
+        name = (data.get("metadata") or {}).get("name")
+        if name and "name" not in body:
+            body["name"] = name
+        return cr_kind, body
+    return None, data
+
+
+def guess_kind(body: dict) -> str:
+    """finetune or serve, from the fields present."""
+    if "model" in body or "engine" in body or "autoscaling" in body:
+        return "serve"
+    return "finetune"
+
+
+def load_spec(path: str | Path, kind: str | None = None) -> StrictModel:
+    """Load and validate a spec file; the kind is given, read from `kind:`, or guessed."""
+    doc_kind, body = read_document(path)
+    kind = kind or doc_kind or guess_kind(body)
+    if doc_kind and kind != doc_kind:
+        raise SpecError(str(path), [Problem("kind", f"this is a {doc_kind} spec, expected {kind}", doc_kind, kind)])
+    return parse_spec(kind, body, str(path))
+
+
+def spec_kind(spec: StrictModel) -> str:
+    return next(k for k, m in SPEC_KINDS.items() if isinstance(spec, m))
+
+
+def json_schema(kind: str) -> dict:
+    """The JSON schema of a spec kind (what `platformctl spec schema` prints)."""
+    if kind not in SPEC_KINDS:
+        raise SpecError("spec schema", [Problem("kind", "unknown spec kind", kind, " | ".join(SPEC_KINDS))])
+    return SPEC_KINDS[kind].model_json_schema()
