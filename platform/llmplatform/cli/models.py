@@ -1,5 +1,153 @@
-"""`platformctl models`: the model registry (MLflow aliases), promotion and rollback."""
+"""`platformctl models`: the model registry (MLflow aliases), promotion and rollback.
 
-from llmplatform.cli.pending import pending_noun
+Each command parses its options, calls one function of `llmplatform.registry`, and prints the
+result as a table or `--output json`. The tracking server is `--tracking-uri`, else
+`$MLFLOW_TRACKING_URI`, else the running local stack (`platformctl up`).
+"""
 
-app = pending_noun("models", "Registered adapters: list, show, promote, rollback.", ["list", "show", "promote", "rollback"], "issue 4, model registry")
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit, emit_json, render_table
+
+app = typer.Typer(help="Registered adapters (MLflow model registry): list, show, promote, rollback.", no_args_is_help=True)
+
+TRACKING_OPTION = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+                               help="MLflow tracking server; default: the running local stack (platformctl up).")
+DIRECTION_HELP = ("Direction: metrics whose name contains loss, perplexity, ppl, error or latency are better when "
+                  "lower; all others are better when higher; ties pass.")
+
+
+def resolve_tracking_uri(given: str | None) -> str:
+    """--tracking-uri / $MLFLOW_TRACKING_URI, else the local stack's server, else a clear error."""
+    from llmplatform.registry.client import default_tracking_uri
+
+    return given or default_tracking_uri()
+
+
+@app.command("list")
+def list_cmd(name: Optional[str] = typer.Option(None, "--name", help="Only models whose name contains this."),
+             tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Registered models: versions, aliases, base model, key eval metrics of the latest version, created."""
+    from llmplatform.registry import list_models
+
+    rows = list_models(resolve_tracking_uri(tracking_uri), name_contains=name)
+    if output == OutputFormat.json:
+        emit_json(rows)
+        return
+    table = [{**r, "aliases": _aliases_text(r["aliases"]), "metrics": _metrics_text(r["metrics"]),
+              "latest": f"v{r['latest']}" if r["latest"] else None} for r in rows]
+    emit(table, output, columns=["name", "versions", "latest", "aliases", "base_model", "metrics", "created"])
+
+
+@app.command("show")
+def show_cmd(name: str = typer.Argument(..., help="Registered model name."),
+             version: Optional[int] = typer.Option(None, "--version", "-v", help="Version to detail (default: latest)."),
+             tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """One model: lineage (run, dataset, base, spec, git), metrics, adapter config, aliases, promotion history."""
+    from llmplatform.registry import show_model
+
+    data = show_model(resolve_tracking_uri(tracking_uri), name, version)
+    if output == OutputFormat.json:
+        emit_json(data)
+    else:
+        typer.echo(render_show(data))
+
+
+@app.command("promote")
+def promote_cmd(name: str = typer.Argument(..., help="Registered model name."),
+                version: int = typer.Option(..., "--version", "-v", help="Version to promote."),
+                to: str = typer.Option(..., "--to", help="Alias to move, e.g. staging or production."),
+                require: List[str] = typer.Option([], "--require", help="Gate METRIC OP NUMBER on the version's logged "
+                                                  "metrics, e.g. eval_loss<=1.2 (ops <=,<,>=,>,==); repeatable."),
+                no_worse_than: Optional[str] = typer.Option(None, "--no-worse-than", help="Gate: no worse than the current "
+                                                            "holder of this alias on the --require metrics (else on every "
+                                                            "eval* metric both logged). " + DIRECTION_HELP),
+                reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded in the history."),
+                actor: Optional[str] = typer.Option(None, "--actor", help="Who; default $USER."),
+                tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Point ALIAS at a version if every gate passes; a refusal names the failed gate and changes nothing."""
+    from llmplatform.registry import promote
+
+    record = promote(resolve_tracking_uri(tracking_uri), name, version, to, require=require,
+                     no_worse_than=no_worse_than, actor=actor, reason=reason)
+    _emit_record(record, output)
+
+
+@app.command("rollback")
+def rollback_cmd(name: str = typer.Argument(..., help="Registered model name."),
+                 alias: str = typer.Option(..., "--alias", "-a", help="Alias to move back, e.g. production."),
+                 reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded in the history."),
+                 actor: Optional[str] = typer.Option(None, "--actor", help="Who; default $USER."),
+                 tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Move ALIAS back to the version that held it before; repeat to walk further back."""
+    from llmplatform.registry import rollback
+
+    record = rollback(resolve_tracking_uri(tracking_uri), name, alias, actor=actor, reason=reason)
+    _emit_record(record, output)
+
+
+def _emit_record(record, output: OutputFormat) -> None:
+    if output == OutputFormat.json:
+        emit_json(record.to_dict())
+        return
+    frm = f"v{record.from_version}" if record.from_version is not None else "(unset)"
+    if not record.changed:
+        typer.echo(f"{record.name}@{record.alias} already points at v{record.to_version}; nothing changed")
+        return
+    typer.echo(f"{record.name}@{record.alias}: {frm} -> v{record.to_version} ({record.kind} by {record.actor} at {record.time})")
+    for gate in record.gates:
+        typer.echo(f"  {gate['message']}")
+    if record.superseded_by is not None:
+        typer.echo(f"  note: a concurrent change moved {record.alias} to v{record.superseded_by} right after this one")
+
+
+def render_show(data: dict) -> str:
+    """`models show` for people: the version's lineage and adapter, then versions and history."""
+    lines = [f"{data['name']}  (created {data['created']})", f"  aliases: {_aliases_text(data['aliases'])}"]
+    if data.get("url"):
+        lines.append(f"  ui: {data['url']}")
+    v = data.get("version")
+    if v:
+        lin, ad = v["lineage"], v["adapter"]
+        lines += ["", f"version {v['version']}  [{v['status']}]  aliases: {', '.join(v['aliases']) or '-'}  created {v['created']}",
+                  f"  run:          {v['run_id']}  {v['run_url'] or ''}".rstrip(),
+                  f"  base model:   {lin.get('base_model', '-')}  {lin.get('base_model_sha') or lin.get('base_model_uri') or ''}".rstrip(),
+                  f"  dataset sha:  {lin.get('dataset_sha256', '-')}",
+                  f"  job / git:    {lin.get('job_id', '-')} / {lin.get('git_sha', '-')}",
+                  f"  adapter:      r={ad.get('r')} alpha={ad.get('lora_alpha')} targets={_list_text(ad.get('target_modules'))} "
+                  f"modules_to_save={_list_text(ad.get('modules_to_save'))}",
+                  f"  adapter sha:  {v.get('adapter_sha256')}",
+                  f"  metrics:      {_metrics_text(v['metrics'], limit=None)}"]
+        if lin.get("spec") is not None:
+            spec = lin["spec"] if isinstance(lin["spec"], str) else json.dumps(lin["spec"], sort_keys=True)
+            lines.append(f"  spec:         {spec[:300]}{'...' if len(spec) > 300 else ''}")
+    lines += ["", "versions:", _indent(render_table([{**x, "aliases": ", ".join(x["aliases"])} for x in data["versions"]],
+                                                   ["version", "aliases", "status", "created", "run_id"]))]
+    history = [{"time": e["time"], "alias": e["alias"], "kind": e["kind"] + (f" (superseded by v{e['superseded_by']})" if e.get("superseded_by") else ""),
+                "from": f"v{e['from_version']}" if e["from_version"] is not None else None, "to": f"v{e['to_version']}",
+                "actor": e["actor"], "reason": e.get("reason")} for e in reversed(data["history"])]
+    lines += ["", "promotion history (newest first):",
+              _indent(render_table(history, ["time", "alias", "kind", "from", "to", "actor", "reason"]) if history else "(none)")]
+    return "\n".join(lines)
+
+
+def _aliases_text(aliases: dict) -> str:
+    return ", ".join(f"{a}=v{v}" for a, v in aliases.items()) or "-"
+
+
+def _metrics_text(metrics: dict, limit: int | None = 4) -> str:
+    items = list(metrics.items())[:limit] if limit else list(metrics.items())
+    return ", ".join(f"{k}={v:.4g}" for k, v in items) or "-"
+
+
+def _list_text(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
