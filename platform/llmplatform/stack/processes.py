@@ -1,0 +1,238 @@
+"""Child processes the stack owns: start each in its own session, check it, stop it by group.
+
+A component is started with `start_new_session=True`, so its PID is also its process-group id
+(pgid) and session id (sid). Everything it spawns (uvicorn workers, raylet, GCS, dashboard)
+stays in that group; Ray's task workers get their own process groups but stay in the session,
+so "the group" here means every live process whose session id is the leader's PID. We record
+the leader's start time from /proc/<pid>/stat; before signalling we check that the PID still
+belongs to that same process, so a stale state file can never make us kill a stranger.
+Stopping sends SIGTERM to the group and every session member, waits, then SIGKILLs what is
+left. Never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from llmplatform.errors import StackError
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A started process group: leader pid (== pgid), its /proc start time, command, log file."""
+
+    pid: int
+    pgid: int
+    start_time: int  # clock ticks since boot, field 22 of /proc/<pid>/stat
+    command: list[str]
+    log: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProcessRecord":
+        return cls(
+            pid=int(data["pid"]),
+            pgid=int(data["pgid"]),
+            start_time=int(data["start_time"]),
+            command=list(data.get("command", [])),
+            log=str(data.get("log", "")),
+        )
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (index 0 = state), or None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot; None when there is no such process."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # stat field 22 = index 19 after "pid (comm)"
+
+
+def _is_running(fields: list[str] | None) -> bool:
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+def is_ours(record: ProcessRecord) -> bool:
+    """True when the leader PID is alive and is still the very process we started."""
+    fields = _stat_fields(record.pid)
+    return _is_running(fields) and int(fields[19]) == record.start_time
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) PIDs whose process group or session is `pgid` (a setsid leader's PID)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        # index 2 = pgrp, 3 = session
+        if _is_running(fields) and (int(fields[2]) == pgid or int(fields[3]) == pgid):
+            members.append(int(entry.name))
+    return members
+
+
+def group_is_ours(record: ProcessRecord) -> bool:
+    """Whether signalling `record.pgid` hits only our processes.
+
+    Either the leader is still ours, or the leader is gone entirely and members of its group
+    remain (the kernel never reuses a PID as a new group id while that group has members).
+    A leader PID now held by a different process means the group is not ours.
+    """
+    if is_ours(record):
+        return True
+    leader_fields = _stat_fields(record.pid)
+    if _is_running(leader_fields):
+        return False  # PID reused by another process
+    return bool(group_members(record.pgid))
+
+
+def start_process(command: list[str], log_path: Path, env: dict[str, str | None] | None = None) -> ProcessRecord:
+    """Start `command` in a new session with stdout+stderr appended to `log_path`.
+
+    `env` is layered over os.environ; a None value removes that variable.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    child_env = {**os.environ, **(env or {})}
+    child_env = {k: v for k, v in child_env.items() if v is not None}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            start_new_session=True,  # setsid: pid == pgid == sid, we own the whole group
+            close_fds=True,
+        )
+    start = proc_start_time(proc.pid)
+    if start is None:  # exited at once; keep a record so the caller reports its log
+        start = -1
+    return ProcessRecord(pid=proc.pid, pgid=proc.pid, start_time=start, command=command, log=str(log_path))
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if `pid` is our own child, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_groups(records: list[ProcessRecord], timeout: float = 5.0) -> list[bool]:
+    """SIGTERM each record's process group together, SIGKILL what is left after `timeout` s.
+
+    Returns, per record, whether its group was ours (and so was signalled). A group that is not
+    ours (the PID was reused) is left alone.
+    """
+    ours = [group_is_ours(r) for r in records]
+    targets = [r for r, mine in zip(records, ours) if mine]
+    for record in targets:
+        _signal_group(record.pgid, signal.SIGTERM)
+    for sig, wait in ((signal.SIGKILL, timeout), (None, 5.0)):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for record in records:
+                _reap(record.pid)
+            targets = [r for r in targets if group_members(r.pgid)]
+            if not targets:
+                break
+            time.sleep(0.2)
+        if sig is not None:
+            for record in targets:
+                _signal_group(record.pgid, sig)
+    for record in records:
+        _reap(record.pid)
+    return ours
+
+
+def stop_group(record: ProcessRecord, timeout: float = 5.0) -> bool:
+    """Stop one process group (see `stop_groups`)."""
+    return stop_groups([record], timeout)[0]
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal the process group, then any session member outside it (e.g. Ray task workers)."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    for pid in group_members(pgid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def log_tail(path: str | Path, lines: int = 30) -> str:
+    """The last `lines` lines of a log file (empty string when it does not exist)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET `url` answers 2xx within `timeout` seconds (no proxies: all local)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_healthy(
+    waiting: dict[str, tuple[ProcessRecord, Callable[[], bool]]],
+    timeout: float,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Poll each component's health check until all pass.
+
+    `waiting` maps a component name to (its process record, a no-argument health check).
+    Raises StackError naming the component, with the tail of its log, when its process dies or
+    when `timeout` seconds pass first.
+    """
+    pending = dict(waiting)
+    start = time.monotonic()
+    last_note = 0.0
+    while pending:
+        for name, (record, check) in list(pending.items()):
+            if check():
+                del pending[name]
+                if progress:
+                    progress(f"{name} is healthy ({time.monotonic() - start:.0f}s)")
+            elif not is_ours(record) and not check():
+                raise StackError(
+                    f"the {name} process (pid {record.pid}) exited while starting. "
+                    f"Last lines of {record.log}:\n{log_tail(record.log)}"
+                )
+        if not pending:
+            return
+        elapsed = time.monotonic() - start
+        if elapsed > timeout:
+            name, (record, _) = next(iter(pending.items()))
+            raise StackError(
+                f"the {name} did not become healthy within {timeout:.0f}s. "
+                f"Last lines of {record.log}:\n{log_tail(record.log)}"
+            )
+        if progress and elapsed - last_note >= 10:
+            last_note = elapsed
+            progress(f"waiting for {', '.join(pending)} ({elapsed:.0f}s)")
+        time.sleep(0.5)
