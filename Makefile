@@ -30,5 +30,11 @@ demo: install
 down: install
 	$(BIN)/platformctl down
 
+e2e-kind:
+	scripts/e2e-kind.sh
+
+crds: install
+	$(BIN)/python -m llmoperator.crdgen manifests/crds
+
 clean:
 	rm -rf $(VENV) build *.egg-info

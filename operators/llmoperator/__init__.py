@@ -1,0 +1,1 @@
+"""llmoperator: a kopf operator translating FineTuneJob/ModelDeployment into KubeRay RayJob/RayService."""

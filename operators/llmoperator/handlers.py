@@ -1,0 +1,257 @@
+"""kopf handlers: thin entry points over `llmoperator.reconcile`.
+
+Deletion needs no handler and no finalizer: every RayJob/RayService carries a controller owner
+reference, so the garbage collector removes it (and KubeRay's RayCluster under it) with its owner,
+even while the operator is down. `make_registry(deps)` registers every handler on a fresh `kopf.OperatorRegistry` (no import-time
+side effects; tests build one against an in-memory API). Each handler reads, calls one pure
+function, writes, and maps errors: an invalid spec is a `kopf.PermanentError` with the problems in
+`status.message`; an unreachable API server or MLflow is a `kopf.TemporaryError(delay=...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import kopf
+
+from llmplatform.backends.k8s import KubeApi, TransientApiError
+from llmplatform.errors import JobError, RegistryError, SpecError
+
+from llmoperator.reconcile import deployment, finetune, status
+from llmoperator.reconcile.common import ANNOTATION_CANCEL, GROUP, LABEL_DEPLOYMENT, LABEL_FINETUNE, OperatorConfig
+
+FTJ = (GROUP, "v1alpha1", "finetunejobs")
+MDEP = (GROUP, "v1alpha1", "modeldeployments")
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Deps:
+    """What the handlers talk to; injected so tests use an in-memory API and a fake registry."""
+
+    api: KubeApi
+    cfg: OperatorConfig = field(default_factory=OperatorConfig)
+    resolve_version: Callable[[str, str | None], str] | None = None  # (models:/N@A, tracking_uri) -> version
+    job_progress: Callable[[dict], dict | None] | None = None  # FineTuneJob body -> {mlflowRunId, progress}
+    check_interval_s: float = 30.0  # FineTuneJob health checks (cluster present, progress)
+    registry_poll_s: float = 30.0  # alias re-resolution for ModelDeployments
+    retry_delay_s: float = 15.0  # TemporaryError backoff (API server, MLflow)
+    now: Callable[[], str] = utcnow
+
+
+def _set_status(deps: Deps, kind: str, ns: str, name: str, fields: dict) -> None:
+    if fields:
+        deps.api.patch_status(kind, ns, name, fields)
+
+
+def _permanent(deps: Deps, kind: str, ns: str, name: str, exc: SpecError, current: dict) -> kopf.PermanentError:
+    fields = {"phase": "Failed", "reason": "InvalidSpec", "message": str(exc), "lastTransitionTime": deps.now()}
+    if current.get("phase") != "Failed" or current.get("message") != str(exc):
+        _set_status(deps, kind, ns, name, fields)
+    return kopf.PermanentError(str(exc))
+
+
+# ---------------------------------------------------------------------------- FineTuneJob
+
+
+def create_rayjob(deps: Deps, body: dict, logger: logging.Logger) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    current = dict(body.get("status") or {})
+    try:
+        rayjob = finetune.rayjob_for(body, deps.cfg)
+    except SpecError as exc:
+        raise _permanent(deps, "FineTuneJob", ns, name, exc, current) from exc
+    try:
+        deps.api.create(rayjob)
+        logger.info("created RayJob %s/%s", ns, name)
+    except TransientApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+    except JobError as exc:
+        if not getattr(exc, "conflict", False):
+            raise kopf.PermanentError(str(exc)) from exc
+        existing = deps.api.get("RayJob", ns, name) or {}
+        owners = [o.get("uid") for o in existing.get("metadata", {}).get("ownerReferences", [])]
+        if body["metadata"].get("uid") not in owners:
+            msg = f"a RayJob named {name} exists and is not owned by this FineTuneJob; delete it or rename the job"
+            _set_status(deps, "FineTuneJob", ns, name, {"phase": "Failed", "reason": "NameTaken", "message": msg, "lastTransitionTime": deps.now()})
+            raise kopf.PermanentError(msg) from exc
+    fields = {"phase": "Pending", "reason": "Submitted", "message": "RayJob created; waiting for KubeRay",
+              "rayJobName": name, "observedGeneration": body["metadata"].get("generation", 1), "lastTransitionTime": deps.now()}
+    _set_status(deps, "FineTuneJob", ns, name, {k: v for k, v in fields.items() if current.get(k) != v})
+
+
+def mirror_rayjob(deps: Deps, rayjob: dict | None, ns: str, job_name: str, cluster_gone: bool = False) -> dict:
+    """Recompute a FineTuneJob's status from its RayJob (None: gone); returns the fields written."""
+    ftj = deps.api.get("FineTuneJob", ns, job_name)
+    if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+        return {}
+    fields = status.finetune_status(rayjob, ftj.get("status"), deps.now(), cluster_gone=cluster_gone)
+    _set_status(deps, "FineTuneJob", ns, job_name, fields)
+    return fields
+
+
+def check_job(deps: Deps, body: dict) -> None:
+    """Periodic: catch what no RayJob event announces (cluster lost, RayJob gone) and read progress."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    current = body.get("status") or {}
+    if status.is_terminal(current) or not current.get("rayJobName"):
+        return
+    try:
+        rayjob = deps.api.get("RayJob", ns, current["rayJobName"])
+        cluster = (rayjob or {}).get("status", {}).get("rayClusterName")
+        gone = bool(cluster) and current.get("phase") == "Running" and deps.api.get("RayCluster", ns, cluster) is None
+        fields = mirror_rayjob(deps, rayjob, ns, name, cluster_gone=gone)
+        if deps.job_progress and not status.is_terminal({**current, **fields}):
+            found = deps.job_progress(body) or {}
+            _set_status(deps, "FineTuneJob", ns, name, {k: v for k, v in found.items() if v is not None and current.get(k) != v})
+    except (TransientApiError, RegistryError, OSError) as exc:  # API server or MLflow unreachable
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+
+
+def cancel_job(deps: Deps, body: dict, logger: logging.Logger) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    current = body.get("status") or {}
+    if status.is_terminal(current):
+        return
+    _set_status(deps, "FineTuneJob", ns, name, {"phase": "Cancelled", "reason": "Cancelled", "message": "cancelled by request; the Ray cluster is being removed",
+                                                 "lastTransitionTime": deps.now(), "completionTime": deps.now()})
+    try:
+        deps.api.delete("RayJob", ns, current.get("rayJobName") or name)
+    except TransientApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+    logger.info("cancelled FineTuneJob %s/%s", ns, name)
+
+
+# ---------------------------------------------------------------------------- ModelDeployment
+
+
+def resolve_refs(deps: Deps, spec: Any) -> dict[str, str]:
+    refs = deployment.alias_refs(spec)
+    if not refs:
+        return {}
+    if deps.resolve_version is None:
+        raise kopf.PermanentError("this operator has no registry resolver configured, but the spec follows registry aliases")
+    try:
+        return {ref: str(deps.resolve_version(ref, spec.tracking_uri)) for ref in refs}
+    except RegistryError as exc:
+        raise kopf.TemporaryError(f"registry lookup failed: {exc}", delay=deps.retry_delay_s * 2) from exc
+    except (OSError, ConnectionError) as exc:
+        raise kopf.TemporaryError(f"MLflow unreachable: {exc}", delay=deps.retry_delay_s * 2) from exc
+
+
+def reconcile_deployment(deps: Deps, body: dict, logger: logging.Logger, create: bool = True) -> str:
+    """Create or update the RayService; returns "created" | "serve-config" | "cluster" | "none".
+
+    The registry poll passes create=False: creating is the create/resume handlers' job, and a
+    poll racing them must not try to create a second time.
+    """
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    current = dict(body.get("status") or {})
+    try:
+        spec = deployment.parse_serve(body)
+        resolved = resolve_refs(deps, spec)
+        desired = deployment.rayservice_for(body, deps.cfg, resolved)
+    except SpecError as exc:
+        raise _permanent(deps, "ModelDeployment", ns, name, exc, current) from exc
+    try:
+        existing = deps.api.get("RayService", ns, name)
+        action = "created"
+        if existing is None and not create:
+            return "none"
+        if existing is None:
+            try:
+                deps.api.create(desired)
+            except JobError as exc:  # created meanwhile (the poll timer raced the create handler)
+                if not getattr(exc, "conflict", False):
+                    raise kopf.PermanentError(str(exc)) from exc
+                existing = deps.api.get("RayService", ns, name)
+        if existing is not None:
+            action, patch = deployment.update_for(existing, desired)
+            if patch:
+                deps.api.patch("RayService", ns, name, patch)
+        fields = {"servedVersion": deployment.served_version(spec, resolved), "resolvedRefs": resolved or None,
+                  "rayServiceName": name, "observedGeneration": body["metadata"].get("generation", 1)}
+        if action == "created" or current.get("phase") in (None, "Failed"):
+            fields.update(phase="Deploying", reason="Created", message="RayService created; waiting for the Serve application", lastTransitionTime=deps.now())
+        elif action != "none":
+            fields["message"] = "Serve config updated in place (same Ray cluster)" if action == "serve-config" else "cluster changed: KubeRay is rolling out a new Ray cluster"
+        _set_status(deps, "ModelDeployment", ns, name, {k: v for k, v in fields.items() if v is not None and current.get(k) != v})
+    except TransientApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+    if action != "none":
+        logger.info("RayService %s/%s: %s", ns, name, action)
+    return action
+
+
+def mirror_rayservice(deps: Deps, rayservice: dict | None, ns: str, name: str) -> None:
+    md = deps.api.get("ModelDeployment", ns, name)
+    if md is None or md["metadata"].get("deletionTimestamp"):
+        return
+    if rayservice is None and (md.get("status") or {}).get("rayServiceName"):
+        fields = status._changes(md.get("status") or {}, {"phase": "Pending", "reason": "RayServiceDeleted", "message": "the RayService disappeared; recreating it"}, deps.now())
+    else:
+        fields = status.deployment_status(rayservice, md.get("status"), deps.now())
+    _set_status(deps, "ModelDeployment", ns, name, fields)
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def make_registry(deps: Deps) -> kopf.OperatorRegistry:
+    """A kopf registry with every handler bound to `deps`."""
+    registry = kopf.OperatorRegistry()
+    has_label = lambda key: {key: kopf.PRESENT}  # noqa: E731
+
+    @kopf.on.create(*FTJ, registry=registry, id="rayjob")
+    def _ftj_create(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        create_rayjob(deps, dict(body), logger)
+
+    @kopf.on.update(*FTJ, registry=registry, id="cancel", annotations={ANNOTATION_CANCEL: "true"})
+    def _ftj_cancel(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        cancel_job(deps, dict(body), logger)
+
+    @kopf.timer(*FTJ, registry=registry, id="health", interval=deps.check_interval_s, initial_delay=deps.check_interval_s)
+    def _ftj_check(body: kopf.Body, **_: Any) -> None:
+        check_job(deps, dict(body))
+
+    @kopf.on.event("ray.io", "v1", "rayjobs", registry=registry, labels=has_label(LABEL_FINETUNE))
+    def _rayjob_event(type: str, body: kopf.Body, **_: Any) -> None:
+        ns, job = body["metadata"]["namespace"], body["metadata"]["labels"][LABEL_FINETUNE]
+        mirror_rayjob(deps, None if type == "DELETED" else dict(body), ns, job)
+
+    @kopf.on.create(*MDEP, registry=registry, id="rayservice-create")
+    @kopf.on.update(*MDEP, registry=registry, id="rayservice-update", field="spec")
+    @kopf.on.resume(*MDEP, registry=registry, id="rayservice-resume")
+    def _md_reconcile(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        reconcile_deployment(deps, dict(body), logger)
+
+    @kopf.timer(*MDEP, registry=registry, id="registry-poll", interval=deps.registry_poll_s, initial_delay=deps.registry_poll_s)
+    def _md_poll(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        reconcile_deployment(deps, dict(body), logger, create=False)
+
+    @kopf.on.event("ray.io", "v1", "rayservices", registry=registry, labels=has_label(LABEL_DEPLOYMENT))
+    def _rayservice_event(type: str, body: kopf.Body, **_: Any) -> None:
+        ns, name = body["metadata"]["namespace"], body["metadata"]["labels"][LABEL_DEPLOYMENT]
+        mirror_rayservice(deps, None if type == "DELETED" else dict(body), ns, name)
+
+    return registry
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Keep kopf's bookkeeping in annotations: our status schema is closed (no `status.kopf`).
+
+    The prefix differs from our own annotations' (`llmplatform.io/cancel`): kopf leaves
+    annotations under its prefix out of the diff, and a cancel must count as a change.
+    """
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{GROUP}")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=f"kopf.{GROUP}", key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/timers"  # kopf's, so timers stop before deletion
+    settings.background.cancellation_polling = 2  # s; the 60 s default holds a deletion a minute
+    settings.posting.level = logging.WARNING
+

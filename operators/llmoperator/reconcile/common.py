@@ -1,0 +1,181 @@
+"""What every KubeRay object we build shares: operator settings, labels, owner references, pods.
+
+`OperatorConfig` holds the cluster-side choices a spec doesn't make (image, Secrets, TTL,
+deadlines), read from the operator's environment by `OperatorConfig.from_env`. The pod helpers
+build Ray head/worker pod templates that pass Pod Security "restricted": non-root, no privilege
+escalation, all capabilities dropped, RuntimeDefault seccomp, and an in-memory /dev/shm that Ray's
+object store needs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+GROUP = "llmplatform.io"
+API_VERSION = f"{GROUP}/v1alpha1"
+RAY_API_VERSION = "ray.io/v1"
+RAY_VERSION = "2.60.0"
+MANAGED_BY = "llmoperator"
+LABEL_FINETUNE = f"{GROUP}/finetunejob"
+LABEL_DEPLOYMENT = f"{GROUP}/modeldeployment"
+ANNOTATION_CANCEL = f"{GROUP}/cancel"
+ANNOTATION_DEADLINE = f"{GROUP}/active-deadline-seconds"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_IMAGE = "ghcr.io/llm-platform/llm-platform:0.1.0"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Cluster-side settings for every object the operator creates."""
+
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    mlflow_secret: str = "llm-platform-mlflow"  # key `tracking-uri`
+    object_store_secret: str = "llm-platform-object-store"  # AWS_* / MLFLOW_S3_ENDPOINT_URL keys
+    service_account: str = "llm-platform-workload"
+    ttl_seconds_after_finished: int = 600  # keep a finished cluster 10 min for log reading
+    backoff_limit: int = 0  # a RayJob retry is a whole new cluster; Ray Train retries in place
+    active_deadline_seconds: int = 7 * 24 * 3600
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    registry_poll_s: float | None = None  # override ServeSpec.registry_poll_s (tests)
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
+        env = os.environ if env is None else env
+        base = cls()
+
+        def pick(name: str, default: Any) -> Any:
+            value = env.get(f"LLMOP_{name}")
+            return default if value in (None, "") else type(default)(value)
+
+        return cls(
+            image=pick("IMAGE", base.image),
+            image_pull_policy=pick("IMAGE_PULL_POLICY", base.image_pull_policy),
+            mlflow_secret=pick("MLFLOW_SECRET", base.mlflow_secret),
+            object_store_secret=pick("OBJECT_STORE_SECRET", base.object_store_secret),
+            service_account=pick("WORKLOAD_SERVICE_ACCOUNT", base.service_account),
+            ttl_seconds_after_finished=pick("TTL_SECONDS_AFTER_FINISHED", base.ttl_seconds_after_finished),
+            backoff_limit=pick("BACKOFF_LIMIT", base.backoff_limit),
+            active_deadline_seconds=pick("ACTIVE_DEADLINE_SECONDS", base.active_deadline_seconds),
+        )
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict:
+    """A controller owner reference: deleting the owner garbage-collects the child (and its cluster)."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(owner: Mapping[str, Any], label_key: str, cfg: OperatorConfig) -> dict:
+    meta = owner["metadata"]
+    labels = {
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": "llm-platform",
+        label_key: meta["name"],
+        **cfg.extra_labels,
+    }
+    return {"name": meta["name"], "namespace": meta["namespace"], "labels": labels, "ownerReferences": [owner_reference(owner)]}
+
+
+def secret_env(cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
+    """(env, envFrom): the MLflow URI and object-store credentials come from Secrets, never the spec."""
+    env = [
+        {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {"name": cfg.mlflow_secret, "key": "tracking-uri"}}},
+        {"name": "PLATFORM_HOME", "value": "/home/ray/.llm-platform"},
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+    ]
+    env_from = [{"secretRef": {"name": cfg.object_store_secret, "optional": True}}]
+    return env, env_from
+
+
+def _security() -> tuple[dict, dict]:
+    pod = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100, "seccompProfile": {"type": "RuntimeDefault"}}
+    container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+    return pod, container
+
+
+def quantity_gi(gb: float) -> str:
+    """Memory in whole GiB, rounded up (Kubernetes quantities must be exact)."""
+    return f"{max(1, math.ceil(gb))}Gi"
+
+
+def pod_template(
+    *,
+    container_name: str,
+    cfg: OperatorConfig,
+    cpu: str,
+    memory: str,
+    gpus: int = 0,
+    node_selector: Mapping[str, str] | None = None,
+    tolerations: list[dict] | None = None,
+    ports: list[dict] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> dict:
+    """A Ray pod template: platform image, Secrets as env, requests == limits, restricted security."""
+    env, env_from = secret_env(cfg)
+    pod_sec, ctr_sec = _security()
+    resources: dict[str, dict[str, Any]] = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
+    if gpus:
+        resources["requests"][GPU_RESOURCE] = gpus
+        resources["limits"][GPU_RESOURCE] = gpus
+    container: dict[str, Any] = {
+        "name": container_name,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "env": env,
+        "envFrom": env_from,
+        "resources": resources,
+        "securityContext": ctr_sec,
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if ports:
+        container["ports"] = ports
+    spec: dict[str, Any] = {
+        "serviceAccountName": cfg.service_account,
+        "securityContext": pod_sec,
+        "containers": [container],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+    }
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    tolerations = list(tolerations or [])
+    if gpus and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        spec["tolerations"] = tolerations
+    template: dict[str, Any] = {"spec": spec}
+    if labels:
+        template["metadata"] = {"labels": dict(labels)}
+    return template
+
+
+def tolerations_from(spec_tolerations: list[Any]) -> list[dict]:
+    """Spec `Toleration` models -> Kubernetes tolerations (unset fields left out)."""
+    out = []
+    for t in spec_tolerations:
+        item = {"key": t.key, "operator": t.operator}
+        if t.value is not None:
+            item["value"] = t.value
+        if t.effect is not None:
+            item["effect"] = t.effect
+        out.append(item)
+    return out
+
+
+HEAD_PORTS = [
+    {"name": "gcs", "containerPort": 6379},
+    {"name": "dashboard", "containerPort": 8265},
+    {"name": "client", "containerPort": 10001},
+]

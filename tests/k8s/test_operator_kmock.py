@@ -1,0 +1,209 @@
+"""The operator, run for real (kopf) against kmock's in-memory Kubernetes API.
+
+KubeRay itself isn't running, so each test plays KubeRay: it writes the RayJob/RayService status
+that KubeRay would write, or deletes the RayCluster, and checks what a user sees on our CRs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+
+import pytest
+
+from llmplatform.backends.k8s import KubeApi, cancel_finetune, connect, finetune_job_cr, model_deployment_cr
+from llmplatform.specs import parse_spec
+
+from k8s_harness import eventually
+
+NS = "team-a"
+
+
+def ftj(name: str = "support-lora", uid: str = "uid-ftj-1", **resources) -> dict:
+    spec = parse_spec("finetune", {"name": name, "base_model": "llama2-7b", "method": "qlora",
+                                   "data": {"train": "s3://data/support.jsonl"},
+                                   "resources": {"workers": 2, "gpus_per_worker": 1, "gpu_type": "a100-80gb", **resources}})
+    cr = finetune_job_cr(spec, NS)
+    cr["metadata"]["uid"] = uid  # fixed, so owner references can be asserted
+    return cr
+
+
+def unique(request: pytest.FixtureRequest, prefix: str) -> str:
+    """A DNS name per test: the operator and API server are shared by the module."""
+    return f"{prefix}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
+
+
+def mdep(name: str, adapter_source: str, uid: str = "uid-md-1") -> dict:
+    spec = parse_spec("serve", {"name": name, "model": {"base": "llama2-7b-chat", "adapters": [{"name": "support", "source": adapter_source}]},
+                                "tensor_parallel": 2, "resources": {"gpus_per_shard": 1}})
+    cr = model_deployment_cr(spec, NS)
+    cr["metadata"]["uid"] = uid
+    return cr
+
+
+def status_of(api: KubeApi, kind: str, name: str) -> dict:
+    return (api.get(kind, NS, name) or {}).get("status") or {}
+
+
+def phase_is(api: KubeApi, name: str, phase: str):
+    return lambda: status_of(api, "FineTuneJob", name) if status_of(api, "FineTuneJob", name).get("phase") == phase else None
+
+
+def kuberay_writes(api: KubeApi, name: str, **status) -> None:
+    api.patch_status("RayJob", NS, name, status)
+
+
+@pytest.fixture()
+def api(cluster, operator) -> KubeApi:
+    return connect(host=cluster.url)
+
+
+@pytest.fixture()
+def running_job(api: KubeApi, request: pytest.FixtureRequest) -> str:
+    """A FineTuneJob whose RayJob KubeRay reports as running on cluster `<name>-raycluster-abc`."""
+    name = unique(request, "ft")
+    api.create(ftj(name, uid=f"uid-{name}"))
+    eventually(lambda: api.get("RayJob", NS, name), what="RayJob created")
+    kuberay_writes(api, name, jobDeploymentStatus="Running", jobStatus="RUNNING", jobId=f"{name}-x1",
+                   rayClusterName=f"{name}-raycluster-abc", dashboardURL=f"{name}-head-svc.team-a.svc:8265",
+                   startTime="2026-11-27T10:00:00Z")
+    api.create({"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": f"{name}-raycluster-abc", "namespace": NS}, "spec": {}})
+    eventually(phase_is(api, name, "Running"), what="phase Running")
+    return name
+
+
+def test_finetunejob_creates_the_expected_rayjob(api: KubeApi, manifest_validator) -> None:
+    api.create(ftj())
+    rayjob = eventually(lambda: api.get("RayJob", NS, "support-lora"), what="RayJob created")
+    assert rayjob["metadata"]["labels"]["llmplatform.io/finetunejob"] == "support-lora"
+    manifest_validator.validate({k: v for k, v in rayjob.items() if k != "status"})
+    spec = rayjob["spec"]
+    assert rayjob["metadata"]["ownerReferences"] == [{"apiVersion": "llmplatform.io/v1alpha1", "kind": "FineTuneJob", "name": "support-lora",
+                                                      "uid": "uid-ftj-1", "controller": True, "blockOwnerDeletion": True}]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 0
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--spec-json"]
+    assert json.loads(argv[4])["base_model"] == "llama2-7b" and json.loads(argv[4])["name"] == "support-lora"
+    assert argv[5:] == ["--job-id", "support-lora-uidftj1"]
+    [workers] = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == 2
+    container = workers["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"] == "registry.example/llm-platform:test"
+    assert {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {"name": "llm-platform-mlflow", "key": "tracking-uri"}}} in container["env"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    st = eventually(phase_is(api, "support-lora", "Pending"), what="phase Pending")
+    assert st["rayJobName"] == "support-lora"
+
+
+def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job: str) -> None:
+    st = eventually(lambda: (s := status_of(api, "FineTuneJob", running_job)).get("mlflowRunId") and s, what="MLflow run in status")
+    assert st["rayJobId"] == f"{running_job}-x1" and st["dashboardURL"].endswith(":8265")
+    assert st["mlflowRunId"].startswith(f"run-{running_job}-") and st["progress"] == "5/20 steps (25%)"
+    kuberay_writes(api, running_job, jobStatus="SUCCEEDED", jobDeploymentStatus="Complete", endTime="2026-11-27T11:00:00Z")
+    st = eventually(phase_is(api, running_job, "Succeeded"), what="Succeeded")
+    assert st["completionTime"] == "2026-11-27T11:00:00Z"
+    # KubeRay then shuts the cluster down and the TTL deletes the RayJob: still Succeeded.
+    api.delete("RayCluster", NS, f"{running_job}-raycluster-abc")
+    api.delete("RayJob", NS, running_job)
+    eventually(lambda: api.get("RayJob", NS, running_job) is None, what="RayJob gone")
+    time.sleep(1.2)  # two health checks
+    assert status_of(api, "FineTuneJob", running_job)["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize("kuberay_status, reason, words", [
+    ({"jobDeploymentStatus": "Failed", "reason": "SubmissionFailed", "message": "Job has reached the specified backoff limit"}, "SubmissionFailed", "submitter pod failed"),
+    ({"jobStatus": "FAILED", "jobDeploymentStatus": "Running", "message": "Job entrypoint command failed with exit code 1"}, "AppFailed", "exit code 1"),
+    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "The RayJob has passed the activeDeadlineSeconds."}, "DeadlineExceeded", "activeDeadlineSeconds="),
+], ids=["submitter-pod-failed", "job-failed-deployment-running", "deadline-exceeded"])
+def test_kuberay_failure_modes_end_failed(api: KubeApi, running_job: str, kuberay_status: dict, reason: str, words: str) -> None:
+    kuberay_writes(api, running_job, **kuberay_status)
+    st = eventually(phase_is(api, running_job, "Failed"), what=f"Failed/{reason}")
+    assert st["reason"] == reason and words in st["message"]
+    assert st["completionTime"]
+
+
+def test_cluster_disappearing_mid_run_fails_the_job(api: KubeApi, running_job: str) -> None:
+    api.delete("RayCluster", NS, f"{running_job}-raycluster-abc")  # KubeRay still says Running
+    st = eventually(phase_is(api, running_job, "Failed"), what="ClusterLost")
+    assert st["reason"] == "ClusterLost" and f"{running_job}-raycluster-abc" in st["message"]
+
+
+def test_rayjob_deleted_mid_run_fails_the_job(api: KubeApi, running_job: str) -> None:
+    api.delete("RayJob", NS, running_job)
+    st = eventually(phase_is(api, running_job, "Failed"), what="RayJobDeleted")
+    assert st["reason"] == "RayJobDeleted"
+
+
+def test_cancel_marks_cancelled_and_removes_the_rayjob(api: KubeApi, running_job: str) -> None:
+    row = cancel_finetune(running_job, namespace=NS, api=api)
+    assert row["name"] == running_job
+    eventually(phase_is(api, running_job, "Cancelled"), what="Cancelled")
+    eventually(lambda: api.get("RayJob", NS, running_job) is None, what="RayJob deleted")
+
+
+def test_deleting_the_finetunejob_removes_its_rayjob(api: KubeApi, running_job: str) -> None:
+    api.delete("FineTuneJob", NS, running_job)
+    eventually(lambda: api.get("RayJob", NS, running_job) is None, what="RayJob deleted")
+    eventually(lambda: api.get("FineTuneJob", NS, running_job) is None, what="finalizer released")
+
+
+def test_invalid_spec_is_a_permanent_error_in_status(api: KubeApi, cluster) -> None:
+    bad = ftj(name="bad-job")
+    bad["spec"]["lora"] = {"rank": 0}
+    api.create(bad)
+    st = eventually(phase_is(api, "bad-job", "Failed"), what="InvalidSpec")
+    assert st["reason"] == "InvalidSpec" and "lora.rank" in st["message"]
+    assert api.get("RayJob", NS, "bad-job") is None
+
+
+def test_adapter_change_patches_serve_config_in_place(api: KubeApi, cluster, fake_registry, request) -> None:
+    name = unique(request, "md")
+    fake_registry.aliases["models:/support-bot@production"] = "3"
+    api.create(mdep(name, "models:/support-bot@production"))
+    rs = eventually(lambda: api.get("RayService", NS, name), what="RayService created")
+    cluster_before = rs["spec"]["rayClusterConfig"]
+    [group] = cluster_before["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2  # tp=2
+    assert "models:/support-bot/3" in rs["spec"]["serveConfigV2"]
+    eventually(lambda: status_of(api, "ModelDeployment", name).get("resolvedRefs") == {"models:/support-bot@production": "3"}, what="resolved refs in status")
+
+    # 1) the alias moves in the registry: the poll pins the new version, same cluster.
+    fake_registry.aliases["models:/support-bot@production"] = "4"
+    rs = eventually(lambda: (r := api.get("RayService", NS, name)) and "models:/support-bot/4" in r["spec"]["serveConfigV2"] and r, what="alias move applied")
+    assert rs["spec"]["rayClusterConfig"] == cluster_before
+    eventually(lambda: status_of(api, "ModelDeployment", name).get("servedVersion") == "support-bot/4", what="served version 4")
+
+    # 2) the user points the adapter at another registered model.
+    api.patch("ModelDeployment", NS, name, {"spec": {"model": {"adapters": [{"name": "support", "source": "models:/support-bot-v2/1"}]}}})
+    rs = eventually(lambda: (r := api.get("RayService", NS, name)) and "models:/support-bot-v2/1" in r["spec"]["serveConfigV2"] and r, what="adapter change applied")
+    assert rs["spec"]["rayClusterConfig"] == cluster_before
+    patches = [r for r in cluster.requests_to("PATCH", f"/rayservices/{name}") if "/status" not in str(r.url)]
+    assert len(patches) >= 2 and all(set(r.data["spec"]) == {"serveConfigV2"} for r in patches)
+    assert [r.data["metadata"]["name"] for r in cluster.requests_to("POST", "/rayservices")].count(name) == 1
+    assert not cluster.requests_to("DELETE", f"/rayservices/{name}")
+    eventually(lambda: status_of(api, "ModelDeployment", name).get("servedVersion") == "support-bot-v2/1", what="served version in status")
+
+
+def test_rayservice_readiness_is_mirrored(api: KubeApi, fake_registry, request) -> None:
+    name = unique(request, "md")
+    api.create(mdep(name, "models:/support-bot/7"))
+    eventually(lambda: api.get("RayService", NS, name), what="RayService created")
+    api.patch_status("RayService", NS, name, {"serviceStatus": "Running", "conditions": [{"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints"}]})
+    st = eventually(lambda: (s := status_of(api, "ModelDeployment", name)).get("phase") == "Ready" and s, what="Ready")
+    assert st["endpoint"] == f"http://{name}-serve-svc.team-a.svc:8000"
+
+
+def test_registry_outage_retries_instead_of_failing(api: KubeApi, fake_registry, request) -> None:
+    name = unique(request, "md")
+    api.create(mdep(name, "models:/flaky-bot@production"))  # alias unknown: TemporaryError, retried
+    time.sleep(1.0)
+    assert api.get("RayService", NS, name) is None
+    assert status_of(api, "ModelDeployment", name).get("phase") != "Failed"
+    fake_registry.aliases["models:/flaky-bot@production"] = "1"
+    rs = eventually(lambda: api.get("RayService", NS, name), timeout=15, what="RayService after retry")
+    assert "models:/flaky-bot/1" in rs["spec"]["serveConfigV2"]

@@ -1,0 +1,210 @@
+"""The pure reconcile functions: FineTuneJob -> RayJob, ModelDeployment -> RayService, status maps.
+
+Every object a builder returns is validated against KubeRay v1.7.0's CRD schema (unknown fields
+rejected), so a field KubeRay doesn't know fails here, not on a cluster.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from llmplatform.backends.k8s import finetune_job_cr, model_deployment_cr
+from llmplatform.errors import SpecError
+from llmplatform.specs import parse_spec
+
+from llmoperator.reconcile import deployment, finetune, status
+from llmoperator.reconcile.common import OperatorConfig
+
+CFG = OperatorConfig(image="registry.example/llm-platform:1.2.3")
+NOW = "2026-11-27T12:00:00Z"
+
+
+def ft_cr(**spec) -> dict:
+    body = {"name": "job-a", "base_model": "llama2-7b", "data": {"train": "s3://b/train.jsonl"}, **spec}
+    cr = finetune_job_cr(parse_spec("finetune", body), "ns")
+    cr["metadata"]["uid"] = "u-1"
+    return cr
+
+
+def md_cr(**spec) -> dict:
+    body = {"name": "chat", "model": {"base": "llama2-7b-chat"}, **spec}
+    cr = model_deployment_cr(parse_spec("serve", body), "ns")
+    cr["metadata"]["uid"] = "u-2"
+    return cr
+
+
+def workers_of(obj: dict, key: str = "rayClusterSpec") -> dict:
+    return obj["spec"][key]["workerGroupSpecs"][0]
+
+
+def gpu_limit(group: dict) -> int | None:
+    return group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+
+
+# ---------------------------------------------------------------------------- RayJob
+
+
+def test_rayjob_takes_workers_gpus_and_placement_from_the_spec(manifest_validator) -> None:
+    cr = ft_cr(resources={"workers": 4, "gpus_per_worker": 2, "node_selector": {"pool": "h100"},
+                          "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]})
+    rayjob = finetune.rayjob_for(cr, CFG)
+    manifest_validator.validate(rayjob)
+    group = workers_of(rayjob)
+    pod = group["template"]["spec"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    assert gpu_limit(group) == 2 and pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"pool": "h100"}
+    assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["containers"][0]["image"] == "registry.example/llm-platform:1.2.3"
+    assert {"secretRef": {"name": "llm-platform-object-store", "optional": True}} in pod["containers"][0]["envFrom"]
+
+
+def test_planner_sizes_gpu_workers_when_only_a_gpu_type_is_given() -> None:
+    from llmplatform.planner import plan_training
+
+    spec = {"method": "lora", "base_model": "llama2-70b", "resources": {"workers": 1, "gpu_type": "a100-80gb"},
+            "hyperparameters": {"micro_batch_size": 1, "gradient_checkpointing": True}}
+    plan = plan_training("llama2-70b", "lora", "a100-80gb", seq_len=2048, micro_batch=1, gradient_checkpointing=True, cpus_per_worker=1.0)
+    group = workers_of(finetune.rayjob_for(ft_cr(**spec), CFG))
+    assert group["replicas"] == plan.placement.workers > 1  # 70B bf16 LoRA does not fit one GPU
+    assert gpu_limit(group) == plan.placement.gpus_per_worker
+
+
+def test_fractional_gpus_share_a_pod_and_cpu_jobs_ask_for_no_gpu() -> None:
+    shared = workers_of(finetune.rayjob_for(ft_cr(resources={"workers": 4, "gpus_per_worker": 0.5}), CFG))
+    assert shared["replicas"] == 2 and gpu_limit(shared) == 1
+    cpu = finetune.rayjob_for(ft_cr(base_model="llama2-tiny", resources={"workers": 2}), CFG)
+    assert gpu_limit(workers_of(cpu)) is None and workers_of(cpu)["groupName"] == "cpu-workers"
+
+
+def test_entrypoint_carries_the_whole_spec_safely_quoted() -> None:
+    cr = ft_cr(data={"train": "s3://b/it's here.jsonl", "system_prompt": "Say \"hi\"; rm -rf /"})
+    argv = shlex.split(finetune.rayjob_for(cr, CFG)["spec"]["entrypoint"])
+    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--spec-json"] and argv[5:] == ["--job-id", "job-a-u1"]
+    spec = parse_spec("finetune", yaml.safe_load(argv[4]))
+    assert spec.data.train == "s3://b/it's here.jsonl" and spec.data.system_prompt == "Say \"hi\"; rm -rf /" and spec.name == "job-a"
+
+
+def test_deadline_annotation_and_invalid_spec() -> None:
+    cr = ft_cr()
+    cr["metadata"]["annotations"] = {"llmplatform.io/active-deadline-seconds": "7200"}
+    assert finetune.rayjob_for(cr, CFG)["spec"]["activeDeadlineSeconds"] == 7200
+    cr["metadata"]["annotations"] = {"llmplatform.io/active-deadline-seconds": "soon"}
+    with pytest.raises(SpecError, match="active-deadline-seconds"):
+        finetune.rayjob_for(cr, CFG)
+    bad = ft_cr()
+    bad["spec"]["lora"] = {"rank": 0, "dropout": 2}
+    with pytest.raises(SpecError) as err:
+        finetune.rayjob_for(bad, CFG)
+    assert {p.location for p in err.value.problems} == {"lora.rank", "lora.dropout"}
+
+
+def test_a_job_that_cannot_fit_is_a_spec_error_naming_the_fix() -> None:
+    cr = ft_cr(base_model="llama2-70b", method="lora", resources={"gpu_type": "a100-80gb"}, hyperparameters={"micro_batch_size": 64})
+    with pytest.raises(SpecError, match="does not fit"):
+        finetune.rayjob_for(cr, CFG)
+
+
+# ---------------------------------------------------------------------------- RayJob status
+
+
+def rj(**st) -> dict:
+    return {"metadata": {"name": "job-a"}, "spec": {"activeDeadlineSeconds": 3600}, "status": st}
+
+
+@pytest.mark.parametrize("kuberay, phase, reason", [
+    ({}, "Pending", "Waiting"),
+    ({"jobDeploymentStatus": "Initializing"}, "Initializing", "ClusterStarting"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, "Running", "JobPending"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, "Running", "JobRunning"),
+    ({"jobDeploymentStatus": "Retrying", "failed": 1}, "Running", "Retrying"),
+    ({"jobDeploymentStatus": "Suspended"}, "Pending", "Suspended"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded", "JobSucceeded"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "SUCCEEDED"}, "Succeeded", "JobSucceeded"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "FAILED"}, "Failed", "AppFailed"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, "Cancelled", "JobStopped"),
+    ({"jobDeploymentStatus": "Failed", "reason": "SubmissionFailed"}, "Failed", "SubmissionFailed"),
+    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, "Failed", "DeadlineExceeded"),
+    ({"jobDeploymentStatus": "Failed", "reason": "JobDeploymentStatusTransitionGracePeriodExceeded"}, "Failed", "JobDeploymentStatusTransitionGracePeriodExceeded"),
+    ({"jobDeploymentStatus": "Complete"}, "Failed", "NoJobStatus"),
+])
+def test_rayjob_status_maps_to_phase(kuberay: dict, phase: str, reason: str) -> None:
+    out = status.finetune_status(rj(**kuberay), {"phase": "Pending", "rayJobName": "job-a"}, NOW)
+    assert (out.get("phase", "Pending"), out["reason"]) == (phase, reason)
+    if phase in status.TERMINAL:
+        assert out["completionTime"] == NOW
+
+
+def test_cluster_loss_and_rayjob_loss_fail_only_unfinished_jobs() -> None:
+    running = {"phase": "Running", "rayJobName": "job-a"}
+    out = status.finetune_status(rj(jobDeploymentStatus="Running", jobStatus="RUNNING", rayClusterName="rc-1"), running, NOW, cluster_gone=True)
+    assert out["phase"] == "Failed" and out["reason"] == "ClusterLost" and "rc-1" in out["message"]
+    assert status.finetune_status(None, running, NOW)["reason"] == "RayJobDeleted"
+    done = {"phase": "Succeeded", "rayJobName": "job-a"}
+    assert status.finetune_status(None, done, NOW) == {}
+    assert status.finetune_status(rj(jobDeploymentStatus="Failed", reason="DeadlineExceeded"), done, NOW) == {}
+
+
+def test_status_update_is_empty_when_nothing_changed() -> None:
+    first = status.finetune_status(rj(jobDeploymentStatus="Running", jobStatus="RUNNING", jobId="j1"), {}, NOW)
+    assert status.finetune_status(rj(jobDeploymentStatus="Running", jobStatus="RUNNING", jobId="j1"), first, "later") == {}
+
+
+def test_progress_text() -> None:
+    assert status.progress_text(120, 500) == "120/500 steps (24%)"
+    assert status.progress_text(7, None) == "7 steps" and status.progress_text(None, 10) is None
+
+
+# ---------------------------------------------------------------------------- RayService
+
+
+def test_rayservice_runs_our_app_with_the_spec_as_args(manifest_validator) -> None:
+    rs = deployment.rayservice_for(md_cr(tensor_parallel=4, resources={"gpus_per_shard": 1}), CFG, {})
+    manifest_validator.validate(rs)
+    [app] = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    assert app["import_path"] == "llmplatform.serving.app:build_app" and app["name"] == "chat"
+    assert parse_spec("serve", app["args"]).tensor_parallel == 4
+    group = workers_of(rs, "rayClusterConfig")
+    assert gpu_limit(group) == 4 and group["replicas"] == 1
+
+
+def test_tp_beyond_a_node_spans_pods_and_auto_asks_the_planner() -> None:
+    from llmplatform.planner import plan_serving
+
+    wide = workers_of(deployment.rayservice_for(md_cr(tensor_parallel=16, resources={"gpus_per_shard": 1}, autoscaling={"min_replicas": 1, "max_replicas": 2}), CFG, {}), "rayClusterConfig")
+    assert gpu_limit(wide) == 8 and (wide["replicas"], wide["maxReplicas"]) == (2, 4)
+    auto = md_cr(model={"base": "llama2-70b-chat"}, tensor_parallel="auto", resources={"gpu_type": "a100-80gb"})
+    group = workers_of(deployment.rayservice_for(auto, CFG, {}), "rayClusterConfig")
+    assert gpu_limit(group) == plan_serving("llama2-70b-chat", "a100-80gb").tensor_parallel > 1
+
+
+def test_alias_refs_are_pinned_and_only_the_serve_config_changes() -> None:
+    cr = md_cr(model={"base": "llama2-7b-chat", "registry": "models:/bot@production", "adapters": [{"name": "x", "source": "models:/x@staging"}]})
+    spec = deployment.parse_serve(cr)
+    assert deployment.alias_refs(spec) == ["models:/bot@production", "models:/x@staging"]
+    v3 = deployment.rayservice_for(cr, CFG, {"models:/bot@production": "3", "models:/x@staging": "1"})
+    args = yaml.safe_load(v3["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["model"]["registry"] == "models:/bot/3" and args["model"]["adapters"][0]["source"] == "models:/x/1"
+    assert deployment.served_version(spec, {"models:/bot@production": "3"}) == "bot/3"
+    v4 = deployment.rayservice_for(cr, CFG, {"models:/bot@production": "4", "models:/x@staging": "1"})
+    assert deployment.update_for(v3, v4) == ("serve-config", {"spec": {"serveConfigV2": v4["spec"]["serveConfigV2"]}})
+    assert deployment.update_for(v4, v4) == ("none", {})
+    bigger = deployment.rayservice_for(md_cr(model=cr["spec"]["model"], tensor_parallel=2, resources={"gpus_per_shard": 1}), CFG, {"models:/bot@production": "4", "models:/x@staging": "1"})
+    assert deployment.update_for(v4, bigger)[0] == "cluster"
+
+
+@pytest.mark.parametrize("conditions, service_status, phase", [
+    ([], "", "Deploying"),
+    ([{"type": "Ready", "status": "True"}], "", "Ready"),
+    ([], "Running", "Ready"),
+    ([{"type": "Ready", "status": "True"}, {"type": "UpgradeInProgress", "status": "True", "reason": "NewCluster"}], "", "Updating"),
+    ([{"type": "Ready", "status": "False", "reason": "ServeDeploymentUnhealthy", "message": "replica crashed"}], "", "Unhealthy"),
+])
+def test_rayservice_status_maps_to_phase(conditions: list, service_status: str, phase: str) -> None:
+    rs = {"metadata": {"name": "chat", "namespace": "ns"}, "status": {"conditions": conditions, "serviceStatus": service_status}}
+    out = status.deployment_status(rs, {}, NOW)
+    assert out["phase"] == phase and out["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
