@@ -22,6 +22,15 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """One model cache for the whole session (and the Ray/Serve processes tests start), so the
+    pretrained llama2-tiny base is built once, not once per temporary PLATFORM_HOME. It is the
+    user's normal cache unless PLATFORM_MODEL_CACHE is already set."""
+    from llmplatform import paths
+
+    os.environ.setdefault("PLATFORM_MODEL_CACHE", str(paths.model_cache()))
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """Tracking URI of a real MLflow server for this test session (see module docstring)."""

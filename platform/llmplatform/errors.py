@@ -40,15 +40,29 @@ class Problem:
         return text
 
 
-class SpecError(PlatformError):
-    """A spec (YAML/JSON) failed validation. Carries every problem at once."""
+class _ProblemsError(PlatformError):
+    """An error that carries a source and a list of problems; pickles (Ray ships it between processes)."""
+
+    noun = "problem(s)"
 
     def __init__(self, source: str, problems: list[Problem]):
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {len(problems)} problem(s)"]
-        lines += [f"  - {p.render()}" for p in problems]
-        super().__init__("\n".join(lines))
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} {self.noun}"]
+        lines += [f"  - {p.render()}" for p in self.problems[:50]]
+        if len(self.problems) > 50:
+            lines.append(f"  ... and {len(self.problems) - 50} more")
+        return "\n".join(lines)
+
+    def __reduce__(self):
+        return (type(self), (self.source, self.problems))
+
+
+class SpecError(_ProblemsError):
+    """A spec (YAML/JSON) failed validation. Carries every problem at once."""
 
 
 class StackError(PlatformError):
@@ -59,17 +73,13 @@ class PortInUseError(StackError):
     """A port the stack needs is taken by another process."""
 
 
-class DataError(PlatformError):
-    """A dataset has bad records; carries each one's line number and reason."""
+class DataError(_ProblemsError):
+    """A dataset has bad records (or can't be read); carries each one's line number and reason."""
 
-    def __init__(self, source: str, problems: list[Problem]):
-        self.source = source
-        self.problems = problems
-        lines = [f"{source}: {len(problems)} bad record(s)"]
-        lines += [f"  - {p.render()}" for p in problems[:50]]
-        if len(problems) > 50:
-            lines.append(f"  ... and {len(problems) - 50} more")
-        super().__init__("\n".join(lines))
+    @property
+    def noun(self) -> str:  # type: ignore[override]
+        file_level = self.problems and all(p.location == "(file)" for p in self.problems)
+        return "problem(s) reading the file" if file_level else "bad record(s)"
 
 
 class RegistryError(PlatformError):

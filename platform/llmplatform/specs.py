@@ -403,3 +403,26 @@ def json_schema(kind: str) -> dict:
     if kind not in SPEC_KINDS:
         raise SpecError("spec schema", [Problem("kind", "unknown spec kind", kind, " | ".join(SPEC_KINDS))])
     return SPEC_KINDS[kind].model_json_schema()
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def resolve_local_paths(spec: FineTuneSpec, base_dir: str | Path | None = None) -> FineTuneSpec:
+    """A copy of `spec` whose relative local paths (data, checkpoint storage) are absolute.
+
+    Paths in a spec are relative to where the command runs (as `data validate` reads them);
+    Ray workers run elsewhere, so jobs are submitted with absolute paths. URIs are untouched.
+    """
+    base = Path(base_dir or Path.cwd())
+
+    def absolute(uri: str | None) -> str | None:
+        if uri is None or not _is_local(uri):
+            return uri
+        path = Path(uri.removeprefix("file://")).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    data = spec.data.model_copy(update={"train": absolute(spec.data.train), "validation": absolute(spec.data.validation)})
+    checkpoint = spec.checkpoint.model_copy(update={"storage_uri": absolute(spec.checkpoint.storage_uri)})
+    return spec.model_copy(update={"data": data, "checkpoint": checkpoint})

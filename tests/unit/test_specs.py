@@ -192,3 +192,23 @@ def test_cli_schema_prints_json_schema(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert schema["title"] == "ServeSpec" and schema["additionalProperties"] is False
     assert main(["spec", "schema", "bogus"]) == 1
+
+
+def test_relative_local_paths_become_absolute_for_workers(tmp_path):
+    spec = specs.parse_spec("finetune", {"name": "j", "base_model": "llama2-tiny",
+                                         "data": {"train": "data/t.jsonl", "validation": "s3://b/v.jsonl"},
+                                         "checkpoint": {"storage_uri": "ckpt"}})
+    fixed = specs.resolve_local_paths(spec, tmp_path)
+    assert fixed.data.train == str(tmp_path / "data/t.jsonl")
+    assert fixed.data.validation == "s3://b/v.jsonl"
+    assert fixed.checkpoint.storage_uri == str(tmp_path / "ckpt")
+    assert spec.data.train == "data/t.jsonl"  # the original is unchanged
+
+
+def test_problem_errors_survive_pickling_between_processes():
+    import pickle
+
+    from llmplatform.errors import DataError, Problem
+
+    err = pickle.loads(pickle.dumps(DataError("x.jsonl", [Problem("line 3", "empty assistant turn")])))
+    assert err.problems[0].location == "line 3" and "line 3: empty assistant turn" in str(err)
