@@ -1,5 +1,231 @@
-"""`platformctl finetune`: submit, follow, list, inspect and cancel fine-tuning jobs."""
+"""`platformctl finetune`: submit, follow, list, inspect and cancel fine-tuning jobs.
 
-from llmplatform.cli.pending import pending_noun
+`submit` validates the spec and the data first (bad records are refused with line numbers
+before any worker starts), records the job, hands it to a backend (`local` stack, any `ray`
+cluster, or `k8s`), prints the job id and MLflow run URL, and with `--wait`/`--follow` stays
+until the job ends (non-zero exit unless it succeeded).
+"""
 
-app = pending_noun("finetune", "Submit and manage LoRA/QLoRA fine-tuning jobs.", ["submit", "list", "status", "logs", "cancel"], "issue 3, fine-tuning")
+from __future__ import annotations
+
+import sys
+import time
+
+import typer
+
+from llmplatform.backends import records
+from llmplatform.backends.base import TARGETS, JobRecord
+from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit, emit_json
+from llmplatform.errors import DataError, JobError, PlatformError
+
+app = typer.Typer(help="Submit and manage LoRA/QLoRA fine-tuning jobs.", no_args_is_help=True)
+
+LIST_COLUMNS = ["id", "name", "state", "progress", "last_loss", "started", "duration"]
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(record: JobRecord, width: int = 24) -> str:
+    """`[#####.....] 12/40 loss 1.234 tok/s 5400 ETA 1m10s` for the job's latest step."""
+    total, step = record.total or 0, record.step
+    filled = int(width * step / total) if total else 0
+    bar = "#" * filled + "." * (width - filled)
+    m = record.metrics
+    parts = [f"[{bar}] {step}/{total or '?'}", record.state]
+    if "loss" in m:
+        parts.append(f"loss {m['loss']:.4f}")
+    if "tokens_per_s" in m:
+        parts.append(f"tok/s {m['tokens_per_s']:.0f}")
+    elapsed = m.get("elapsed_s")
+    steps_done = step - (m.get("start_step") or 0)
+    if elapsed and steps_done > 0 and total:
+        parts.append(f"ETA {_fmt_duration(elapsed / steps_done * (total - step))}")
+    if record.restarts:
+        parts.append(f"restarts {record.restarts}")
+    return "  ".join(parts)
+
+
+def result_text(record: JobRecord) -> str:
+    lines = [f"job {record.id}: {record.state}" + (f" ({record.reason})" if record.reason and record.state != "succeeded" else "")]
+    if record.step:
+        lines.append(f"  steps                {record.step}/{record.total}")
+    for key, value in {**record.metrics, **record.eval_metrics}.items():
+        if key in ("loss", "eval_loss", "eval_perplexity", "eval_token_accuracy", "tokens_per_s"):
+            lines.append(f"  {key:<20} {value:.4f}")
+    if record.checkpoint_step is not None:
+        lines.append(f"  checkpoint           step {record.checkpoint_step}")
+    if record.restarts:
+        lines.append(f"  restarts             {record.restarts} (resumed from checkpoints)")
+    if record.run_url:
+        lines.append(f"  mlflow run           {record.run_url}")
+    if record.version:
+        lines.append(f"  registered           models:/{record.registered_model}/{record.version}")
+    return "\n".join(lines)
+
+
+def refresh(record: JobRecord) -> JobRecord:
+    """Update a record from its backend and save it (terminal records are final)."""
+    if record.terminal or record.target == "k8s" or not record.address:
+        return record
+    from llmplatform.backends.targets import backend_of
+
+    return records.save(backend_of(record).refresh(record))
+
+
+def validate_before_submit(spec, target: str = "local") -> dict:
+    """The same data validation `platformctl data validate` runs; raises DataError on bad records.
+
+    For `ray`/`k8s` targets the base model may only exist on the cluster: if its tokenizer is
+    not available here, every record is still checked, but token statistics are skipped.
+    """
+    from llmplatform import data
+    from llmplatform.data.sources import is_uri
+
+    try:
+        tokenizer = data.load_tokenizer(spec.base_model)
+    except (PlatformError, OSError, ValueError):
+        if target == "local":
+            raise
+        for path in filter(None, (spec.data.train, spec.data.validation)):
+            if not is_uri(path):
+                data.load_records(path, spec.data.format)
+        return {}
+    return data.validate_dataset(spec, tokenizer, spec.data.max_seq_length).to_dict()
+
+
+def wait_for(record: JobRecord, follow: bool, poll_s: float = 1.0) -> JobRecord:
+    """Poll until the job ends; with `follow`, draw the progress bar on the way."""
+    tty = sys.stdout.isatty()
+    last = ""
+    while True:
+        record = refresh(record)
+        if follow:
+            line = progress_line(record)
+            if line != last:
+                if tty:
+                    sys.stdout.write("\r" + line.ljust(len(last)))
+                    sys.stdout.flush()
+                else:
+                    typer.echo(line)
+                last = line
+        if record.terminal:
+            break
+        time.sleep(poll_s)
+    if follow and tty:
+        sys.stdout.write("\n")
+    return record
+
+
+@app.command("submit")
+def submit(
+    spec_path: str = typer.Argument(..., metavar="SPEC.yaml", help="Fine-tuning spec (YAML or JSON)."),
+    target: str = typer.Option("local", "--target", "-t", help="local (the `platformctl up` stack), ray (RAY_ADDRESS Jobs API) or k8s."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit non-zero unless it succeeded."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Like --wait, with a live progress bar (step/total, loss, tokens/s, ETA)."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Validate SPEC and its data, then start the job. Prints the job id and the MLflow run URL."""
+    from llmplatform.specs import load_spec
+    from llmplatform.training.trainer import new_job_id
+
+    if target not in TARGETS:
+        raise JobError(f"--target {target!r} is unknown; use one of {', '.join(TARGETS)}")
+    spec = load_spec(spec_path, "finetune")
+    if target == "k8s":
+        validate_before_submit(spec, target)
+        _submit_k8s(spec, output)
+        return
+    record = records.save(JobRecord(id=new_job_id(spec), name=spec.name, target=target, spec=spec.model_dump(mode="json"), registered_model=spec.mlflow.registered_model_name))
+    try:
+        validate_before_submit(spec, target)
+        from llmplatform.backends.targets import backend_for
+
+        record = records.save(backend_for(target).submit(spec, record))
+    except PlatformError as exc:
+        record.state, record.reason = "failed", _first_line(exc)
+        records.save(record)
+        if isinstance(exc, DataError):
+            raise DataError(exc.source, exc.problems) from None
+        raise
+    if output == OutputFormat.json and not (wait or follow):
+        emit_json(record.to_dict())
+        return
+    if output != OutputFormat.json:
+        typer.echo(f"job {record.id} submitted to {target} ({record.address})")
+        typer.echo(f"mlflow run: {record.run_url}")
+    if wait or follow:
+        record = wait_for(record, follow and output != OutputFormat.json)
+        if output == OutputFormat.json:
+            emit_json(record.to_dict())
+        else:
+            typer.echo(result_text(record))
+        if record.state != "succeeded":
+            raise JobError(f"job {record.id} {record.state}: {record.reason or 'see `platformctl finetune logs ' + record.id + '`'}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _submit_k8s(spec, output: OutputFormat) -> None:
+    try:
+        from llmplatform.backends import k8s
+    except ImportError as exc:
+        raise JobError("the k8s target is not available in this build (llmplatform.backends.k8s is missing)") from exc
+    submit_fn = getattr(k8s, "submit_finetune", None) or getattr(k8s, "submit", None)
+    if submit_fn is None:
+        raise JobError("llmplatform.backends.k8s has no submit function for fine-tuning jobs")
+    result = submit_fn(spec)
+    emit(result if isinstance(result, (dict, list)) else {"result": str(result)}, output, text=None if output == OutputFormat.json else str(result))
+
+
+@app.command("list")
+def list_jobs(output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Jobs on this machine's record: id, name, state, progress, last loss, started, duration."""
+    rows = []
+    for record in records.list_records():
+        try:
+            record = refresh(record)
+        except PlatformError:
+            pass  # an unreachable cluster shows the last known state
+        row = record.summary()
+        if output != OutputFormat.json:
+            row["duration"] = _fmt_duration(row["duration_s"])
+        rows.append(row)
+    emit(rows, output, columns=LIST_COLUMNS)
+
+
+@app.command("status")
+def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION) -> None:
+    """State (and failure reason), current step, latest metrics, checkpoint, run URL."""
+    record = refresh(records.load(job_id))
+    emit(record.to_dict(), output, text=result_text(record) + "\n  " + progress_line(record))
+
+
+@app.command("logs")
+def logs(job_id: str = typer.Argument(..., metavar="ID"), follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
+    """The job's log (driver and workers)."""
+    from llmplatform.backends.targets import backend_of
+
+    record = records.load(job_id)
+    for chunk in backend_of(record).logs(record, follow=follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+@app.command("cancel")
+def cancel(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Stop the workers, mark the MLflow run KILLED; nothing is registered."""
+    from llmplatform.backends.targets import backend_of
+
+    record = records.load(job_id)
+    record = records.save(backend_of(record).cancel(record))
+    emit(record.to_dict(), output, text=f"job {record.id}: {record.state} ({record.reason})")
+
+

@@ -1,0 +1,117 @@
+"""The Ray job entrypoint for a fine-tuning job (also the command of the Kubernetes RayJob).
+
+    python -m llmplatform.training.entrypoint --spec-json '{...}' --job-id ID [--run-id RUN]
+
+It validates the data, makes sure the job's MLflow run exists, runs the `TorchTrainer`, then
+uploads the final adapter, tokenizer, spec and data stats and registers the adapter. Progress,
+the run, the result and a failure reason are printed as `PLATFORM_PROGRESS {json}` lines that the
+backends read from the job log. SIGTERM (a cancel) marks the run KILLED and registers nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from llmplatform.errors import PlatformError
+from llmplatform.specs import FineTuneSpec, parse_spec
+from llmplatform.training.loop import emit
+
+
+def plain_reason(exc: BaseException) -> str:
+    """The innermost 'SomeError: message' line of an exception (Ray wraps worker errors)."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+    reason = lines[-1] if lines else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {reason}" if not lines and not reason.startswith(type(exc).__name__) else reason
+
+
+def data_stats(spec: FineTuneSpec, tokenizer) -> tuple[dict, str]:
+    """Validate the data (raises DataError with every bad line) -> (stats dict, dataset sha256)."""
+    from llmplatform import data
+
+    report = data.validate_dataset(spec, tokenizer, spec.data.max_seq_length)
+    stats = report.to_dict() if hasattr(report, "to_dict") else dict(getattr(report, "__dict__", {}))
+    return stats, data.dataset_sha256(spec.data.train)
+
+
+def resolve_tracking_uri(spec: FineTuneSpec, given: str | None) -> str:
+    if given:
+        return given
+    if spec.mlflow.tracking_uri:
+        return spec.mlflow.tracking_uri
+    from llmplatform import stack
+
+    return stack.tracking_uri()
+
+
+def run_job(spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: str, base_dir: str | None = None) -> dict:
+    """Train, log and register; returns the result (run id, adapter URI, registered version)."""
+    from llmplatform.tiny import resolve_base
+    from llmplatform.training import mlflow_logging as ml
+    from llmplatform.training import trainer
+    from llmplatform.training.model_setup import load_tokenizer
+
+    if not run_id:
+        run_id, _ = ml.create_run(tracking_uri, spec, job_id)
+    emit("run", run_id=run_id, url=ml.run_url(tracking_uri, run_id))
+
+    def _stop(signum, frame):  # a cancel before Ray is up; afterwards Ray's own handler raises SystemExit
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        base_dir = base_dir or resolve_base(spec.base_model)
+        tokenizer = load_tokenizer(base_dir)
+        stats, sha = data_stats(spec, tokenizer)
+        ml.set_tags(tracking_uri, run_id, {"dataset_sha256": sha, "base_model": spec.base_model, "platform.job_id": job_id})
+        loop_config = {"spec": spec.model_dump(mode="json"), "base_dir": base_dir, "run_id": run_id, "tracking_uri": tracking_uri, "job_id": job_id}
+        result = trainer.fit(spec, job_id, loop_config)
+        if result.checkpoint is None:
+            raise RuntimeError("training ended without a checkpoint")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(result.checkpoint.to_directory(tmp))
+            ml.log_outputs(tracking_uri, run_id, local / "adapter", local / "tokenizer", spec, {**stats, "dataset_sha256": sha})
+            lineage = {"base_model": spec.base_model, "dataset_sha256": sha, "run_id": run_id, "job_id": job_id, "git_sha": ml.git_sha(), "method": spec.method,
+                       "spec": spec.model_dump(mode="json"), "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+            version = ml.register(tracking_uri, spec, local / "adapter", run_id, lineage, base_dir)
+    except (SystemExit, KeyboardInterrupt):  # SIGTERM from `finetune cancel`: KILLED, nothing registered
+        ml.end_run(tracking_uri, run_id, "KILLED")
+        emit("cancelled")
+        raise
+    except BaseException as exc:
+        reason = plain_reason(exc)
+        ml.set_tags(tracking_uri, run_id, {"failure_reason": reason[:5000]})
+        ml.end_run(tracking_uri, run_id, "FAILED")
+        emit("failed", reason=reason)
+        raise
+    ml.end_run(tracking_uri, run_id, "FINISHED")
+    out = {"run_id": run_id, "adapter_uri": f"runs:/{run_id}/adapter", "registered_model": spec.mlflow.registered_model_name, "version": version, "metrics": dict(result.metrics or {})}
+    emit("result", **out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmplatform.training.entrypoint", description=__doc__.splitlines()[0])
+    parser.add_argument("--spec-json", required=True, help="the FineTuneSpec as JSON")
+    parser.add_argument("--job-id", required=True, help="unique job id (also the Ray Train run name)")
+    parser.add_argument("--run-id", default=None, help="existing MLflow run to log into")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: spec, env, or local stack)")
+    parser.add_argument("--base-dir", default=None, help="already-resolved base model directory")
+    args = parser.parse_args(argv)
+    try:
+        spec = parse_spec("finetune", json.loads(args.spec_json), "--spec-json")
+        run_job(spec, args.job_id, args.run_id, resolve_tracking_uri(spec, args.tracking_uri), args.base_dir)
+    except PlatformError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""End to end on this CPU: `platformctl finetune submit --follow` runs a 2-worker LoRA job and a
+QLoRA job on llama2-tiny against the session's real local stack (Ray head + MLflow server);
+the registered adapters raise held-out exact-match accuracy well above the base model's, and
+the MLflow run and registered version carry the whole lineage."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ftjobs import ctl, start, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+# Recipe (task "reverse", see conftest.task_data): lr 2e-3, global batch 32 (2 x 16 for LoRA,
+# 1 x 32 for QLoRA). STACK-NOTES measured 0% -> 63% held-out exact match after ~1 CPU-minute
+# (~250 steps) on a pretrained llama2-tiny; STEPS trades that against the CI budget.
+STEPS = 200
+LR = 2e-3
+MARGIN = 0.30  # adapters must beat the base's held-out exact match by at least this much
+EVAL_ITEMS = 100
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, ctl_env, task_data, base_name):
+    """Both jobs submitted with --follow at once (they share the stack); (rc, stdout, stderr) each."""
+    d = tmp_path_factory.mktemp("specs")
+    common = dict(validation=task_data["eval"], base=base_name, checkpoint={"every_n_steps": STEPS // 2}, eval={"every_n_steps": STEPS // 4, "max_batches": 2})
+    specs = {
+        "lora": write_spec(d / "lora.yaml", "rev-lora", task_data["train"], **common,
+                           resources={"workers": 2}, hyperparameters={"max_steps": STEPS, "micro_batch_size": 16, "learning_rate": LR},
+                           mlflow={"registered_model_name": "rev-lora"}),
+        "qlora": write_spec(d / "qlora.yaml", "rev-qlora", task_data["train"], **common, method="qlora",
+                            hyperparameters={"max_steps": STEPS, "micro_batch_size": 32, "learning_rate": LR, "optimizer": "paged_adamw_32bit"},
+                            mlflow={"registered_model_name": "rev-qlora"}),
+    }
+    procs = {name: start(ctl_env, "finetune", "submit", str(path), "--follow") for name, path in specs.items()}
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        out[name] = (proc.returncode, stdout, stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_accuracy(tiny_base, task_data):
+    from llmplatform.training.evaluate import exact_match_accuracy
+
+    return exact_match_accuracy(tiny_base, task_data["eval"], limit=EVAL_ITEMS)
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_follow_shows_progress_then_the_registered_result(jobs, name):
+    rc, stdout, stderr = jobs[name]
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    assert "mlflow run: http://127.0.0.1:" in stdout
+    bars = [ln for ln in stdout.splitlines() if ln.startswith("[") and f"/{STEPS}" in ln]
+    assert len(bars) >= 3 and "loss" in bars[-1] and "tok/s" in bars[-1] and any("ETA" in b for b in bars)
+    assert f"{STEPS}/{STEPS}" in stdout and ": succeeded" in stdout
+    assert re.search(rf"registered\s+models:/rev-{name}/1", stdout)
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_registered_adapter_beats_the_base_on_held_out_items(jobs, name, local_stack, tiny_base, task_data, base_accuracy):
+    from mlflow.tracking import MlflowClient
+
+    from llmplatform.training.evaluate import exact_match_accuracy
+
+    assert jobs[name][0] == 0
+    client = MlflowClient(local_stack.mlflow_url, registry_uri=local_stack.mlflow_url)
+    mv = client.get_model_version(f"rev-{name}", "1")  # source: runs:/<run id>/<adapter path>
+    run_id, path = mv.source.removeprefix("runs:/").split("/", 1)
+    adapter = client.download_artifacts(run_id, path)
+    tuned = exact_match_accuracy(tiny_base, task_data["eval"], adapter, limit=EVAL_ITEMS)
+    print(f"held-out exact match ({name}, {STEPS} steps): base {base_accuracy:.2f} -> adapter {tuned:.2f}")
+    # seen 2026-11-27 (busy 2-core box, tiny base 8d780a88): base 0.00; this recipe's adapters stayed
+    # near 0.00 too: that base could not yet reverse letters itself (see the tiny-model notes).
+    assert tuned >= base_accuracy + MARGIN
+
+
+def test_run_and_version_carry_the_lineage_and_no_base_weights(jobs, local_stack, task_data, ctl_env, base_name):
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+
+    from llmplatform.data import dataset_sha256
+    from llmplatform.training.evaluate import load_model
+
+    assert jobs["lora"][0] == 0
+    client = MlflowClient(local_stack.mlflow_url)
+    mv = client.get_model_version("rev-lora", "1")
+    run = client.get_run(mv.run_id)
+    lineage = {k.removeprefix("platform.lineage."): v for k, v in mv.tags.items() if k.startswith("platform.lineage.")}
+    assert lineage["dataset_sha256"] == dataset_sha256(task_data["train"]) == run.data.tags["dataset_sha256"]
+    assert lineage["run_id"] == run.info.run_id and lineage["base_model"] == base_name
+    assert lineage["job_id"] == run.data.tags["platform.job_id"] and len(lineage["git_sha"]) >= 7
+    assert run.info.status == "FINISHED"
+    assert run.data.params["hyperparameters.learning_rate"] == str(LR) and run.data.params["resources.workers"] == "2"
+    for metric in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == STEPS, metric
+    assert {"eval_loss", "eval_perplexity", "eval_token_accuracy"} <= set(run.data.metrics)
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "tokenizer", "spec.yaml", "data_stats.json"} <= top
+    files = [a for d in ("adapter", "tokenizer") for a in client.list_artifacts(run.info.run_id, d)]
+    assert not any(a.path.endswith("model.safetensors") and not a.path.endswith("adapter_model.safetensors") for a in files)
+    assert all((a.file_size or 0) < 5 * 2**20 for a in files)  # adapters and tokenizer only, never base weights
+    local = client.download_artifacts(run.info.run_id, "adapter")
+    base_dir = json.loads(open(f"{local}/adapter_config.json").read())["base_model_name_or_path"]
+    assert isinstance(load_model(base_dir, local), PeftModel)
+
+    listed = {r["name"]: r for r in json.loads(ctl(ctl_env, "finetune", "list", "--output", "json", check=True).stdout)}
+    assert listed["rev-lora"]["state"] == "succeeded" and listed["rev-lora"]["progress"] == f"{STEPS}/{STEPS}"
+    status = json.loads(ctl(ctl_env, "finetune", "status", listed["rev-lora"]["id"], "--output", "json", check=True).stdout)
+    assert status["run_id"] == run.info.run_id and status["version"] == "1" and status["checkpoint_step"] == STEPS

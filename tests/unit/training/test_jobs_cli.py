@@ -1,0 +1,108 @@
+"""Job records, progress parsing and the `finetune` CLI paths that need no cluster:
+bad data is refused before anything is submitted, unknown ids and missing stacks say what to do."""
+
+import json
+import shlex
+
+import pytest
+
+from llmplatform.backends import records
+from llmplatform.backends.base import JobRecord
+from llmplatform.backends.ray_jobs import apply_events, entrypoint_command, parse_events
+from llmplatform.cli.main import main
+from llmplatform.training.entrypoint import plain_reason
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLATFORM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+def test_progress_events_fold_into_the_record():
+    log = "\n".join([
+        'PLATFORM_PROGRESS {"kind": "run", "run_id": "r1", "url": "http://m/#/r1"}',
+        '\x1b[36m(RayTrainWorker pid=11)\x1b[0m PLATFORM_PROGRESS {"kind": "worker_start", "rank": 0, "pid": 11, "step": 0, "total": 9, "resumed": false}',
+        '(RayTrainWorker pid=11) PLATFORM_PROGRESS {"kind": "step", "step": 3, "total": 9, "loss": 1.5, "eval_loss": 1.7}',
+        '(RayTrainWorker pid=11) PLATFORM_PROGRESS {"kind": "checkpoint", "step": 3}',
+        '(RayTrainWorker pid=11) PLATFORM_PROGRESS {"kind": "checkpoint", "step": 3}',
+        'noise PLATFORM_PROGRESS {broken',
+        '(RayTrainWorker pid=12) PLATFORM_PROGRESS {"kind": "worker_start", "rank": 0, "pid": 12, "step": 3, "total": 9, "resumed": true}',
+        '(RayTrainWorker pid=12) PLATFORM_PROGRESS {"kind": "step", "step": 4, "total": 9, "loss": 1.2}',
+        'PLATFORM_PROGRESS {"kind": "result", "version": "2", "registered_model": "m"}',
+    ])
+    rec = apply_events(JobRecord(id="j", name="n", target="local"), parse_events(log))
+    assert (rec.run_id, rec.step, rec.total, rec.checkpoint_step, rec.restarts) == ("r1", 4, 9, 3, 1)
+    assert rec.metrics["loss"] == 1.2 and rec.eval_metrics["eval_loss"] == 1.7
+    assert rec.version == "2" and rec.progress == "4/9"
+
+
+def test_entrypoint_command_round_trips_the_spec(spec_for):
+    from llmplatform.training import entrypoint
+
+    spec = spec_for(name="it-s-quoted", data={"system_prompt": "Don't \"panic\" $HOME `x`"})
+    argv = shlex.split(entrypoint_command("py", spec, "job-1", "run-1", "http://m", "/base"))
+    assert argv[:3] == ["py", "-m", "llmplatform.training.entrypoint"]
+    parsed = json.loads(argv[argv.index("--spec-json") + 1])
+    assert parsed == spec.model_dump(mode="json")
+    assert argv[argv.index("--base-dir") + 1] == "/base"
+    assert entrypoint.main(["--spec-json", "{}", "--job-id", "x"]) == 1  # invalid spec -> clean error
+
+
+def test_records_round_trip_and_unknown_ids_are_explained(home):
+    rec = records.save(JobRecord(id="a-1", name="a", target="local", state="running", step=2, total=5, metrics={"loss": 0.5}))
+    assert records.load("a-1").to_dict() == rec.to_dict()
+    assert [r.id for r in records.list_records()] == ["a-1"]
+    with pytest.raises(Exception, match="no fine-tuning job 'nope'.*a-1"):
+        records.load("nope")
+
+
+def test_plain_reason_finds_the_worker_error():
+    exc = RuntimeError("Training failed.\nTraceback ...\n  File x\nValueError: 3 training sequences are too few for 2 worker(s)\n")
+    assert plain_reason(exc) == "ValueError: 3 training sequences are too few for 2 worker(s)"
+
+
+def _spec_file(tmp_path, train, base):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"name: bad\nbase_model: {base}\ndata:\n  train: {train}\n  max_seq_length: 64\n")
+    return path
+
+
+def test_submit_refuses_bad_data_before_anything_starts(home, tmp_path, tiny_random_dir, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                     "{not json\n"
+                     '{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}\n')
+    code = main(["finetune", "submit", str(_spec_file(tmp_path, train, tiny_random_dir)), "--target", "local"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "line 2" in err and "line 3" in err
+    [rec] = records.list_records()
+    assert rec.state == "failed" and rec.address is None and rec.run_id is None  # never submitted
+
+
+def test_submit_without_a_running_stack_says_how_to_start_one(home, tmp_path, tiny_random_dir, task_files, capsys):
+    code = main(["finetune", "submit", str(_spec_file(tmp_path, task_files["train"], tiny_random_dir))])
+    assert code == 1 and "platformctl up" in capsys.readouterr().err
+
+
+def test_submit_rejects_an_invalid_spec_with_every_problem(home, tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: Bad_Name\nbase_model: x\ndata: {train: t.jsonl}\nhyperparameters: {learning_rat: 1}\n")
+    assert main(["finetune", "submit", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "name" in err and "learning_rat" in err and "did you mean 'learning_rate'" in err
+
+
+def test_status_of_unknown_job_and_empty_list(home, capsys):
+    assert main(["finetune", "status", "ghost"]) == 1
+    assert "no fine-tuning job 'ghost'" in capsys.readouterr().err
+    assert main(["finetune", "list", "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_target_ray_needs_a_jobs_api_address(home, tmp_path, tiny_random_dir, task_files, capsys):
+    code = main(["finetune", "submit", str(_spec_file(tmp_path, task_files["train"], tiny_random_dir)), "--target", "ray"])
+    assert code == 1 and "RAY_ADDRESS" in capsys.readouterr().err
