@@ -21,6 +21,16 @@ from llmplatform.errors import DataError, JobError, PlatformError
 app = typer.Typer(help="Submit and manage LoRA/QLoRA fine-tuning jobs.", no_args_is_help=True)
 
 LIST_COLUMNS = ["id", "name", "state", "progress", "last_loss", "started", "duration"]
+K8S_COLUMNS = ["name", "namespace", "phase", "progress", "reason", "mlflow_run_id", "created"]
+
+TARGET_OPTION = typer.Option("local", "--target", "-t", help="local (the `platformctl up` stack), ray (RAY_ADDRESS Jobs API) or k8s (FineTuneJob resources).")
+NAMESPACE_OPTION = typer.Option(None, "--namespace", "-n", envvar="PLATFORM_K8S_NAMESPACE", help="k8s: namespace (default: `default`).")
+KUBECONFIG_OPTION = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG", help="k8s: kubeconfig file (default: in-cluster or ~/.kube/config).")
+CONTEXT_OPTION = typer.Option(None, "--context", envvar="PLATFORM_K8S_CONTEXT", help="k8s: kubeconfig context.")
+
+
+def _kube(namespace: str | None, kubeconfig: str | None, context: str | None) -> dict:
+    return {"namespace": namespace, "kubeconfig": kubeconfig, "context": context}
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -124,13 +134,16 @@ def wait_for(record: JobRecord, follow: bool, poll_s: float = 1.0) -> JobRecord:
 @app.command("submit")
 def submit(
     spec_path: str = typer.Argument(..., metavar="SPEC.yaml", help="Fine-tuning spec (YAML or JSON)."),
-    target: str = typer.Option("local", "--target", "-t", help="local (the `platformctl up` stack), ray (RAY_ADDRESS Jobs API) or k8s."),
+    target: str = TARGET_OPTION,
     wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit non-zero unless it succeeded."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Like --wait, with a live progress bar (step/total, loss, tokens/s, ETA)."),
     output: OutputFormat = OUTPUT_OPTION,
+    namespace: str = NAMESPACE_OPTION,
+    kubeconfig: str = KUBECONFIG_OPTION,
+    context: str = CONTEXT_OPTION,
 ) -> None:
     """Validate SPEC and its data, then start the job. Prints the job id and the MLflow run URL."""
-    from llmplatform.specs import load_spec
+    from llmplatform.specs import load_spec, resolve_local_paths
     from llmplatform.training.trainer import new_job_id
 
     if target not in TARGETS:
@@ -138,8 +151,9 @@ def submit(
     spec = load_spec(spec_path, "finetune")
     if target == "k8s":
         validate_before_submit(spec, target)
-        _submit_k8s(spec, output)
+        _submit_k8s(spec, output, _kube(namespace, kubeconfig, context))
         return
+    spec = resolve_local_paths(spec)  # Ray workers don't share this shell's working directory
     record = records.save(JobRecord(id=new_job_id(spec), name=spec.name, target=target, spec=spec.model_dump(mode="json"), registered_model=spec.mlflow.registered_model_name))
     try:
         validate_before_submit(spec, target)
@@ -173,21 +187,23 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _submit_k8s(spec, output: OutputFormat) -> None:
-    try:
-        from llmplatform.backends import k8s
-    except ImportError as exc:
-        raise JobError("the k8s target is not available in this build (llmplatform.backends.k8s is missing)") from exc
-    submit_fn = getattr(k8s, "submit_finetune", None) or getattr(k8s, "submit", None)
-    if submit_fn is None:
-        raise JobError("llmplatform.backends.k8s has no submit function for fine-tuning jobs")
-    result = submit_fn(spec)
-    emit(result if isinstance(result, (dict, list)) else {"result": str(result)}, output, text=None if output == OutputFormat.json else str(result))
+def _submit_k8s(spec, output: OutputFormat, kube: dict) -> None:
+    from llmplatform.backends import k8s
+
+    row = k8s.submit_finetune(spec, **kube)
+    emit(row, output, text=f"FineTuneJob {row['namespace']}/{row['name']} created ({row['phase']}); "
+                           f"follow it with `platformctl finetune status {row['name']} --target k8s`")
 
 
 @app.command("list")
-def list_jobs(output: OutputFormat = OUTPUT_OPTION) -> None:
-    """Jobs on this machine's record: id, name, state, progress, last loss, started, duration."""
+def list_jobs(output: OutputFormat = OUTPUT_OPTION, target: str = TARGET_OPTION, namespace: str = NAMESPACE_OPTION,
+              kubeconfig: str = KUBECONFIG_OPTION, context: str = CONTEXT_OPTION) -> None:
+    """Jobs: id, name, state, progress, last loss, started, duration (k8s: the FineTuneJobs of a namespace)."""
+    if target == "k8s":
+        from llmplatform.backends import k8s
+
+        emit(k8s.list_finetunes(**_kube(namespace, kubeconfig, context)), output, columns=K8S_COLUMNS)
+        return
     rows = []
     for record in records.list_records():
         try:
@@ -202,26 +218,47 @@ def list_jobs(output: OutputFormat = OUTPUT_OPTION) -> None:
 
 
 @app.command("status")
-def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION) -> None:
+def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION, target: str = TARGET_OPTION,
+           namespace: str = NAMESPACE_OPTION, kubeconfig: str = KUBECONFIG_OPTION, context: str = CONTEXT_OPTION) -> None:
     """State (and failure reason), current step, latest metrics, checkpoint, run URL."""
+    if target == "k8s":
+        from llmplatform.backends import k8s
+
+        row = k8s.get_finetune(job_id, **_kube(namespace, kubeconfig, context))
+        emit(row, output, text="\n".join(f"{k:<14} {v}" for k, v in row.items() if v is not None))
+        return
     record = refresh(records.load(job_id))
     emit(record.to_dict(), output, text=result_text(record) + "\n  " + progress_line(record))
 
 
 @app.command("logs")
-def logs(job_id: str = typer.Argument(..., metavar="ID"), follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
+def logs(job_id: str = typer.Argument(..., metavar="ID"), follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+         target: str = TARGET_OPTION, namespace: str = NAMESPACE_OPTION, kubeconfig: str = KUBECONFIG_OPTION, context: str = CONTEXT_OPTION) -> None:
     """The job's log (driver and workers)."""
-    from llmplatform.backends.targets import backend_of
+    if target == "k8s":
+        from llmplatform.backends import k8s
 
-    record = records.load(job_id)
-    for chunk in backend_of(record).logs(record, follow=follow):
+        chunks = k8s.finetune_logs(job_id, follow=follow, **_kube(namespace, kubeconfig, context))
+    else:
+        from llmplatform.backends.targets import backend_of
+
+        record = records.load(job_id)
+        chunks = backend_of(record).logs(record, follow=follow)
+    for chunk in chunks:
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
 
 @app.command("cancel")
-def cancel(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION) -> None:
+def cancel(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION, target: str = TARGET_OPTION,
+           namespace: str = NAMESPACE_OPTION, kubeconfig: str = KUBECONFIG_OPTION, context: str = CONTEXT_OPTION) -> None:
     """Stop the workers, mark the MLflow run KILLED; nothing is registered."""
+    if target == "k8s":
+        from llmplatform.backends import k8s
+
+        row = k8s.cancel_finetune(job_id, **_kube(namespace, kubeconfig, context))
+        emit(row, output, text=f"FineTuneJob {row['namespace']}/{row['name']}: cancel requested (phase {row['phase']})")
+        return
     from llmplatform.backends.targets import backend_of
 
     record = records.load(job_id)

@@ -1,0 +1,45 @@
+"""`platformctl finetune ... --target k8s` against the in-memory API server (kmock): submit creates
+a FineTuneJob, list/status read it, cancel annotates it, all through a real kubeconfig file."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from llmplatform.cli.main import main
+
+
+def _kubeconfig(tmp_path, url: str):
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u", "namespace": "team-a"}}],
+    }))
+    return str(path)
+
+
+def test_finetune_target_k8s_round_trip(cluster, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"name": "cli-job", "base_model": "llama2-tiny", "data": {"train": str(train)}}))
+    kube = ["--target", "k8s", "--kubeconfig", _kubeconfig(tmp_path, cluster.url), "-n", "team-a"]
+
+    assert main(["finetune", "submit", str(spec), *kube, "-o", "json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert (created["name"], created["namespace"]) == ("cli-job", "team-a")
+
+    assert main(["finetune", "list", *kube, "-o", "json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["cli-job"]
+
+    assert main(["finetune", "status", "cli-job", *kube, "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "cli-job"
+
+    assert main(["finetune", "cancel", "cli-job", *kube]) == 0
+    assert "cancel requested" in capsys.readouterr().out
+
+    assert main(["finetune", "status", "nope", *kube]) == 1
+    assert "no FineTuneJob team-a/nope" in capsys.readouterr().err
