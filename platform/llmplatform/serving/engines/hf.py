@@ -1,0 +1,322 @@
+"""The `hf` engine: transformers with continuous batching at every decode step.
+
+A background thread owns the model. Each step it admits waiting requests (prefilled together,
+left-padded), merges their KV cache into the running batch (left-padding the shorter cache),
+decodes one token for every running sequence in a single forward pass, samples per request
+(temperature, top_p, seed), and drops finished or cancelled rows. So a request that arrives
+while others are decoding joins at the next step instead of waiting for the batch to drain.
+LoRA adapters are peft adapters loaded into one `PeftModel`; a mixed batch runs with peft's
+per-row `adapter_names`, so requests for different adapters (and the base) share each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from llmplatform.serving.engines import EngineError, GenerationRequest
+
+BASE = "__base__"
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    adapter: str = BASE  # internal peft adapter name
+    generator: torch.Generator | None = None
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already streamed
+    finished: str | None = None
+    cancelled: bool = False
+
+    def emit(self, event: dict) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def _internal_name(adapter_id: str) -> str:
+    """peft adapter names become module keys: no '.', '/', '@'."""
+    return "a" + hashlib.sha1(adapter_id.encode()).hexdigest()[:12]
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that could still grow into a stop string."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                keep = max(keep, k)
+                break
+    return keep
+
+
+class HFEngine:
+    """Batched transformers generation; see the module docstring."""
+
+    def __init__(self, model_dir: str, *, dtype: str = "auto", max_batch_size: int = 32, max_model_len: int = 4096,
+                 tensor_parallel: int = 1, threads: int = 1, max_loaded_adapters: int = 8):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.model_dir = str(model_dir)
+        self.tensor_parallel = tensor_parallel  # recorded; transformers runs one shard per replica
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+        self.max_loaded_adapters = max_loaded_adapters
+        torch_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype).eval()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.peft = None
+        self.adapters: dict[str, str] = {}  # adapter id -> internal name
+        self._in_use: dict[str, int] = {}  # internal name -> running sequences
+        self._doomed: set[str] = set()  # unloaded while in use: delete when idle
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # [B, L] 1 = real token
+        self._lock = threading.Lock()  # model + adapter table
+        self._wake = threading.Event()
+        self._stop = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="hf-decode", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def info(self) -> dict:
+        return {"engine": "hf", "model_dir": self.model_dir, "tensor_parallel": self.tensor_parallel,
+                "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters),
+                "running": len(self._running), "waiting": len(self._waiting), "decode_steps": self.steps}
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Load a peft adapter under `adapter_id` (idempotent). Raises EngineError if it doesn't fit."""
+        if adapter_id in self.adapters:
+            return
+        from peft import PeftModel
+
+        name = _internal_name(adapter_id)
+        with self._lock:
+            try:
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False).eval()
+                else:
+                    self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            except (ValueError, RuntimeError, OSError, KeyError) as exc:
+                raise EngineError(f"adapter {adapter_id!r} at {path} cannot be loaded on base {self.model_dir}: {exc}") from exc
+            self.peft.eval()
+            self.adapters[adapter_id] = name
+            self._doomed.discard(name)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter; its weights go once no running sequence uses them."""
+        name = self.adapters.pop(adapter_id, None)
+        if name is not None:
+            with self._lock:
+                self._doomed.add(name)
+                self._reap()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[dict]:
+        """Stream events for one request; cancelling the iterator frees its batch slot."""
+        if len(req.prompt_ids) + req.max_tokens > self.max_model_len:
+            raise EngineError(f"prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) exceeds max_model_len {self.max_model_len}")
+        adapter = BASE
+        if req.adapter_id:
+            if req.adapter_id not in self.adapters:
+                if not req.adapter_path:
+                    raise EngineError(f"adapter {req.adapter_id!r} is not loaded", 404)
+                await asyncio.to_thread(self.load_adapter, req.adapter_id, req.adapter_path)
+            adapter = self.adapters[req.adapter_id]
+        seq = _Seq(req=req, loop=asyncio.get_running_loop(), queue=asyncio.Queue(), adapter=adapter)
+        if req.temperature > 0:
+            seq.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
+        with self._lock:
+            self._in_use[adapter] = self._in_use.get(adapter, 0) + 1
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                event = await seq.queue.get()
+                # a slow reader gets the deltas that piled up as one event (fewer Ray stream items)
+                while "text" in event and not seq.queue.empty():
+                    nxt = seq.queue.get_nowait()
+                    if "text" not in nxt:  # finish or error: send the text first
+                        yield event
+                        event = nxt
+                        break
+                    event = {"text": event["text"] + nxt["text"], "completion_tokens": nxt["completion_tokens"]}
+                if "error" in event:
+                    raise EngineError(event["error"], 500, "engine_failure")
+                yield event
+                if "finish_reason" in event:
+                    return
+        finally:
+            seq.cancelled = True
+            self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ decode loop (thread)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self._running and not self._waiting:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                with self._lock, torch.inference_mode():
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._running:
+                        self._step()
+                    self._reap()
+            except Exception as exc:  # a bug: fail the affected requests, keep serving others
+                for seq in self._running + list(self._waiting):
+                    seq.emit({"error": f"engine step failed: {type(exc).__name__}: {exc}"})
+                    self._release(seq)
+                self._running, self._cache, self._mask = [], None, None
+                self._waiting.clear()
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, adapters: list[str]):
+        if self.peft is not None:
+            return self.peft(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, adapter_names=adapters)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+
+    def _admit(self) -> None:
+        free = self.max_batch_size - len(self._running)
+        new = []
+        while self._waiting and free > 0:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                self._release(seq)
+                continue
+            new.append(seq)
+            free -= 1
+        if not new:
+            return
+        width = max(len(s.req.prompt_ids) for s in new)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(s.req.prompt_ids)) + s.req.prompt_ids for s in new])  # [b, width]
+        mask = torch.tensor([[0] * (width - len(s.req.prompt_ids)) + [1] * len(s.req.prompt_ids) for s in new])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(ids, mask, pos, None, [s.adapter for s in new])
+        self._merge(new, out.past_key_values, mask)
+        self._sample_and_emit(new, out.logits[:, -1, :])
+
+    def _merge(self, new: list[_Seq], cache, mask: torch.Tensor) -> None:
+        """Append prefilled rows to the running batch; left-pad whichever cache is shorter."""
+        if not self._running:
+            self._running, self._cache, self._mask = list(new), cache, mask
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
+            for attr in ("keys", "values"):
+                a, b = getattr(old_layer, attr), getattr(new_layer, attr)  # [B, H, L, D]
+                a = torch.nn.functional.pad(a, (0, 0, width - old_len, 0))
+                b = torch.nn.functional.pad(b, (0, 0, width - new_len, 0))
+                setattr(old_layer, attr, torch.cat([a, b], dim=0))
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - old_len, 0)),
+                                torch.nn.functional.pad(mask, (width - new_len, 0))], dim=0)
+        self._running.extend(new)
+
+    def _step(self) -> None:
+        last = torch.tensor([[s.out_ids[-1]] for s in self._running])  # [B, 1]
+        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
+        pos = self._mask.sum(-1, keepdim=True) - 1  # [B, 1]
+        out = self._forward(last, self._mask, pos, self._cache, [s.adapter for s in self._running])
+        self._cache = out.past_key_values
+        self.steps += 1
+        self._sample_and_emit(self._running, out.logits[:, -1, :])
+        self._drop_cancelled()
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        logits = logits.float()  # [B, V]
+        greedy = logits.argmax(-1).tolist()
+        tokens = []
+        for i, s in enumerate(seqs):
+            if s.req.temperature <= 0:
+                tokens.append(greedy[i])
+                continue
+            probs = torch.softmax(logits[i] / s.req.temperature, dim=-1)
+            if s.req.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                cut = sorted_p.cumsum(-1) - sorted_p > s.req.top_p  # keep the smallest set reaching top_p
+                sorted_p[cut] = 0.0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            tokens.append(int(torch.multinomial(probs, 1, generator=s.generator)))
+        return tokens
+
+    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        for s, tok in zip(seqs, self._sample(seqs, logits)):
+            if s.cancelled or s.finished:
+                continue
+            if tok == self.eos_id and not s.req.ignore_eos:
+                s.finished = "stop"
+            else:
+                s.out_ids.append(tok)
+                s.text = self.tokenizer.decode(s.out_ids, skip_special_tokens=True)
+                hit = [s.text.find(x) for x in s.req.stop if x in s.text]
+                if hit:
+                    s.text, s.finished = s.text[: min(hit)], "stop"
+                elif len(s.out_ids) >= s.req.max_tokens:
+                    s.finished = "length"
+            safe = len(s.text) if s.finished else len(s.text) - _stop_holdback(s.text, s.req.stop)
+            if not s.finished:
+                safe = min(safe, len(s.text.rstrip("\ufffd")))  # an incomplete UTF-8 byte sequence
+            if safe > s.sent:
+                s.emit({"text": s.text[s.sent:safe], "completion_tokens": len(s.out_ids)})
+                s.sent = safe
+            elif not s.finished:
+                s.emit({"text": "", "completion_tokens": len(s.out_ids)})
+            if s.finished:
+                s.emit({"finish_reason": s.finished, "prompt_tokens": len(s.req.prompt_ids), "completion_tokens": len(s.out_ids),
+                        "token_ids": list(s.out_ids)})
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not (s.cancelled or s.finished)]
+        if len(keep) == len(self._running):
+            return
+        for i, s in enumerate(self._running):
+            if i not in keep:
+                self._release(s)
+        if not keep:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._running = [self._running[i] for i in keep]
+        lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # columns padding in every row
+        if lead:
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+    def _release(self, seq: _Seq) -> None:
+        if getattr(seq, "_released", False):
+            return
+        seq._released = True
+        self._in_use[seq.adapter] = self._in_use.get(seq.adapter, 1) - 1
+
+    def _reap(self) -> None:
+        for name in list(self._doomed):
+            if self._in_use.get(name, 0) <= 0 and self.peft is not None:
+                try:
+                    self.peft.delete_adapter(name)
+                except (ValueError, KeyError):
+                    pass  # peft keeps the last adapter; it is unreachable by id anyway
+                self._doomed.discard(name)

@@ -1,0 +1,117 @@
+"""The `vllm` engine: vLLM's async engine (PagedAttention, continuous batching, multi-LoRA, TP).
+
+Imported only when chosen. Tensor parallelism uses vLLM's Ray executor, which places its shard
+workers in the placement group the Serve replica already reserved (one bundle per shard). LoRA
+adapters become `LoRARequest`s with a stable integer id per adapter id; vLLM loads them lazily
+and keeps `max_loras` on the device. Events match the hf engine's, so the ingress can't tell
+them apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from typing import AsyncIterator
+
+from llmplatform.serving.engines import EngineError, GenerationRequest
+
+
+def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parallel: int, max_batch_size: int,
+                max_loaded_adapters: int, max_lora_rank: int = 64) -> dict:
+    """AsyncEngineArgs keywords (pure, so tests can check them without vLLM)."""
+    args = {
+        "model": model_dir, "tokenizer": model_dir, "dtype": "auto" if dtype == "auto" else dtype,
+        "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel, "max_num_seqs": max_batch_size,
+        "enable_lora": True, "max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
+        "max_cpu_loras": max_loaded_adapters * 2, "enable_prefix_caching": False,
+    }
+    if tensor_parallel > 1:
+        args["distributed_executor_backend"] = "ray"  # shards go into the replica's placement group
+    fraction = os.environ.get("PLATFORM_VLLM_MEMORY_FRACTION") or (None if _has_cuda() else "0.15")
+    if fraction:
+        # On the CPU backend this is the share of *host* memory vLLM reserves (default 0.92 fails on a shared box).
+        args["gpu_memory_utilization"] = float(fraction)
+    return args
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class VLLMEngine:
+    """vLLM AsyncLLM behind the engine interface (generate / load_adapter / unload_adapter / info)."""
+
+    def __init__(self, model_dir: str, *, dtype: str = "auto", max_model_len: int = 4096, tensor_parallel: int = 1,
+                 max_batch_size: int = 32, max_loaded_adapters: int = 8):
+        from vllm import AsyncEngineArgs
+
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError:  # older vLLM
+            from vllm import AsyncLLMEngine as AsyncLLM
+
+        self.model_dir = model_dir
+        self.tensor_parallel = tensor_parallel
+        self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
+        self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
+                                max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        self.adapters: dict[str, tuple[int, str]] = {}  # adapter id -> (lora int id, path)
+        self._ids = itertools.count(1)
+        self.requests = 0
+
+    def info(self) -> dict:
+        return {"engine": "vllm", "model_dir": self.model_dir, "tensor_parallel": self.tensor_parallel,
+                "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters), "requests": self.requests,
+                "executor": self.args.get("distributed_executor_backend", "uni")}
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        if adapter_id not in self.adapters:
+            self.adapters[adapter_id] = (next(self._ids), path)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        self.adapters.pop(adapter_id, None)  # vLLM evicts device copies itself (LRU over max_loras)
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[dict]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        if len(req.prompt_ids) + req.max_tokens > self.max_model_len:
+            raise EngineError(f"prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) exceeds max_model_len {self.max_model_len}")
+        lora = None
+        if req.adapter_id:
+            if req.adapter_id not in self.adapters:
+                if not req.adapter_path:
+                    raise EngineError(f"adapter {req.adapter_id!r} is not loaded", 404)
+                self.load_adapter(req.adapter_id, req.adapter_path)
+            lora_id, path = self.adapters[req.adapter_id]
+            lora = LoRARequest(req.adapter_id, lora_id, path)
+        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop or None,
+                                seed=req.seed, ignore_eos=req.ignore_eos)
+        rid = uuid.uuid4().hex
+        self.requests += 1
+        sent_text, sent_tokens = "", 0
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": list(req.prompt_ids)}, params, rid, lora_request=lora):
+                o = out.outputs[0]
+                if len(o.text) > len(sent_text) or len(o.token_ids) > sent_tokens:
+                    yield {"text": o.text[len(sent_text):], "completion_tokens": len(o.token_ids)}
+                    sent_text, sent_tokens = o.text, len(o.token_ids)
+                if out.finished:
+                    yield {"finish_reason": o.finish_reason or "stop", "prompt_tokens": len(req.prompt_ids),
+                           "completion_tokens": len(o.token_ids), "token_ids": list(o.token_ids)}
+                    return
+        except ValueError as exc:  # vLLM rejects bad LoRA files / params with ValueError
+            raise EngineError(f"vllm refused the request: {exc}") from exc
+
+    def shutdown(self) -> None:
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown:
+            shutdown()

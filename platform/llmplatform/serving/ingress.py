@@ -1,0 +1,320 @@
+"""The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve), the same whichever engine runs.
+
+Per request: API key (SHA-256 hashes, constant-time compare) -> body validation (400 naming the
+field) -> model lookup (404 unknown, 400 incompatible adapter) -> Llama 2 chat template and token
+count (400 when prompt + max_tokens exceed max_model_len, with both numbers) -> admission against
+the bounded queue (429 + Retry-After) -> the engine deployment, routed by adapter id (Serve model
+multiplexing) -> JSON or SSE ending in `data: [DONE]`. A deadline (`request_timeout_s`) bounds
+every request. Prometheus metrics at `/metrics`.
+"""
+
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from llmplatform.serving import errors as E
+from llmplatform.serving import openai_schema as S
+from llmplatform.serving.adapters import AdapterTable, Target, TargetError
+from llmplatform.serving.metrics import ServeMetrics
+from llmplatform.specs import ServeSpec
+
+log = logging.getLogger(__name__)
+api = FastAPI(title="llm-platform OpenAI-compatible API")
+
+
+@api.exception_handler(E.ApiError)
+async def _api_error(_request: Request, exc: E.ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+# ---------------------------------------------------------------------------- API keys
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def parse_keys(text: str, sep: str = "\n") -> set[str]:
+    """Lines (or comma-separated items) of plain keys or `sha256:<hex>` hashes -> set of hex hashes."""
+    out = set()
+    for item in text.replace(",", sep).split(sep):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        out.add(item.removeprefix("sha256:").lower() if item.startswith("sha256:") else hash_key(item))
+    return out
+
+
+def load_key_hashes(auth) -> set[str]:
+    """Hashes from `auth.api_keys_file` and `$auth.api_keys_env`. Plain keys never leave this function."""
+    hashes: set[str] = set()
+    if auth.api_keys_file and Path(auth.api_keys_file).expanduser().is_file():
+        hashes |= parse_keys(Path(auth.api_keys_file).expanduser().read_text())
+    if auth.api_keys_env and os.environ.get(auth.api_keys_env):
+        hashes |= parse_keys(os.environ[auth.api_keys_env])
+    return hashes
+
+
+# ---------------------------------------------------------------------------- the deployment
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, spec: dict, engine, base_name: str, base_dir: str, key_hashes: list[str] | None = None):
+        from transformers import AutoTokenizer
+
+        self.spec = ServeSpec.model_validate(spec)
+        self.engine = engine
+        self.base_name = base_name
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.table = AdapterTable(self.spec, base_name, base_dir)
+        self.metrics = ServeMetrics()
+        self.key_hashes = set(key_hashes or []) | load_key_hashes(self.spec.auth)
+        self.inflight = 0
+        self.limit = self.spec.limits.max_concurrent_requests + self.spec.limits.max_queued_requests
+        self.started = time.time()
+        self.promotions: list[dict] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll_registry, name="registry-poll", daemon=True).start()
+
+    def __del__(self):
+        self._stop.set()
+
+    def _poll_registry(self) -> None:
+        while not self._stop.wait(self.spec.registry_poll_s):
+            for ref, old, new in self.table.refresh():
+                log.warning("registry: %s moved from version %s to %s", ref, old, new)
+                self.promotions.append({"ref": ref, "from": old, "to": new, "at": time.time()})
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(self.metrics.render().decode(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        cards = [S.model_card(r["id"], "llm-platform", kind=r["kind"], version=r.get("version"), root=self.base_name)
+                 for r in self.table.names()]
+        return {"object": "list", "data": cards}
+
+    @api.get("/v1/deployment")
+    async def deployment(self, request: Request) -> dict:
+        """Status for `platformctl serve status`: engine, base, adapters, registry versions."""
+        self._auth(request)
+        try:
+            engine = await asyncio.wait_for(self.engine.info.remote(), 10)
+        except Exception as exc:  # status must answer even when the engine is down
+            engine = {"error": f"{type(exc).__name__}: {exc}"}
+        return {"name": self.spec.name, "base_model": self.base_name, "engine": engine,
+                "served_versions": self.table.served_versions(), "refused": self.table.refused(),
+                "promotions": self.promotions[-20:], "in_flight": self.inflight, "limit": self.limit,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, chat=False)
+
+    # ------------------------------------------------------------------ request path
+
+    def _auth(self, request: Request) -> None:
+        if not self.spec.auth.enabled:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise E.unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        given = hash_key(header[7:])
+        if not any(hmac.compare_digest(given, h) for h in self.key_hashes):
+            raise E.unauthorized("Incorrect API key provided.")
+
+    async def _parse(self, request: Request, chat: bool):
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise E.bad_request(f"Request body is not valid JSON: {exc}", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise E.bad_request("Request body must be a JSON object.", None, "invalid_json")
+        try:
+            return (S.ChatCompletionRequest if chat else S.CompletionRequest).model_validate(body)
+        except ValidationError as exc:
+            raise E.from_validation(exc) from None
+
+    def _prompt_ids(self, req, chat: bool) -> list[int]:
+        if not chat:
+            ids = req.prompt_token_ids()
+            if ids is not None:
+                if min(ids) < 0 or max(ids) >= len(self.tokenizer):
+                    raise E.bad_request(f"prompt token ids must be in 0..{len(self.tokenizer) - 1}", "prompt", "invalid_value")
+                return ids
+            return self.tokenizer(req.prompt_text()).input_ids
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja raises for e.g. roles out of order
+            raise E.bad_request(f"messages: {exc}", "messages", "invalid_messages") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _target(self, model: str) -> Target:
+        try:
+            return self.table.lookup(model)
+        except TargetError as exc:
+            raise E.ApiError(exc.status, str(exc), "invalid_request_error", "model", exc.code) from None
+
+    async def _handle(self, request: Request, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        t0 = time.monotonic()
+        model_label = "?"
+        try:
+            self._auth(request)
+            req = await self._parse(request, chat)
+            model_label = req.model
+            target = await asyncio.to_thread(self._target, req.model)  # may download an adapter version
+            prompt_ids = self._prompt_ids(req, chat)
+            max_tokens = req.wanted_tokens(min(self.spec.limits.default_max_tokens, self.spec.max_model_len - len(prompt_ids)))
+            if max_tokens < 1 or len(prompt_ids) + max_tokens > self.spec.max_model_len:
+                raise E.context_too_long(len(prompt_ids), max(max_tokens, 1), self.spec.max_model_len)
+            if self.inflight >= self.limit:
+                self.metrics.rejected.inc()
+                raise E.overloaded(1 + self.inflight // max(1, self.spec.limits.max_concurrent_requests), self.inflight, self.limit)
+            payload = {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                       "stop": req.stop_list(), "seed": req.seed, "adapter_id": target.adapter_id,
+                       "adapter_path": target.adapter_path, "ignore_eos": req.ignore_eos}
+            response = await self._run(req, target, payload, chat, t0)
+            self.metrics.requests.labels(model_label, endpoint, "200").inc()
+            return response
+        except E.ApiError as exc:
+            self.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
+            raise
+
+    async def _run(self, req, target: Target, payload: dict, chat: bool, t0: float):
+        deadline = t0 + self.spec.limits.request_timeout_s
+        self.inflight += 1
+        self.metrics.in_flight.set(self.inflight)
+        self.metrics.queue_depth.set(max(0, self.inflight - self.spec.limits.max_batch_size))
+        stream = self.engine.options(stream=True, multiplexed_model_id=target.adapter_id or "").generate.remote(payload)
+        done = False
+
+        async def next_event():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            event = await asyncio.wait_for(stream.__anext__(), remaining)
+            if "error" in event:
+                raise E.ApiError(event.get("status", 500) if event.get("status", 500) < 500 else 503, event["error"],
+                                 "invalid_request_error" if event.get("status", 500) < 500 else "server_error", "model", event.get("code"))
+            return event
+
+        def finish():
+            nonlocal done
+            if not done:
+                done = True
+                self.inflight -= 1
+                self.metrics.in_flight.set(self.inflight)
+                self.metrics.queue_depth.set(max(0, self.inflight - self.spec.limits.max_batch_size))
+                stream.cancel()
+
+        try:
+            first = await next_event()  # errors before the first token become HTTP statuses
+        except asyncio.TimeoutError:
+            finish()
+            raise E.timed_out(self.spec.limits.request_timeout_s) from None
+        except StopAsyncIteration:
+            finish()
+            raise E.unavailable("engine closed the stream before answering") from None
+        except BaseException:
+            finish()
+            raise
+        ttft = time.monotonic() - t0
+        self.metrics.ttft.labels(req.model).observe(ttft)
+        prompt_tokens = len(payload["prompt_ids"])
+        self.metrics.tokens_in.labels(req.model).inc(prompt_tokens)
+
+        async def events():
+            event = first
+            try:
+                while True:
+                    yield event
+                    if "finish_reason" in event:
+                        n = event["completion_tokens"]
+                        self.metrics.tokens_out.labels(req.model).inc(n)
+                        if n > 1:
+                            self.metrics.tpot.labels(req.model).observe((time.monotonic() - t0 - ttft) / (n - 1))
+                        self.metrics.e2e.labels(req.model).observe(time.monotonic() - t0)
+                        return
+                    event = await next_event()
+            finally:
+                finish()
+
+        rid = S.new_id("chatcmpl" if chat else "cmpl")
+        if not req.stream:
+            return await self._collect(events(), rid, req, chat)
+        return StreamingResponse(self._sse(events(), rid, req, chat, prompt_tokens), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _collect(self, events, rid: str, req, chat: bool) -> JSONResponse:
+        parts, final = [], None
+        try:
+            async for ev in events:
+                if "finish_reason" in ev:
+                    final = ev
+                elif ev.get("text"):
+                    parts.append(ev["text"])
+        except asyncio.TimeoutError:
+            raise E.timed_out(self.spec.limits.request_timeout_s) from None
+        except StopAsyncIteration:
+            raise E.unavailable("engine closed the stream before finishing") from None
+        build = S.chat_response if chat else S.completion_response
+        text = "".join(parts)
+        if not chat and req.echo:
+            text = req.prompt_text() + text
+        return JSONResponse(build(rid, req.model, text, final["finish_reason"], final["prompt_tokens"], final["completion_tokens"]))
+
+    async def _sse(self, events, rid: str, req, chat: bool, prompt_tokens: int):
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def data(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        if chat:
+            yield data(S.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None, created))
+        try:
+            async for ev in events:
+                if "finish_reason" in ev:
+                    if chat:
+                        yield data(S.chat_chunk(rid, req.model, {}, ev["finish_reason"], created))
+                    else:
+                        yield data(S.completion_chunk(rid, req.model, "", ev["finish_reason"], created))
+                    if req.include_usage():
+                        yield data(S.usage_chunk(rid, req.model, obj, created, ev["prompt_tokens"], ev["completion_tokens"]))
+                elif ev.get("text"):
+                    if chat:
+                        yield data(S.chat_chunk(rid, req.model, {"content": ev["text"]}, None, created))
+                    else:
+                        yield data(S.completion_chunk(rid, req.model, ev["text"], None, created))
+        except (asyncio.TimeoutError, E.ApiError, StopAsyncIteration) as exc:
+            err = exc if isinstance(exc, E.ApiError) else E.timed_out(self.spec.limits.request_timeout_s)
+            yield data(err.body())
+        yield "data: [DONE]\n\n"

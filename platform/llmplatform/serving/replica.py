@@ -1,0 +1,105 @@
+"""The engine deployment: one model replica (hf or vllm) with multiplexed LoRA adapters.
+
+Ray Serve model multiplexing routes a request whose `multiplexed_model_id` is an adapter id to a
+replica that already holds it (adapter affinity) and keeps at most `max_loaded_adapters` per
+replica, evicting the least recently used. Errors a request causes come back as an
+`{"error", "status", "code"}` event, never as an exception, so the ingress answers 4xx cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ray import serve
+
+from llmplatform.serving.engines import EngineError, GenerationRequest, pick_engine
+from llmplatform.specs import ServeSpec
+
+log = logging.getLogger(__name__)
+
+
+class _LoadedAdapter:
+    """What the multiplexer caches; unloading it frees the engine's copy."""
+
+    def __init__(self, engine, adapter_id: str):
+        self.engine, self.adapter_id = engine, adapter_id
+
+    def __del__(self):
+        try:
+            self.engine.unload_adapter(self.adapter_id)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def build_engine(spec: ServeSpec, base_dir: str, tensor_parallel: int):
+    """The engine object for this replica (imports vllm only when chosen)."""
+    engine = pick_engine(spec.engine)
+    if engine == "vllm":
+        from llmplatform.serving.engines.vllm import VLLMEngine
+
+        return VLLMEngine(base_dir, dtype=spec.dtype, max_model_len=spec.max_model_len, tensor_parallel=tensor_parallel,
+                          max_batch_size=spec.limits.max_batch_size, max_loaded_adapters=spec.max_loaded_adapters)
+    from llmplatform.serving.engines.hf import HFEngine
+
+    threads = int(os.environ.get("PLATFORM_ENGINE_THREADS", "1"))
+    return HFEngine(base_dir, dtype=spec.dtype, max_batch_size=spec.limits.max_batch_size, max_model_len=spec.max_model_len,
+                    tensor_parallel=tensor_parallel, threads=threads, max_loaded_adapters=spec.max_loaded_adapters)
+
+
+@serve.deployment(name="engine")
+class EngineReplica:
+    """Holds one engine; `generate` streams events for one request."""
+
+    def __init__(self, spec: dict, base_dir: str, tensor_parallel: int):
+        self.spec = ServeSpec.model_validate(spec)
+        self.base_dir = base_dir
+        self.started = time.time()
+        self.engine = build_engine(self.spec, base_dir, tensor_parallel)
+        self._paths: dict[str, str] = {}
+
+        async def load(adapter_id: str) -> _LoadedAdapter:  # a plain function: the multiplexer caches on it
+            return await self._load_adapter(adapter_id)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.spec.max_loaded_adapters)(load)
+
+    async def _load_adapter(self, adapter_id: str) -> _LoadedAdapter:
+        path = self._paths.get(adapter_id)
+        if not path:
+            raise EngineError(f"adapter {adapter_id!r} has no path", 404, "model_not_found")
+        import asyncio
+
+        await asyncio.to_thread(self.engine.load_adapter, adapter_id, path)
+        return _LoadedAdapter(self.engine, adapter_id)
+
+    async def generate(self, request: dict):
+        adapter_id = serve.get_multiplexed_model_id() or request.get("adapter_id")
+        try:
+            if adapter_id:
+                if request.get("adapter_path"):
+                    self._paths[adapter_id] = request["adapter_path"]
+                await self.get_adapter(adapter_id)
+            req = GenerationRequest(**{**request, "adapter_id": adapter_id or None})
+            async for event in self.engine.generate(req):
+                yield event
+        except EngineError as exc:
+            yield {"error": str(exc), "status": exc.status, "code": exc.code}
+
+    def info(self) -> dict:
+        ctx = serve.get_replica_context()
+        info = dict(self.engine.info())
+        info.update({"replica": ctx.replica_id.unique_id, "uptime_s": round(time.time() - self.started, 1), "base_dir": self.base_dir})
+        try:
+            from ray.util import get_current_placement_group
+
+            pg = get_current_placement_group()
+            info["placement_group"] = pg.id.hex() if pg else None
+        except Exception:
+            info["placement_group"] = None
+        return info
+
+    def check_health(self) -> None:
+        thread = getattr(self.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("hf decode loop died")

