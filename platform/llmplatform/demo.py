@@ -151,7 +151,7 @@ def run_demo(*, retrain: bool = False, questions: int = 100, ports: dict | None 
     result.timings["deploy_s"] = round(time.time() - t, 1)
     from llmplatform.serving.app import status as serve_status
 
-    result.endpoint = serve_status("demo")["url"].rstrip("/") + "/v1"
+    result.endpoint = serve_status("demo")["url"].rstrip("/")  # .../v1
 
     qa = held_out_questions(data_dir, questions)
     _step(f"Ask {len(qa)} held-out questions through the openai SDK: base vs fine-tuned")
