@@ -93,17 +93,23 @@ def spec_reference() -> str:
     return "\n".join(out)
 
 
-def sizing_reference() -> str:
-    """The GPU sizing table for Llama 2 7B/13B/70B, from the planner, on common GPUs."""
+def sizing_rows(gpu: str) -> list[str]:
+    """The markdown table of the planner's sizing for Llama 2 7B/13B/70B on `gpu`."""
     from llmplatform.planner import sizing_table
 
+    rows = ["| model | params | QLoRA GiB (GPUs) | LoRA GiB (GPUs) | full GiB (GPUs) | serve bf16 GiB (TP) |", "|---|---|---|---|---|---|"]
+    for r in sizing_table(["llama2-7b", "llama2-13b", "llama2-70b"], gpu):
+        rows.append(f"| {r['model']} | {r['params_b']}B | {r['qlora_gib']} ({r['qlora_gpus']}) | {r['lora_gib']} ({r['lora_gpus']}) | {r['full_gib']} ({r['full_gpus']}) | {r['serve_gib']} ({r['serve_tp']}) |")
+    return rows
+
+
+def sizing_reference() -> str:
+    """The GPU sizing table for Llama 2 7B/13B/70B, from the planner, on common GPUs."""
     out = [HEADER, "# GPU sizing for Llama 2 (from `platformctl plan`)\n",
            "GiB for all GPUs together (weights, adapters, gradients, optimizer states, activations at seq 2048, micro-batch 1, LoRA r16 on all linear layers, gradient checkpointing; serving: bf16 weights plus one full 4096-token KV cache). GPUs = one-GPU workers (FSDP when more than one) or the tensor-parallel degree for serving. Details: `platformctl plan --model M --method qlora|lora|full --gpu G` and `--serve`.\n"]
     for gpu in ("a100-80gb", "a10g-24gb"):
         out.append(f"## {gpu}\n")
-        out.append("| model | params | QLoRA GiB (GPUs) | LoRA GiB (GPUs) | full GiB (GPUs) | serve bf16 GiB (TP) |\n|---|---|---|---|---|---|")
-        for r in sizing_table(["llama2-7b", "llama2-13b", "llama2-70b"], gpu):
-            out.append(f"| {r['model']} | {r['params_b']}B | {r['qlora_gib']} ({r['qlora_gpus']}) | {r['lora_gib']} ({r['lora_gpus']}) | {r['full_gib']} ({r['full_gpus']}) | {r['serve_gib']} ({r['serve_tp']}) |")
+        out.extend(sizing_rows(gpu))
         out.append("")
     return "\n".join(out)
 

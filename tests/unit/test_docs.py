@@ -31,3 +31,9 @@ def test_cli_reference_lists_every_noun():
     text = docgen.cli_reference()
     for noun in ("up", "down", "status", "plan", "spec", "data", "finetune", "models", "serve"):
         assert f"`platformctl {noun}`" in text
+
+
+def test_readme_sizing_table_is_the_planners():
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- sizing:start -->\n", 1)[1].split("\n<!-- sizing:end -->", 1)[0]
+    assert block.splitlines() == docgen.sizing_rows("a100-80gb")
