@@ -252,29 +252,25 @@ def _running(home: str | Path | None, name: str) -> ComponentState | None:
     return comp if comp is not None and is_ours(comp.process) else None
 
 
-def tracking_uri(home: str | Path | None = None) -> str:
-    """MLflow tracking URI: `$MLFLOW_TRACKING_URI`, else the running local stack's server."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+def _from_env_or_stack(env_var: str, name: str, what: str, home: str | Path | None) -> ComponentState | str:
+    """`$env_var` if set, else the running stack's component `name` (or a StackError naming both)."""
+    env = os.environ.get(env_var)
     if env:
         return env
-    comp = _running(home, "mlflow")
+    comp = _running(home, name)
     if comp is None:
-        raise StackError(
-            f"no MLflow tracking server is running for {_home(home)}: run `platformctl up`, "
-            "or set MLFLOW_TRACKING_URI to an existing server."
-        )
-    return comp.url
+        raise StackError(f"no {what} is running for {_home(home)}: run `platformctl up`, "
+                         f"or set {env_var} to an existing one.")
+    return comp
+
+
+def tracking_uri(home: str | Path | None = None) -> str:
+    """MLflow tracking URI: `$MLFLOW_TRACKING_URI`, else the running local stack's server."""
+    found = _from_env_or_stack("MLFLOW_TRACKING_URI", "mlflow", "MLflow tracking server", home)
+    return found if isinstance(found, str) else found.url
 
 
 def ray_address(home: str | Path | None = None) -> str:
     """Ray GCS address: `$RAY_ADDRESS`, else the running local stack's head ("127.0.0.1:PORT")."""
-    env = os.environ.get("RAY_ADDRESS")
-    if env:
-        return env
-    comp = _running(home, "ray")
-    if comp is None:
-        raise StackError(
-            f"no Ray head is running for {_home(home)}: run `platformctl up`, "
-            "or set RAY_ADDRESS to an existing cluster."
-        )
-    return comp.extra["address"]
+    found = _from_env_or_stack("RAY_ADDRESS", "ray", "Ray head", home)
+    return found if isinstance(found, str) else found.extra["address"]
