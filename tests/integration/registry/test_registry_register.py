@@ -34,7 +34,9 @@ def test_register_records_lineage_and_compatibility_and_resolves(reg, monkeypatc
     got = resolve(reg.uri, f"models:/{reg.name}/{version}")
     assert (got.version, got.run_id, got.base_model) == (version, mv.run_id, str(reg.tiny["base"]))
     assert got.lineage["dataset_sha256"] == "d" * 64 and got.compatibility["r"] == 8
-    assert got.local_path.is_relative_to(os.environ["PLATFORM_HOME"])  # cached under the platform home
+    from llmplatform.paths import model_cache
+
+    assert got.local_path.is_relative_to(model_cache())  # cached in the platform's model cache
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         assert (got.local_path / f).read_bytes() == (reg.tiny["good"] / f).read_bytes()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.uri)  # the one-argument form uses the default server
