@@ -180,14 +180,18 @@ def test_local_stack_fixture_runs_tasks_and_placement_groups(local_stack, monkey
 
     for key, value in local_stack.client_env.items():
         monkeypatch.setenv(key, value)
-    ray.init(address=local_stack.ray_address, log_to_driver=False)
+    started = not ray.is_initialized()  # other tests of the session may already be connected to it
+    if started:
+        ray.init(address=local_stack.ray_address, log_to_driver=False)
+    assert ray.get_runtime_context().gcs_address.endswith(local_stack.ray_address.rsplit(":", 1)[-1])
     try:
         assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
         pg = placement_group([{"CPU": 2}, {"CPU": 2}], strategy="STRICT_PACK")  # > 2 real cores
         assert pg.wait(timeout_seconds=60)
         remove_placement_group(pg)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def test_mlflow_server_fixture_is_a_real_tracking_server(mlflow_server):

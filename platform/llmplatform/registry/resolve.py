@@ -8,6 +8,7 @@ recorded at registration (a corrupted or tampered download is an error, not a si
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -83,16 +84,22 @@ def _download(client, name: str, version: int, sha: str | None, cache_dir: str |
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     uri = mc.uri_of(client)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=final.parent) as tmp:
-        # Resolve the version's storage location with *this* client: a `models:/` URI would be
-        # looked up in the process-wide default registry, not the one we were given.
-        source = client.get_model_version_download_uri(name, str(version))
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
-        if sha and _sha_of(got) != sha:
-            raise RegistryError(f"{name} version {version}: downloaded adapter hash does not match the one recorded "
-                                f"at registration ({sha[:12]}); the artifact store copy is damaged, re-register it")
-        shutil.rmtree(final, ignore_errors=True)
-        got.rename(final)  # same filesystem: atomic, so readers never see half a download
+    # One downloader per version across threads and processes (replicas resolve concurrently):
+    # the others wait, then reuse the finished copy instead of replacing it under a reader.
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir() and (_sha_of(final) == sha if sha else (final / "adapter_config.json").is_file()):
+            return final
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=final.parent) as tmp:
+            # Resolve the version's storage location with *this* client: a `models:/` URI would be
+            # looked up in the process-wide default registry, not the one we were given.
+            source = client.get_model_version_download_uri(name, str(version))
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
+            if sha and _sha_of(got) != sha:
+                raise RegistryError(f"{name} version {version}: downloaded adapter hash does not match the one recorded "
+                                    f"at registration ({sha[:12]}); the artifact store copy is damaged, re-register it")
+            shutil.rmtree(final, ignore_errors=True)  # a damaged copy; nobody else writes under the lock
+            got.rename(final)  # same filesystem: atomic
     return final
 
 

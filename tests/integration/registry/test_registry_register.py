@@ -118,3 +118,15 @@ def test_incompatible_adapter_is_refused_before_anything_is_created(reg, tmp_pat
 def test_unknown_run_is_refused(reg):
     with pytest.raises(RegistryError, match="run 'f+' not found"):
         register_adapter(reg.uri, reg.name, reg.tiny["good"], "f" * 32, reg.lineage(), base_model_dir=reg.tiny["base"])
+
+
+def test_concurrent_resolves_all_get_a_complete_adapter(reg, tmp_path):
+    """Serving replicas resolve the same version at once: nobody may see half a download."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    version = reg.register(eval_loss=1.0)
+    cache = tmp_path / "adapters"
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda _: resolve(reg.uri, f"models:/{reg.name}/{version}", cache_dir=cache), range(12)))
+    assert len({g.local_path for g in got}) == 1
+    assert all((g.local_path / "adapter_config.json").is_file() for g in got)
