@@ -81,7 +81,9 @@ def test_32_concurrent_streams_complete_with_right_counts(aclient, tiny_app):
     after = httpx.get(tiny_app["url"] + "/deployment", headers={"Authorization": f"Bearer {tiny_app['key']}"}).json()
     tokens = sum(r[0] for r in results)
     steps = after["engine"]["decode_steps"] - before["engine"]["decode_steps"]
-    assert steps < tokens / 4, f"{steps} decode steps for {tokens} tokens: requests were not batched"
+    # one request at a time needs a decode step per token; batching shares steps. How many requests
+    # overlap depends on arrival timing on a loaded 2-core box (seen: 3.2 tokens/step in CI, ~8 quiet).
+    assert steps < tokens / 2, f"{steps} decode steps for {tokens} tokens: requests were not batched"
     # a streamed answer from a mixed batch equals the same request answered alone
     sync = openai.OpenAI(base_url=tiny_app["url"], api_key=tiny_app["key"], max_retries=0)
     for i in (5, 6, 7):
