@@ -35,6 +35,17 @@ class EngineError(Exception):
         self.code = code
 
 
+def check_request(req: GenerationRequest, max_model_len: int, loaded: dict) -> bool:
+    """Refuse what no engine can run; True when the request's adapter must be loaded first."""
+    if len(req.prompt_ids) + req.max_tokens > max_model_len:
+        raise EngineError(f"prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) exceeds max_model_len {max_model_len}")
+    if req.adapter_id and req.adapter_id not in loaded:
+        if not req.adapter_path:
+            raise EngineError(f"adapter {req.adapter_id!r} is not loaded", 404)
+        return True
+    return False
+
+
 def vllm_usable() -> tuple[bool, str]:
     """Whether the vllm engine can run here, and why not."""
     if importlib.util.find_spec("vllm") is None:

@@ -21,7 +21,7 @@ from typing import AsyncIterator
 
 import torch
 
-from llmplatform.serving.engines import EngineError, GenerationRequest
+from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
 
 BASE = "__base__"
 
@@ -127,15 +127,9 @@ class HFEngine:
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[dict]:
         """Stream events for one request; cancelling the iterator frees its batch slot."""
-        if len(req.prompt_ids) + req.max_tokens > self.max_model_len:
-            raise EngineError(f"prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) exceeds max_model_len {self.max_model_len}")
-        adapter = BASE
-        if req.adapter_id:
-            if req.adapter_id not in self.adapters:
-                if not req.adapter_path:
-                    raise EngineError(f"adapter {req.adapter_id!r} is not loaded", 404)
-                await asyncio.to_thread(self.load_adapter, req.adapter_id, req.adapter_path)
-            adapter = self.adapters[req.adapter_id]
+        if check_request(req, self.max_model_len, self.adapters):
+            await asyncio.to_thread(self.load_adapter, req.adapter_id, req.adapter_path)
+        adapter = self.adapters[req.adapter_id] if req.adapter_id else BASE
         seq = _Seq(req=req, loop=asyncio.get_running_loop(), queue=asyncio.Queue(), adapter=adapter)
         if req.temperature > 0:
             seq.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else random.getrandbits(63))

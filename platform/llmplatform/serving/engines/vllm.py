@@ -14,7 +14,7 @@ import os
 import uuid
 from typing import AsyncIterator
 
-from llmplatform.serving.engines import EngineError, GenerationRequest
+from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
 
 
 def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parallel: int, max_batch_size: int,
@@ -83,14 +83,10 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        if len(req.prompt_ids) + req.max_tokens > self.max_model_len:
-            raise EngineError(f"prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) exceeds max_model_len {self.max_model_len}")
+        if check_request(req, self.max_model_len, self.adapters):
+            self.load_adapter(req.adapter_id, req.adapter_path)
         lora = None
         if req.adapter_id:
-            if req.adapter_id not in self.adapters:
-                if not req.adapter_path:
-                    raise EngineError(f"adapter {req.adapter_id!r} is not loaded", 404)
-                self.load_adapter(req.adapter_id, req.adapter_path)
             lora_id, path = self.adapters[req.adapter_id]
             lora = LoRARequest(req.adapter_id, lora_id, path)
         params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop or None,
