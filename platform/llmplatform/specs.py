@@ -163,6 +163,11 @@ class FineTuneSpec(StrictModel):
     def _consistent(self) -> "FineTuneSpec":
         if self.resources.gpus_per_worker and self.resources.gpus_per_worker != int(self.resources.gpus_per_worker) and self.resources.gpus_per_worker > 1:
             raise ValueError("resources.gpus_per_worker above 1 must be a whole number")
+        if self.resources.strategy == "fsdp" and self.resources.workers > 1 and self.hyperparameters.optimizer != "adamw":
+            # bitsandbytes optimizers have no DTensor support: their step fails on sharded parameters
+            raise ValueError(f"resources.strategy 'fsdp' does not work with hyperparameters.optimizer '{self.hyperparameters.optimizer}' "
+                             "(bitsandbytes optimizers cannot update sharded parameters); set hyperparameters.optimizer: adamw, "
+                             "or resources.strategy: ddp")
         return self
 
 

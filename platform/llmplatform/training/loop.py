@@ -1,11 +1,13 @@
 """The per-worker training function run by Ray Train's `TorchTrainer`.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches per worker; DDP (gloo on CPU,
-NCCL on GPU) averages gradients, FSDP shards when asked. Every `eval.every_n_steps` steps the
+NCCL on GPU) averages gradients; with `resources.strategy: fsdp` and several workers the model
+is sharded instead (`sharding`: FSDP2 on gloo or NCCL). Every `eval.every_n_steps` steps the
 validation set gives loss, perplexity and token accuracy; every `checkpoint.every_n_steps` steps
 (and at the end) rank 0 reports a checkpoint holding the adapter (peft format), the trainable
-tensors, optimizer, scheduler, RNG, step and data position. On start the loop resumes from
-`ray.train.get_checkpoint()`, so a restarted worker group continues the step count.
+tensors, optimizer, scheduler, RNG, step and data position (gathered in full from the shards
+under FSDP). On start the loop resumes from `ray.train.get_checkpoint()`, so a restarted
+worker group continues the step count.
 Rank 0 logs per-step metrics to MLflow and prints one `PLATFORM_PROGRESS {json}` line per step,
 which the job backends read from the Ray job logs.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llmplatform.specs import FineTuneSpec
-from llmplatform.training import batches, model_setup, optimizer as optim
+from llmplatform.training import batches, model_setup, optimizer as optim, sharding
 
 PROGRESS_PREFIX = "PLATFORM_PROGRESS "
 STATE_FILE = "training_state.pt"
@@ -82,10 +84,18 @@ def evaluate(model, examples, ctx: dict) -> dict[str, float]:
         return {}
     loss_sum = correct = count = 0.0
     spec: FineTuneSpec = ctx["spec"]
+    mb, cap = spec.hyperparameters.micro_batch_size, spec.eval.max_batches
+    mine = batches.eval_batches(len(examples), ctx["world"], ctx["rank"], mb, cap)
+    rounds = len(mine)
+    if ctx.get("sharded"):  # each forward gathers weights with every rank: run as many as the busiest rank
+        rounds = max(len(batches.eval_batches(len(examples), ctx["world"], r, mb, cap)) for r in range(ctx["world"]))
     with model_setup.evaluation_mode(model):
-        for idx in batches.eval_batches(len(examples), ctx["world"], ctx["rank"], spec.hyperparameters.micro_batch_size, spec.eval.max_batches):
+        for i in range(rounds):
+            idx = mine[i] if i < len(mine) else (mine[:1] or [[0]])[0]  # past its own batches: a forward to discard
             batch = batches.make_batch(examples, idx, ctx["pad_id"], ctx["device"])
             logits = forward(model, batch, ctx["amp_dtype"], ctx["device"].type)
+            if i >= len(mine):
+                continue
             l, c, n = token_loss(logits, batch["labels"])
             loss_sum, correct, count = loss_sum + float(l), correct + float(c), count + float(n)
     loss_sum, correct, count = _all_reduce([loss_sum, correct, count])
@@ -97,32 +107,65 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, position: int, tokenizer=None) -> None:
-    """Adapter in peft format + everything a resume needs, into directory `path`."""
+def checkpoint_state(model, opt, sched, step: int, position: int) -> dict:
+    """Everything a resume needs. A sharded model is gathered in full (trainable tensors and
+    optimizer state, keyed by parameter name): a collective, so every rank calls this and only
+    rank 0's result is complete."""
+    sharded = sharding.is_sharded(model)
+    if sharded:
+        trainable, optimizer = sharding.full_state(model, opt)
+    else:
+        trainable, optimizer = model_setup.trainable_state(unwrap(model)), opt.state_dict()
+    return {"trainable": trainable, "optimizer": optimizer, "scheduler": sched.state_dict(), "step": step,
+            "data_position": position, "torch_rng": torch.get_rng_state(), "sharded": sharded}
+
+
+def save_checkpoint(path: Path, model, state: dict, tokenizer=None) -> None:
+    """Adapter in peft format + `state` (from `checkpoint_state`), into directory `path`."""
     inner = unwrap(model)
-    inner.save_pretrained(str(path / "adapter"))
+    if state.get("sharded"):  # the model's own tensors are shards: save the gathered ones
+        inner.save_pretrained(str(path / "adapter"), state_dict=state["trainable"])
+    else:
+        inner.save_pretrained(str(path / "adapter"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path / "tokenizer"))
-    state = {
-        "trainable": model_setup.trainable_state(inner),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "step": step,
-        "data_position": position,
-        "torch_rng": torch.get_rng_state(),
-    }
     torch.save(state, path / STATE_FILE)
 
 
 def load_checkpoint(checkpoint, model, opt, sched) -> tuple[int, int]:
-    """Restore from a Ray checkpoint; returns (step, data_position)."""
+    """Restore from a Ray checkpoint (a collective for a sharded model); returns (step, data_position)."""
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    model_setup.load_trainable_state(unwrap(model), state["trainable"])
-    opt.load_state_dict(state["optimizer"])
+    if state.get("sharded", False) != sharding.is_sharded(model):
+        raise RuntimeError("the checkpoint was written with another resources.strategy (fsdp vs ddp); resume with the same spec")
+    if state.get("sharded"):
+        sharding.load_state(model, opt, state["trainable"], state["optimizer"])
+    else:
+        model_setup.load_trainable_state(unwrap(model), state["trainable"])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"]), int(state["data_position"])
+
+
+def resolve_strategy(spec: FineTuneSpec) -> str:
+    """`ddp` or `fsdp`. `auto` is FSDP when the planner says one `resources.gpu_type` can't hold
+    the catalog model for this method (it needs both to know) and the optimizer can step sharded
+    parameters (`adamw`; bitsandbytes optimizers can't); DDP otherwise."""
+    res = spec.resources
+    if res.strategy != "auto":
+        return res.strategy
+    if not res.gpu_type or not res.gpus_per_worker or spec.hyperparameters.optimizer != "adamw":
+        return "ddp"
+    from llmplatform import catalog, planner
+
+    try:
+        shape = catalog.get_model(spec.base_model)
+    except catalog.UnknownModelError:  # a local directory or hub id: no catalog shape to plan with
+        return "ddp"
+    plan = planner.plan_training(shape, spec.method, res.gpu_type, spec.data.max_seq_length, spec.hyperparameters.micro_batch_size,
+                                 spec.lora.rank, spec.hyperparameters.gradient_checkpointing, spec.lora.target_modules)
+    return "fsdp" if plan.placement.fsdp else "ddp"
 
 
 def setup(config: dict) -> dict:
@@ -147,10 +190,10 @@ def setup(config: dict) -> dict:
     steps = total_steps(spec, shard.per_epoch)
 
     model = model_setup.load_for_training(spec, config["base_dir"], device)
-    if world > 1 or spec.resources.strategy == "fsdp":
-        strategy = "fsdp" if spec.resources.strategy == "fsdp" else "ddp"
-        kwargs = {"use_orig_params": True} if strategy == "fsdp" else {}
-        model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs)
+    if world > 1 and resolve_strategy(spec) == "fsdp":  # Ray's prepare_model refuses FSDP on CPU (see sharding)
+        model = sharding.shard_model(model, device, world)
+    elif world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
     opt = optim.build_optimizer(model, hp)
     sched = optim.build_scheduler(opt, hp, steps)
     step = position = 0
@@ -161,8 +204,15 @@ def setup(config: dict) -> dict:
         spec=spec, world=world, rank=rank, device=device, tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
         train=train, val=val, shard=shard, steps=steps, model=model, opt=opt, sched=sched,
         step=step, position=position, resumed=checkpoint is not None, progress_file=config.get("progress_file"),
-        amp_dtype=model_setup.autocast_dtype(spec, device.type), logger=config.get("logger"),
+        amp_dtype=model_setup.autocast_dtype(spec, device.type), logger=config.get("logger"), sharded=sharding.is_sharded(model),
     )
+
+
+def no_sync(model, sharded: bool):
+    """Accumulate gradients locally (no all-reduce / reduce-scatter) for a non-final micro-batch."""
+    if sharded:
+        return sharding.no_gradient_sync(model)
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 def train_step(ctx: dict) -> dict[str, float]:
@@ -174,14 +224,14 @@ def train_step(ctx: dict) -> dict[str, float]:
     for micro in range(accum):
         batch = batches.make_batch(ctx["train"], ctx["shard"].indices(ctx["position"]), ctx["pad_id"], ctx["device"])
         ctx["position"] += 1
-        sync = micro == accum - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with contextlib.nullcontext() if micro == accum - 1 else no_sync(model, ctx.get("sharded", False)):
             logits = forward(model, batch, ctx["amp_dtype"], ctx["device"].type)
             l, _, n = token_loss(logits, batch["labels"])
             (l / n.clamp(min=1) / accum).backward()
         loss_sum, tokens_trained = loss_sum + float(l.detach()), tokens_trained + float(n)
         tokens_seen += batches.count_tokens(batch, ctx["pad_id"])
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.hyperparameters.max_grad_norm)
+    # sharded grads are DTensors: clip_grad_norm_ computes the global norm, returned as a DTensor
+    grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, spec.hyperparameters.max_grad_norm))
     lr = opt.param_groups[0]["lr"]
     opt.step()
     ctx["sched"].step()
@@ -197,9 +247,12 @@ def report(ctx: dict, metrics: dict, with_checkpoint: bool) -> None:
     if not with_checkpoint:
         ray.train.report(metrics)
         return
+    state = None
+    if ctx["rank"] == 0 or ctx.get("sharded"):  # sharded: every rank takes part in gathering the state
+        state = checkpoint_state(ctx["model"], ctx["opt"], ctx["sched"], ctx["step"], ctx["position"])
     with tempfile.TemporaryDirectory(prefix="ckpt") as tmp:
         if ctx["rank"] == 0:
-            save_checkpoint(Path(tmp), ctx["model"], ctx["opt"], ctx["sched"], ctx["step"], ctx["position"], ctx["tokenizer"])
+            save_checkpoint(Path(tmp), ctx["model"], state, ctx["tokenizer"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             emit("checkpoint", ctx["progress_file"], step=ctx["step"])
         else:
