@@ -230,13 +230,16 @@ def start_endpoint(model_dir: Path, engine: str, python: str) -> tuple[subproces
         "import os, sys, time, tempfile, ray\n"
         "from llmplatform.serving import app\n"
         "ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix='rb', dir='/tmp'), log_to_driver=False)\n"
-        f"st = app.deploy({{'name': 'bench', 'engine': '{engine}', 'model': {{'base': '{model_dir}'}}, 'max_model_len': 512,"
+        f"st = app.deploy({{'name': 'bench', 'engine': '{engine}', 'max_model_len': 512,"
         " 'limits': {'max_concurrent_requests': 64, 'max_queued_requests': 64, 'max_batch_size': 32, 'request_timeout_s': 600},"
-        f" 'dtype': 'bfloat16'}}, http_port={port})\n"
+        f" 'dtype': 'bfloat16', 'model': {{'base': '{model_dir}', 'allow_dynamic_adapters': False}}}}, http_port={port})\n"
         "print('READY', st['url'], flush=True)\n"
         "while True: time.sleep(3600)\n"
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1")}
+    from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV  # what `platformctl up` gives the Ray head
+
+    env = {**SERVE_FAST_PATH_ENV, **os.environ, "RAY_AUTH_MODE": "disabled",
+           "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1")}
     proc = subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True, cwd=ROOT)
     url = _wait_ready(proc, 420)

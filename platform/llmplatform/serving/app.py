@@ -23,6 +23,7 @@ from llmplatform.serving.adapters import check_local_adapters, resolve_base_dir
 from llmplatform.serving.engines import pick_engine
 from llmplatform.serving.placement import engine_options, ingress_options, plan_placement, resolve_tensor_parallel
 from llmplatform.specs import ServeSpec, parse_spec
+from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
@@ -46,6 +47,13 @@ def _gpus_per_node(accelerator: str | None) -> int | None:
     return int(max(counts)) if counts and max(counts) > 0 else None
 
 
+def replica_env(environ) -> dict[str, str]:
+    """Environment variables for the replicas: forwarded platform settings plus Serve's fast path."""
+    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    env.update({k: environ.get(k, v) for k, v in SERVE_FAST_PATH_ENV.items()})  # the caller's own setting wins
+    return env
+
+
 def build_app(args: dict):
     """The Serve application for a ServeSpec dict (RayService `import_path` target)."""
     from llmplatform.serving.ingress import OpenAIIngress, load_key_hashes
@@ -58,11 +66,10 @@ def build_app(args: dict):
     accel = spec.resources.accelerator_resource or ("GPU" if spec.resources.gpus_per_shard > 0 else None)
     placement = plan_placement(spec, engine, tp, _gpus_per_node(accel))
     spec_dict = spec.model_dump(mode="json")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env = replica_env(os.environ)
     eopts, iopts = engine_options(spec, placement), ingress_options(spec)
-    if env:
-        for opts in (eopts, iopts):
-            opts["ray_actor_options"] = {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}
+    for opts in (eopts, iopts):
+        opts["ray_actor_options"] = {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}
     engine_app = EngineReplica.options(**eopts).bind(spec_dict, base_dir, tp)
     hashes = sorted(load_key_hashes(spec.auth)) if spec.auth.enabled else []
     return OpenAIIngress.options(**iopts).bind(spec_dict, engine_app, base_name, base_dir, hashes)

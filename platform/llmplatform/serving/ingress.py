@@ -217,10 +217,10 @@ class OpenAIIngress:
         done = False
 
         async def next_event():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if time.monotonic() >= deadline:
                 raise asyncio.TimeoutError
-            event = await asyncio.wait_for(stream.__anext__(), remaining)
+            async with asyncio.timeout_at(deadline):  # a timer, not a task per token (the loop's clock is monotonic)
+                event = await stream.__anext__()
             if "error" in event:
                 raise E.ApiError(event.get("status", 500) if event.get("status", 500) < 500 else 503, event["error"],
                                  "invalid_request_error" if event.get("status", 500) < 500 else "server_error", "model", event.get("code"))
@@ -298,6 +298,14 @@ class OpenAIIngress:
         def data(payload: dict) -> str:
             return f"data: {json.dumps(payload)}\n\n"
 
+        # Per token only the text is encoded: the chunk's JSON around it is built once per request.
+        mark = f"@@{rid}@@"
+        head, tail = json.dumps(S.chat_chunk(rid, req.model, {"content": mark}, None, created) if chat
+                                else S.completion_chunk(rid, req.model, mark, None, created)).split(json.dumps(mark), 1)
+
+        def text(delta: str) -> str:
+            return f"data: {head}{json.dumps(delta)}{tail}\n\n"
+
         if chat:
             yield data(S.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None, created))
         try:
@@ -310,10 +318,7 @@ class OpenAIIngress:
                     if req.include_usage():
                         yield data(S.usage_chunk(rid, req.model, obj, created, ev["prompt_tokens"], ev["completion_tokens"]))
                 elif ev.get("text"):
-                    if chat:
-                        yield data(S.chat_chunk(rid, req.model, {"content": ev["text"]}, None, created))
-                    else:
-                        yield data(S.completion_chunk(rid, req.model, ev["text"], None, created))
+                    yield text(ev["text"])
         except (asyncio.TimeoutError, E.ApiError, StopAsyncIteration) as exc:
             err = exc if isinstance(exc, E.ApiError) else E.timed_out(self.spec.limits.request_timeout_s)
             yield data(err.body())

@@ -33,6 +33,11 @@ class _LoadedAdapter:
             pass
 
 
+def serves_adapters(spec: ServeSpec) -> bool:
+    """Whether any request could name an adapter (listed, registry-served, or dynamic)."""
+    return bool(spec.model.adapters or spec.model.registry or spec.model.allow_dynamic_adapters)
+
+
 def build_engine(spec: ServeSpec, base_dir: str, tensor_parallel: int):
     """The engine object for this replica (imports vllm only when chosen)."""
     engine = pick_engine(spec.engine)
@@ -40,7 +45,8 @@ def build_engine(spec: ServeSpec, base_dir: str, tensor_parallel: int):
         from llmplatform.serving.engines.vllm import VLLMEngine
 
         return VLLMEngine(base_dir, dtype=spec.dtype, max_model_len=spec.max_model_len, tensor_parallel=tensor_parallel,
-                          max_batch_size=spec.limits.max_batch_size, max_loaded_adapters=spec.max_loaded_adapters)
+                          max_batch_size=spec.limits.max_batch_size, max_loaded_adapters=spec.max_loaded_adapters,
+                          enable_lora=serves_adapters(spec))
     from llmplatform.serving.engines.hf import HFEngine
 
     threads = int(os.environ.get("PLATFORM_ENGINE_THREADS", "1"))

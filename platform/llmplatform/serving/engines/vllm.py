@@ -18,14 +18,19 @@ from llmplatform.serving.engines import EngineError, GenerationRequest, check_re
 
 
 def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parallel: int, max_batch_size: int,
-                max_loaded_adapters: int, max_lora_rank: int = 64) -> dict:
-    """AsyncEngineArgs keywords (pure, so tests can check them without vLLM)."""
+                max_loaded_adapters: int, max_lora_rank: int = 64, enable_lora: bool = True) -> dict:
+    """AsyncEngineArgs keywords (pure, so tests can check them without vLLM).
+
+    `enable_lora=False` for base-only deployments: vLLM's LoRA layers cost every request time,
+    adapter or not (on CPU they cut base-model throughput by several times)."""
     args = {
         "model": model_dir, "tokenizer": model_dir, "dtype": "auto" if dtype == "auto" else dtype,
         "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel, "max_num_seqs": max_batch_size,
-        "enable_lora": True, "max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
-        "max_cpu_loras": max_loaded_adapters * 2, "enable_prefix_caching": False,
+        "enable_prefix_caching": False, "enable_lora": enable_lora,
     }
+    if enable_lora:
+        args.update({"max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
+                     "max_cpu_loras": max_loaded_adapters * 2})
     if tensor_parallel > 1:
         args["distributed_executor_backend"] = "ray"  # shards go into the replica's placement group
     fraction = os.environ.get("PLATFORM_VLLM_MEMORY_FRACTION") or (None if _has_cuda() else "0.15")
@@ -48,7 +53,7 @@ class VLLMEngine:
     """vLLM AsyncLLM behind the engine interface (generate / load_adapter / unload_adapter / info)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", max_model_len: int = 4096, tensor_parallel: int = 1,
-                 max_batch_size: int = 32, max_loaded_adapters: int = 8):
+                 max_batch_size: int = 32, max_loaded_adapters: int = 8, enable_lora: bool = True):
         from vllm import AsyncEngineArgs
 
         try:
@@ -61,7 +66,7 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
         self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
-                                max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters)
+                                max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
         self.adapters: dict[str, tuple[int, str]] = {}  # adapter id -> (lora int id, path)
         self._ids = itertools.count(1)
@@ -70,7 +75,7 @@ class VLLMEngine:
     def info(self) -> dict:
         return {"engine": "vllm", "model_dir": self.model_dir, "tensor_parallel": self.tensor_parallel,
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters), "requests": self.requests,
-                "executor": self.args.get("distributed_executor_backend", "uni")}
+                "executor": self.args.get("distributed_executor_backend", "uni"), "lora_enabled": self.args["enable_lora"]}
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         if adapter_id not in self.adapters:
@@ -83,6 +88,9 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
+        if req.adapter_id and not self.args["enable_lora"]:
+            raise EngineError(f"adapter {req.adapter_id!r}: this deployment serves its base model only "
+                              "(list adapters, or set model.registry or allow_dynamic_adapters, to serve adapters)", 404, "model_not_found")
         if check_request(req, self.max_model_len, self.adapters):
             self.load_adapter(req.adapter_id, req.adapter_path)
         lora = None
