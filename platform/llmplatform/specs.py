@@ -258,6 +258,7 @@ class ServeSpec(StrictModel):
     name: str = Field(pattern=DNS_LABEL, description="Deployment name (a Kubernetes name); also the Serve application name.")
     model: ModelSource = Field(description="Base model, adapters and/or registry reference.")
     engine: Literal["auto", "vllm", "hf"] = Field(default="auto", description="`vllm` (GPU production engine), `hf` (transformers, batched), or `auto` (vllm when importable and usable).")
+    topology: Literal["auto", "split", "colocated"] = Field(default="auto", description="`split`: the HTTP ingress and the engine are separate deployments and Serve routes each request to an engine replica holding its adapter (multiplexing). `colocated`: the engine runs inside the ingress replica, one Ray hop less per streamed token, with no adapter-affinity routing between replicas. `auto`: colocated for the vllm engine with exactly one replica (vLLM batches adapters itself and there is no routing to do), split otherwise.")
     tensor_parallel: int | Literal["auto"] = Field(default=1, description="Shards per replica (one placement-group bundle each), or `auto` to let the planner pick for the GPU type.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights/activations dtype; `auto` is bf16 on GPU, fp32 on CPU.")
     max_model_len: int = Field(default=4096, ge=16, le=32768, description="Prompt + generated tokens per request (Llama 2: 4096).")

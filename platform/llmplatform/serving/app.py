@@ -3,8 +3,9 @@
 `build_app(args)` is the import path KubeRay's RayService uses
 (`import_path: llmplatform.serving.app:build_app`, `args:` = the ServeSpec as a dict): an
 OpenAI ingress bound to an engine deployment whose replicas reserve a tensor-parallel placement
-group. `deploy`, `status`, `list_deployments`, `delete` drive a running Ray cluster (the local
-stack or any Ray address); `chat_stream` and `ask` are the client side, used by `platformctl
+group, or (topology `colocated`) one ingress deployment that holds the engine and the group.
+`deploy`, `status`, `list_deployments`, `delete` drive a running Ray cluster (the local stack
+or any Ray address); `chat_stream` and `ask` are the client side, used by `platformctl
 serve chat` and by demos that check a fine-tuned adapter's answers through the endpoint.
 """
 
@@ -21,7 +22,8 @@ from typing import Iterator
 from llmplatform.errors import ServeError
 from llmplatform.serving.adapters import check_local_adapters, resolve_base_dir
 from llmplatform.serving.engines import pick_engine
-from llmplatform.serving.placement import engine_options, ingress_options, plan_placement, resolve_tensor_parallel
+from llmplatform.serving.placement import (colocated_options, engine_options, ingress_options, plan_placement, resolve_tensor_parallel,
+                                           resolve_topology)
 from llmplatform.specs import ServeSpec, parse_spec
 from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV
 
@@ -67,11 +69,14 @@ def build_app(args: dict):
     placement = plan_placement(spec, engine, tp, _gpus_per_node(accel))
     spec_dict = spec.model_dump(mode="json")
     env = replica_env(os.environ)
-    eopts, iopts = engine_options(spec, placement), ingress_options(spec)
+    hashes = sorted(load_key_hashes(spec.auth)) if spec.auth.enabled else []
+    colocated = resolve_topology(spec, engine) == "colocated"
+    eopts, iopts = engine_options(spec, placement), colocated_options(spec, placement) if colocated else ingress_options(spec)
     for opts in (eopts, iopts):
         opts["ray_actor_options"] = {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}
+    if colocated:  # the ingress builds the engine itself (engine=None)
+        return OpenAIIngress.options(**iopts).bind(spec_dict, None, base_name, base_dir, hashes, tp)
     engine_app = EngineReplica.options(**eopts).bind(spec_dict, base_dir, tp)
-    hashes = sorted(load_key_hashes(spec.auth)) if spec.auth.enabled else []
     return OpenAIIngress.options(**iopts).bind(spec_dict, engine_app, base_name, base_dir, hashes)
 
 

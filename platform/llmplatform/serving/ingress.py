@@ -4,8 +4,8 @@ Per request: API key (SHA-256 hashes, constant-time compare) -> body validation 
 field) -> model lookup (404 unknown, 400 incompatible adapter) -> Llama 2 chat template and token
 count (400 when prompt + max_tokens exceed max_model_len, with both numbers) -> admission against
 the bounded queue (429 + Retry-After) -> the engine deployment, routed by adapter id (Serve model
-multiplexing) -> JSON or SSE ending in `data: [DONE]`. A deadline (`request_timeout_s`) bounds
-every request. Prometheus metrics at `/metrics`.
+multiplexing), or the engine in this replica (topology `colocated`) -> JSON or SSE ending in
+`data: [DONE]`. A deadline (`request_timeout_s`) bounds every request. Prometheus metrics at `/metrics`.
 """
 
 
@@ -73,10 +73,17 @@ def load_key_hashes(auth) -> set[str]:
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, spec: dict, engine, base_name: str, base_dir: str, key_hashes: list[str] | None = None):
+    def __init__(self, spec: dict, engine, base_name: str, base_dir: str, key_hashes: list[str] | None = None,
+                 tensor_parallel: int = 1):
         from transformers import AutoTokenizer
 
         self.spec = ServeSpec.model_validate(spec)
+        self.local_engine = None
+        if engine is None:  # topology colocated: the engine lives in this replica
+            from llmplatform.serving.replica import EngineCore, LocalEngine
+
+            self.local_engine = EngineCore(spec, base_dir, tensor_parallel)
+            engine = LocalEngine(self.local_engine)
         self.engine = engine
         self.base_name = base_name
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -92,6 +99,10 @@ class OpenAIIngress:
 
     def __del__(self):
         self._stop.set()
+
+    def check_health(self) -> None:
+        if self.local_engine is not None:
+            self.local_engine.check_health()
 
     def _poll_registry(self) -> None:
         while not self._stop.wait(self.spec.registry_poll_s):

@@ -97,6 +97,21 @@ def engine_options(spec: ServeSpec, placement: ServePlacement) -> dict:
     return opts
 
 
+def resolve_topology(spec: ServeSpec, engine: str) -> str:
+    """`split` or `colocated` (see ServeSpec.topology)."""
+    if spec.topology != "auto":
+        return spec.topology
+    a = spec.autoscaling
+    single = a.min_replicas == a.max_replicas == 1 and a.initial_replicas in (None, 1)
+    return "colocated" if engine == "vllm" and single else "split"
+
+
+def colocated_options(spec: ServeSpec, placement: ServePlacement) -> dict:
+    """`Deployment.options(...)` for an ingress that holds the engine: the engine's resources,
+    placement group and replicas, the ingress's name and request bound."""
+    return {**engine_options(spec, placement), "name": "ingress", "max_ongoing_requests": ingress_options(spec)["max_ongoing_requests"]}
+
+
 def ingress_options(spec: ServeSpec) -> dict:
     """`Deployment.options(...)` for the HTTP ingress: it queues nothing itself; the bound is its own counter."""
     lim = spec.limits

@@ -54,9 +54,9 @@ def build_engine(spec: ServeSpec, base_dir: str, tensor_parallel: int):
                     tensor_parallel=tensor_parallel, threads=threads, max_loaded_adapters=spec.max_loaded_adapters)
 
 
-@serve.deployment(name="engine")
-class EngineReplica:
-    """Holds one engine; `generate` streams events for one request."""
+class EngineCore:
+    """Holds one engine; `generate` streams events for one request. Runs as the `engine`
+    deployment (`EngineReplica`), or inside the ingress replica behind `LocalEngine`."""
 
     def __init__(self, spec: dict, base_dir: str, tensor_parallel: int):
         self.spec = ServeSpec.model_validate(spec)
@@ -109,3 +109,45 @@ class EngineReplica:
         thread = getattr(self.engine, "_thread", None)
         if thread is not None and not thread.is_alive():
             raise RuntimeError("hf decode loop died")
+
+
+EngineReplica = serve.deployment(name="engine")(EngineCore)
+
+
+class _Method:
+    def __init__(self, call):
+        self.remote = call
+
+
+class LocalStream:
+    """What a streaming handle call gives the ingress (`__anext__`, `cancel`), over a local generator."""
+
+    def __init__(self, agen):
+        self._agen = agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        return await self._agen.__anext__()
+
+    def cancel(self) -> None:
+        import asyncio
+
+        asyncio.ensure_future(self._agen.aclose())  # closing the generator aborts the engine's request
+
+
+class LocalEngine:
+    """An in-process EngineCore behind the handle interface the ingress uses
+    (`options(...).generate.remote(payload)`, `await info.remote()`), for topology `colocated`."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self.generate = _Method(lambda payload: LocalStream(core.generate(payload)))
+        self.info = _Method(self._info)
+
+    async def _info(self) -> dict:
+        return {**self.core.info(), "topology": "colocated"}
+
+    def options(self, **_routing) -> "LocalEngine":
+        return self  # one engine in this replica: nothing to route

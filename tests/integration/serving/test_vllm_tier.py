@@ -28,7 +28,7 @@ if __name__ == "__main__":
     base = str(ensure_tiny_model("random", sys.argv[1]))
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rv", dir="/tmp"), log_to_driver=False)
     spec = {"name": "vt", "engine": "vllm", "model": {"base": base, "adapters": [{"name": "a", "source": sys.argv[2]}]},
-            "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}}
+            "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}, "topology": sys.argv[3]}
     st = app.deploy(spec, timeout_s=400)
     c = openai.OpenAI(base_url=st["url"], api_key="x", max_retries=0, timeout=120)
     out = {"engine": st["engine"]}
@@ -62,17 +62,21 @@ def vllm_python():
     return str(VENV_PY)
 
 
-def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp_path):
+@pytest.mark.parametrize("topology", ["auto", "split"])
+def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp_path, topology):
     from llmplatform.tiny import ensure_tiny_model
 
     cache = tmp_path / "models"
     base = ensure_tiny_model("random", cache)
     adapter = lora_factory(str(base), tmp_path / "a", 1)
-    done = subprocess.run([vllm_python, "-c", SCRIPT, str(cache), str(adapter)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    done = subprocess.run([vllm_python, "-c", SCRIPT, str(cache), str(adapter), topology], capture_output=True, text=True, timeout=900, cwd=ROOT)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, (done.stdout[-3000:], done.stderr[-3000:])
     out = json.loads(line[7:])
     assert out["engine"]["engine"] == "vllm"
+    # auto: one vllm replica runs inside the ingress (no engine deployment to route to)
+    assert out["engine"].get("topology", "split") == ("colocated" if topology == "auto" else "split")
+    assert out["engine"]["lora_enabled"]  # adapters listed, so vLLM gets its LoRA layers
     assert out["base_tokens"] == 12
     assert out["lora_text"] != out["base_text"]
     assert out["stream_chunks"] >= 3

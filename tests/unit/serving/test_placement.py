@@ -51,3 +51,23 @@ def test_autoscaling_and_limits():
     fixed = spec(autoscaling={"min_replicas": 2, "max_replicas": 2})
     assert engine_options(fixed, plan_placement(fixed, "hf", 1))["num_replicas"] == 2
     assert autoscaling_config(fixed)["initial_replicas"] == 2
+
+
+def test_topology_auto_colocates_only_a_single_vllm_replica():
+    from llmplatform.serving.placement import resolve_topology
+
+    assert resolve_topology(spec(), "vllm") == "colocated"
+    assert resolve_topology(spec(), "hf") == "split"
+    assert resolve_topology(spec(autoscaling={"min_replicas": 1, "max_replicas": 4}), "vllm") == "split"  # routing by adapter matters
+    assert resolve_topology(spec(topology="split"), "vllm") == "split"
+    assert resolve_topology(spec(topology="colocated"), "hf") == "colocated"
+
+
+def test_colocated_ingress_takes_the_engines_placement_group_and_replicas():
+    from llmplatform.serving.placement import colocated_options, ingress_options
+
+    s = spec(tensor_parallel=2, resources={"accelerator_resource": "fake_gpu"}, autoscaling={"min_replicas": 1, "max_replicas": 3})
+    opts = colocated_options(s, plan_placement(s, "vllm", 2, 2))
+    assert opts["name"] == "ingress" and opts["placement_group_bundles"] == [{"CPU": 1.0, "fake_gpu": 1.0}] * 2
+    assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["autoscaling_config"]["max_replicas"] == 3
+    assert opts["max_ongoing_requests"] == ingress_options(s)["max_ongoing_requests"]

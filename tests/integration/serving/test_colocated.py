@@ -1,0 +1,44 @@
+"""Topology `colocated`: the engine runs inside the ingress replica (one Ray hop less per
+streamed token). Same API: streaming, adapters, status; one deployment instead of two."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from conftest import BASE
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def colocated(serving_env, adapter_dirs):
+    from llmplatform.serving import app
+
+    spec = {"name": "tiny-colocated", "engine": "hf", "topology": "colocated", "max_model_len": 512, "route_prefix": "/colocated",
+            "model": {"base": BASE, "adapters": [{"name": "a", "source": str(adapter_dirs["a"])}], "allow_dynamic_adapters": False}}
+    status = app.deploy(spec, serving_env["ray_address"])
+    yield status, openai.OpenAI(base_url=status["url"], api_key="none", max_retries=0, timeout=60)
+    app.delete("tiny-colocated")
+
+
+def test_one_deployment_holds_the_engine(colocated):
+    status, _ = colocated
+    assert set(status["deployments"]) == {"ingress"} and status["deployments"]["ingress"]["replicas"].get("RUNNING") == 1
+    assert status["engine"]["engine"] == "hf" and status["engine"]["topology"] == "colocated"
+
+
+def test_streams_base_and_adapter_requests_with_exact_counts(colocated):
+    _, client = colocated
+    for model in (BASE, "a"):
+        pieces, usage = [], None
+        for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Count to five"}], max_tokens=12,
+                                                    temperature=0, stream=True, stream_options={"include_usage": True},
+                                                    extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        assert usage.completion_tokens == 12 and "".join(pieces)
+    assert "a" in client.models.list().model_dump_json()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-adapter", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
