@@ -89,6 +89,37 @@ def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[in
     return [[1] + [rng.randrange(3, vocab) for _ in range(length - 1)] for _ in range(n)]
 
 
+ENGINE_PROCESSES = ("VLLM::EngineCor", "VLLM::Worker")  # vLLM's model processes (comm names, 15 chars)
+
+
+def session_cpu(sid: int) -> dict[str, float]:
+    """CPU seconds so far of the processes in session `sid` (a server we started with its own
+    session): vLLM's model processes ("engine") and everything else ("serving": HTTP, Ray
+    Serve, the vLLM front end)."""
+    out = {"engine": 0.0, "serving": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[3]) != sid:  # field 6: session id
+            continue
+        out["engine" if comm in ENGINE_PROCESSES else "serving"] += (int(rest[11]) + int(rest[12])) / tick
+    return out
+
+
+def with_cpu(res: dict, before: dict, after: dict) -> dict:
+    """Add the server's CPU per output token (ms), split engine / serving layer."""
+    tokens = max(res["output_tokens"], 1)
+    for part in ("engine", "serving"):
+        res[f"{part}_cpu_ms_per_token"] = round((after[part] - before[part]) * 1000 / tokens, 3)
+    return res
+
+
 def summarize(records: list[tuple[float, int]], wall: float) -> dict:
     """records: (ttft seconds, output tokens) per finished request."""
     ttfts = sorted(r[0] for r in records)
@@ -387,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for c in levels:
                     if system in ("hf_endpoint", "vllm_endpoint", "vllm_direct"):
                         run_http(url, name, prompts[: min(4, len(prompts))], min(c, 4), 4, 30)  # warm-up
-                        res = run_http(url, name, prompts, c, o_tokens, cap)
+                        before = session_cpu(proc.pid)
+                        res = with_cpu(run_http(url, name, prompts, c, o_tokens, cap), before, session_cpu(proc.pid))
                     elif system == "sequential":
                         res = run_sequential(hf_model, prompts, c, o_tokens, cap)
                     elif system == "continuous_batching":
@@ -427,6 +459,8 @@ def targets(result: dict) -> dict:
     vd, ve = tps("vllm_direct", c), tps("vllm_endpoint", c)
     out["vllm_endpoint_vs_direct"] = round(ve / vd, 3) if vd and ve else None
     out["vllm_endpoint_vs_direct_target"] = 0.9
+    for system in ("vllm_direct", "vllm_endpoint"):  # CPU the serving layer spends per output token, beside the model's
+        out[f"{system}_serving_cpu_ms_per_token"] = (sysd.get(system, {}).get(str(c)) or {}).get("serving_cpu_ms_per_token")
     return out
 
 

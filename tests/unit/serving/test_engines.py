@@ -38,3 +38,13 @@ def test_base_only_deployments_run_vllm_without_lora_layers():
     args = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2,
                        enable_lora=False)
     assert args["enable_lora"] is False and "max_loras" not in args and "max_lora_rank" not in args
+
+
+def test_replicas_get_serves_fast_path_and_hf_keeps_user_code_off_the_replica_loop():
+    from llmplatform.serving.app import replica_env
+
+    vllm = replica_env({"PLATFORM_HOME": "/h", "UNRELATED": "x"}, "vllm")
+    assert vllm["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and vllm["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert vllm["PLATFORM_HOME"] == "/h" and "UNRELATED" not in vllm and "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in vllm
+    assert replica_env({}, "hf")["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
+    assert replica_env({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, "vllm")["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"  # the caller wins
