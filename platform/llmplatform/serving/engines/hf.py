@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import random
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -84,7 +85,12 @@ class HFEngine:
         self._running: list[_Seq] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, L] 1 = real token
-        self._lock = threading.Lock()  # model + adapter table
+        self._lock = threading.Lock()  # model + adapter table (the decode thread holds it for every step)
+        # `_in_use` and `_doomed` only. The event loop never waits on `_lock`: a plain Lock is not
+        # fair, and the decode thread re-takes it right after each step, so a loop blocked on it
+        # stalled every stream of the replica for seconds (TTFT p50 5-7 s at 8-16 streams).
+        self._use_lock = threading.Lock()
+        self._loaders = 0  # threads waiting for `_lock` to load an adapter; the decode loop lets them in
         self._wake = threading.Event()
         self._stop = False
         self.steps = 0
@@ -105,7 +111,12 @@ class HFEngine:
         from peft import PeftModel
 
         name = _internal_name(adapter_id)
-        with self._lock:
+        self._loaders += 1
+        try:
+            self._lock.acquire()
+        finally:
+            self._loaders -= 1
+        try:
             try:
                 if self.peft is None:
                     self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False).eval()
@@ -115,15 +126,18 @@ class HFEngine:
                 raise EngineError(f"adapter {adapter_id!r} at {path} cannot be loaded on base {self.model_dir}: {exc}") from exc
             self.peft.eval()
             self.adapters[adapter_id] = name
-            self._doomed.discard(name)
+            with self._use_lock:
+                self._doomed.discard(name)
+        finally:
+            self._lock.release()
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; its weights go once no running sequence uses them."""
         name = self.adapters.pop(adapter_id, None)
-        if name is not None:
-            with self._lock:
+        if name is not None:  # may run on the event loop: no waiting for the model lock; the decode thread reaps
+            with self._use_lock:
                 self._doomed.add(name)
-                self._reap()
+            self._wake.set()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[dict]:
         """Stream events for one request; cancelling the iterator frees its batch slot."""
@@ -133,7 +147,7 @@ class HFEngine:
         seq = _Seq(req=req, loop=asyncio.get_running_loop(), queue=asyncio.Queue(), adapter=adapter)
         if req.temperature > 0:
             seq.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
-        with self._lock:
+        with self._use_lock:
             self._in_use[adapter] = self._in_use.get(adapter, 0) + 1
         self._waiting.append(seq)
         self._wake.set()
@@ -166,7 +180,12 @@ class HFEngine:
 
     def _loop(self) -> None:
         while not self._stop:
+            if self._loaders:
+                time.sleep(0.001)  # an adapter load waits for the model lock: let it in between steps
             if not self._running and not self._waiting:
+                if self._doomed:
+                    with self._lock:
+                        self._reap()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -304,13 +323,17 @@ class HFEngine:
         if getattr(seq, "_released", False):
             return
         seq._released = True
-        self._in_use[seq.adapter] = self._in_use.get(seq.adapter, 1) - 1
+        with self._use_lock:
+            self._in_use[seq.adapter] = self._in_use.get(seq.adapter, 1) - 1
 
     def _reap(self) -> None:
-        for name in list(self._doomed):
-            if self._in_use.get(name, 0) <= 0 and self.peft is not None:
+        with self._use_lock:
+            idle = [name for name in self._doomed if self._in_use.get(name, 0) <= 0]
+        for name in idle:
+            if self.peft is not None:
                 try:
                     self.peft.delete_adapter(name)
                 except (ValueError, KeyError):
                     pass  # peft keeps the last adapter; it is unreachable by id anyway
+            with self._use_lock:
                 self._doomed.discard(name)
