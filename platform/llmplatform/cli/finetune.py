@@ -15,7 +15,7 @@ import typer
 
 from llmplatform.backends import records
 from llmplatform.backends.base import TARGETS, JobRecord
-from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit, emit_json
+from llmplatform.cli.output import CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OUTPUT_OPTION, OutputFormat, emit, emit_json
 from llmplatform.errors import DataError, JobError, PlatformError
 
 app = typer.Typer(help="Submit and manage LoRA/QLoRA fine-tuning jobs.", no_args_is_help=True)
@@ -24,9 +24,6 @@ LIST_COLUMNS = ["id", "name", "state", "progress", "last_loss", "started", "dura
 K8S_COLUMNS = ["name", "namespace", "phase", "progress", "reason", "mlflow_run_id", "created"]
 
 TARGET_OPTION = typer.Option("local", "--target", "-t", help="local (the `platformctl up` stack), ray (RAY_ADDRESS Jobs API) or k8s (FineTuneJob resources).")
-NAMESPACE_OPTION = typer.Option(None, "--namespace", "-n", envvar="PLATFORM_K8S_NAMESPACE", help="k8s: namespace (default: `default`).")
-KUBECONFIG_OPTION = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG", help="k8s: kubeconfig file (default: in-cluster or ~/.kube/config).")
-CONTEXT_OPTION = typer.Option(None, "--context", envvar="PLATFORM_K8S_CONTEXT", help="k8s: kubeconfig context.")
 
 
 def _kube(namespace: str | None, kubeconfig: str | None, context: str | None) -> dict:

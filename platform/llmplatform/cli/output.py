@@ -15,6 +15,10 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+# Kubernetes flags shared by `finetune` and `serve` (`--target k8s`).
+NAMESPACE_OPTION = typer.Option(None, "--namespace", "-n", envvar="PLATFORM_K8S_NAMESPACE", help="k8s: namespace (default: `default`).")
+KUBECONFIG_OPTION = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG", help="k8s: kubeconfig file (default: in-cluster or ~/.kube/config).")
+CONTEXT_OPTION = typer.Option(None, "--context", envvar="PLATFORM_K8S_CONTEXT", help="k8s: kubeconfig context.")
 OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", help="table for people, json for scripts.")
 
 

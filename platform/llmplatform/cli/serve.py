@@ -11,7 +11,7 @@ from enum import Enum
 
 import typer
 
-from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit
+from llmplatform.cli.output import CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OUTPUT_OPTION, OutputFormat, emit
 from llmplatform.errors import ServeError
 
 app = typer.Typer(help="Deploy and manage OpenAI-compatible endpoints.", no_args_is_help=True)
@@ -51,20 +51,21 @@ def deploy(
     ray_address: str | None = RAY_ADDRESS_OPTION,
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait until the deployment runs."),
     output: OutputFormat = OUTPUT_OPTION,
+    namespace: str = NAMESPACE_OPTION,
+    kubeconfig: str = KUBECONFIG_OPTION,
+    context: str = CONTEXT_OPTION,
 ) -> None:
-    """Build a Ray Serve application from SPEC_FILE and wait until it serves."""
+    """Build a Ray Serve application from SPEC_FILE and wait until it serves (k8s: create or update
+    its ModelDeployment; the operator rolls it out)."""
     from llmplatform.specs import load_spec
 
     spec = load_spec(spec_file, kind="serve")
     if target == Target.k8s:
-        try:
-            from llmplatform.backends import k8s
-        except ImportError as exc:
-            raise ServeError("the k8s backend (llmplatform.backends.k8s) is not installed in this build") from exc
-        apply = getattr(k8s, "apply_deployment", None) or getattr(k8s, "apply", None)
-        if apply is None:
-            raise ServeError("llmplatform.backends.k8s has no apply_deployment(spec); update the k8s backend")
-        emit(apply(spec), output)
+        from llmplatform.backends import k8s
+
+        row = k8s.apply_deployment(spec, namespace=namespace, kubeconfig=kubeconfig, context=context)
+        emit(row, output, text=f"ModelDeployment {k8s.default_namespace(namespace)}/{row['name']} {row['action']} "
+                              f"(phase {row['phase']}); the operator rolls it out")
         return
     if target == Target.ray and not ray_address:
         raise ServeError("--target ray needs --ray-address (or $RAY_ADDRESS)")
