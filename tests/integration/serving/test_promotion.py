@@ -49,8 +49,9 @@ def test_promotion_under_load_switches_without_failures(tiny_app, registry_versi
     registry.promote(serving_env["mlflow"], REGISTERED, v2, "production")
     try:
         while time.time() - started < LOAD_CAP_S:
-            done_after = [r for r in results if r[0] > promoted_at + 0.5 and r[2] == want[v2]]
-            if len(done_after) >= 8:
+            switched = [r[1] for r in results if r[2] == want[v2]]
+            # enough requests that *started* after the switch was visible (the `late` check below)
+            if switched and len([r for r in results if r[0] > min(switched) + 0.5]) >= 8:
                 break
             time.sleep(0.25)
     finally:
