@@ -79,14 +79,14 @@ def build_app(args: dict):
     spec_dict = spec.model_dump(mode="json")
     env = replica_env(os.environ, engine)
     hashes = sorted(load_key_hashes(spec.auth)) if spec.auth.enabled else []
-    colocated = resolve_topology(spec, engine) == "colocated"
-    eopts, iopts = engine_options(spec, placement), colocated_options(spec, placement) if colocated else ingress_options(spec)
-    for opts in (eopts, iopts):
-        opts["ray_actor_options"] = {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}
-    if colocated:  # the ingress builds the engine itself (engine=None)
-        return OpenAIIngress.options(**iopts).bind(spec_dict, None, base_name, base_dir, hashes, tp)
-    engine_app = EngineReplica.options(**eopts).bind(spec_dict, base_dir, tp)
-    return OpenAIIngress.options(**iopts).bind(spec_dict, engine_app, base_name, base_dir, hashes)
+
+    def with_env(opts: dict) -> dict:
+        return {**opts, "ray_actor_options": {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}}
+
+    if resolve_topology(spec, engine) == "colocated":  # the ingress builds the engine itself (engine=None)
+        return OpenAIIngress.options(**with_env(colocated_options(spec, placement))).bind(spec_dict, None, base_name, base_dir, hashes, tp)
+    engine_app = EngineReplica.options(**with_env(engine_options(spec, placement))).bind(spec_dict, base_dir, tp)
+    return OpenAIIngress.options(**with_env(ingress_options(spec))).bind(spec_dict, engine_app, base_name, base_dir, hashes)
 
 
 # ---------------------------------------------------------------------------- cluster side
