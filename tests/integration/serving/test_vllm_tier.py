@@ -80,3 +80,47 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     assert out["base_tokens"] == 12
     assert out["lora_text"] != out["base_text"]
     assert out["stream_chunks"] >= 3
+
+
+TP_SCRIPT = r'''
+import json, os, sys, tempfile
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray, openai
+    from ray.util import placement_group_table
+    from llmplatform.serving import app
+    from llmplatform.tiny import ensure_tiny_model
+    base = str(ensure_tiny_model("random", sys.argv[1]))
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rv", dir="/tmp"), log_to_driver=False)
+    out = {}
+    for name, tp in (("one", 1), ("two", 2)):
+        spec = {"name": name, "engine": "vllm", "model": {"base": base, "allow_dynamic_adapters": False}, "tensor_parallel": tp,
+                "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}}
+        st = app.deploy(spec, timeout_s=400)
+        c = openai.OpenAI(base_url=st["url"], api_key="x", max_retries=0, timeout=120)
+        texts = [c.completions.create(model=base, prompt=p, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text for p in ("Hello there", "def main():")]
+        pg = st["engine"].get("placement_group")
+        table = placement_group_table()
+        group = next((v for k, v in table.items() if pg and (k.startswith(pg) or pg.startswith(k))), None)
+        out[name] = {"engine": st["engine"], "texts": texts,
+                     "group": group and {"strategy": group["strategy"], "bundles": list(group["bundles"].values())}}
+        app.delete(name)
+    print("RESULT " + json.dumps(out), flush=True)
+    ray.shutdown()
+'''
+
+
+def test_vllm_tensor_parallel_2_runs_for_real_on_cpu(vllm_python, tmp_path):
+    """tp=2 for real: vLLM's CPU backend runs two shard processes (mp executor; it has no Ray
+    executor) inside the replica's 2-bundle STRICT_PACK group, and greedy output matches tp=1."""
+    done = subprocess.run([vllm_python, "-c", TP_SCRIPT, str(tmp_path / "models")], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, (done.stdout[-3000:], done.stderr[-3000:])
+    out = json.loads(line[7:])
+    two = out["two"]
+    assert two["engine"]["tensor_parallel"] == 2 and two["engine"]["executor"] == "mp"
+    assert two["group"]["strategy"] == "STRICT_PACK" and len(two["group"]["bundles"]) == 2
+    assert out["one"]["engine"]["tensor_parallel"] == 1 and out["one"]["group"] is None
+    assert two["texts"] == out["one"]["texts"] and all(two["texts"])

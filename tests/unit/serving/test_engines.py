@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from llmplatform.serving.engines import pick_engine, vllm_usable
-from llmplatform.serving.engines.vllm import engine_args
+from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args
 
 
 def test_auto_picks_vllm_only_when_importable():
@@ -16,12 +16,23 @@ def test_auto_picks_vllm_only_when_importable():
     assert pick_engine("hf") == "hf" and pick_engine("vllm") == "vllm"
 
 
-def test_vllm_tp_uses_the_ray_executor_and_lora():
-    args = engine_args("/m", dtype="bfloat16", max_model_len=4096, tensor_parallel=2, max_batch_size=64, max_loaded_adapters=8)
+def test_vllm_tp_uses_the_ray_executor_on_gpus_and_local_shards_on_cpu():
+    args = engine_args("/m", dtype="bfloat16", max_model_len=4096, tensor_parallel=2, max_batch_size=64, max_loaded_adapters=8,
+                       cuda=True)
     assert args["tensor_parallel_size"] == 2 and args["distributed_executor_backend"] == "ray"
+    assert "gpu_memory_utilization" not in args  # vLLM's GPU default, unless PLATFORM_VLLM_MEMORY_FRACTION says otherwise
     assert args["enable_lora"] and args["max_loras"] == 8 and args["max_num_seqs"] == 64
     single = engine_args("/m", dtype="auto", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2)
     assert "distributed_executor_backend" not in single and single["dtype"] == "auto"
+    cpu = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=2, max_batch_size=8, max_loaded_adapters=2, cuda=False)
+    assert cpu["distributed_executor_backend"] == "mp"  # vLLM's CPU backend refuses the Ray executor
+
+
+def test_cpu_shards_get_disjoint_cpu_groups():
+    assert cpu_shard_binding([0, 1], 2) == "0|1"
+    assert cpu_shard_binding([7, 4, 5, 6, 0, 1, 2, 3], 2) == "0,1,2,3|4,5,6,7"
+    assert cpu_shard_binding([0, 1, 2], 2) == "0|1"  # equal shares; the spare CPU is left to the front end
+    assert cpu_shard_binding([0], 2) is None and cpu_shard_binding([0, 1], 1) is None
 
 
 def test_base_only_deployments_run_vllm_without_lora_layers():

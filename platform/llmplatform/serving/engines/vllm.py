@@ -1,7 +1,9 @@
 """The `vllm` engine: vLLM's async engine (PagedAttention, continuous batching, multi-LoRA, TP).
 
-Imported only when chosen. Tensor parallelism uses vLLM's Ray executor, which places its shard
-workers in the placement group the Serve replica already reserved (one bundle per shard). LoRA
+Imported only when chosen. Tensor parallelism on GPUs uses vLLM's Ray executor, which places its
+shard workers in the placement group the Serve replica already reserved (one bundle per shard).
+vLLM's CPU backend has no Ray executor: there the shards are local processes (`mp`) on the
+replica's node, each bound to its own share of the CPUs (STRICT_PACK reserved them). LoRA
 adapters become `LoRARequest`s with a stable integer id per adapter id; vLLM loads them lazily
 and keeps `max_loras` on the device. Events match the hf engine's, so the ingress can't tell
 them apart.
@@ -18,7 +20,7 @@ from llmplatform.serving.engines import EngineError, GenerationRequest, check_re
 
 
 def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parallel: int, max_batch_size: int,
-                max_loaded_adapters: int, max_lora_rank: int = 64, enable_lora: bool = True) -> dict:
+                max_loaded_adapters: int, max_lora_rank: int = 64, enable_lora: bool = True, cuda: bool | None = None) -> dict:
     """AsyncEngineArgs keywords (pure, so tests can check them without vLLM).
 
     `enable_lora=False` for base-only deployments: vLLM's LoRA layers cost every request time,
@@ -31,13 +33,34 @@ def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parall
     if enable_lora:
         args.update({"max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
                      "max_cpu_loras": max_loaded_adapters * 2})
+    cuda = _has_cuda() if cuda is None else cuda
     if tensor_parallel > 1:
-        args["distributed_executor_backend"] = "ray"  # shards go into the replica's placement group
-    fraction = os.environ.get("PLATFORM_VLLM_MEMORY_FRACTION") or (None if _has_cuda() else "0.15")
+        # GPUs: shards go into the replica's placement group. CPU: vLLM refuses Ray ("current platform cpu
+        # does not support ray"), so the shards are processes of this replica on its node.
+        args["distributed_executor_backend"] = "ray" if cuda else "mp"
+    fraction = os.environ.get("PLATFORM_VLLM_MEMORY_FRACTION") or (None if cuda else "0.15")
     if fraction:
         # On the CPU backend this is the share of *host* memory vLLM reserves (default 0.92 fails on a shared box).
         args["gpu_memory_utilization"] = float(fraction)
     return args
+
+
+def cpu_shard_binding(allowed: list[int], tensor_parallel: int) -> str | None:
+    """`VLLM_CPU_OMP_THREADS_BIND` for CPU shards: the allowed CPUs split into `tensor_parallel`
+    contiguous groups ("0-3|4-7"). vLLM's own `auto` wants one NUMA node per shard and fails on a
+    one-node machine; None when there are fewer CPUs than shards (let vLLM report it)."""
+    cpus = sorted(allowed)
+    if tensor_parallel < 2 or len(cpus) < tensor_parallel:
+        return None
+    size = len(cpus) // tensor_parallel
+    groups = [cpus[i * size:(i + 1) * size] for i in range(tensor_parallel)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
+def _numa_nodes() -> int:
+    from pathlib import Path
+
+    return len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
 
 
 def _has_cuda() -> bool:
@@ -67,6 +90,11 @@ class VLLMEngine:
         self.max_batch_size = max_batch_size
         self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
                                 max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora)
+        if tensor_parallel > 1 and not _has_cuda() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ \
+                and _numa_nodes() < tensor_parallel:
+            binding = cpu_shard_binding(list(os.sched_getaffinity(0)), tensor_parallel)
+            if binding:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # read by the shard processes vLLM starts
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
         self.adapters: dict[str, tuple[int, str]] = {}  # adapter id -> (lora int id, path)
         self._ids = itertools.count(1)
