@@ -322,17 +322,43 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
     return box["url"]
 
 
-def stop(proc: subprocess.Popen) -> None:
+def session_pids(sid: int) -> list[int]:
+    """Processes still alive in session `sid` (Ray gives each worker its own process group, so
+    a signal to the server's group misses the replica and the vLLM processes under it)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text() if pid.isdigit() else ""
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2:].split() if stat else []
+        if rest and rest[0] != "Z" and int(rest[3]) == sid:
+            pids.append(int(pid))
+    return pids
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop a server we started and everything in its session, so the next system gets a quiet
+    machine (without this, vLLM's model process kept a core busy for seconds after its server went)."""
     import signal
 
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace_s)
     except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    deadline = time.time() + grace_s
+    while session_pids(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in session_pids(proc.pid):  # stragglers, by PID (only members of the session we started)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _cuda() -> bool:
