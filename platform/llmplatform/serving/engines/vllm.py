@@ -115,6 +115,7 @@ class VLLMEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[dict]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
 
         if req.adapter_id and not self.args["enable_lora"]:
             raise EngineError(f"adapter {req.adapter_id!r}: this deployment serves its base model only "
@@ -126,19 +127,20 @@ class VLLMEngine:
             lora_id, path = self.adapters[req.adapter_id]
             lora = LoRARequest(req.adapter_id, lora_id, path)
         params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop or None,
-                                seed=req.seed, ignore_eos=req.ignore_eos)
+                                seed=req.seed, ignore_eos=req.ignore_eos, output_kind=RequestOutputKind.DELTA)
         rid = uuid.uuid4().hex
         self.requests += 1
-        sent_text, sent_tokens = "", 0
+        tokens = 0
         try:
+            # DELTA (as vLLM's own server streams): each output carries only what is new, and outputs
+            # a slow reader hasn't taken yet are merged instead of re-sending the whole text.
             async for out in self.engine.generate({"prompt_token_ids": list(req.prompt_ids)}, params, rid, lora_request=lora):
                 o = out.outputs[0]
-                if len(o.text) > len(sent_text) or len(o.token_ids) > sent_tokens:
-                    yield {"text": o.text[len(sent_text):], "completion_tokens": len(o.token_ids)}
-                    sent_text, sent_tokens = o.text, len(o.token_ids)
+                tokens += len(o.token_ids)
+                if o.text or o.token_ids:
+                    yield {"text": o.text, "completion_tokens": tokens}
                 if out.finished:
-                    yield {"finish_reason": o.finish_reason or "stop", "prompt_tokens": len(req.prompt_ids),
-                           "completion_tokens": len(o.token_ids), "token_ids": list(o.token_ids)}
+                    yield {"finish_reason": o.finish_reason or "stop", "prompt_tokens": len(req.prompt_ids), "completion_tokens": tokens}
                     return
         except ValueError as exc:  # vLLM rejects bad LoRA files / params with ValueError
             raise EngineError(f"vllm refused the request: {exc}") from exc
