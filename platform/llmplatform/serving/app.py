@@ -180,7 +180,8 @@ def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port:
         if state == "RUNNING":
             return status(spec.name, _any_key(spec))
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise ServeError(f"deployment {spec.name!r} failed: {app_status.message or _deployment_messages(app_status)}")
+            raise ServeError(f"deployment {spec.name!r} failed: {failure_reason(app_status)}. The full traceback is in "
+                             f"`platformctl serve status {spec.name} --output json`; remove it with `platformctl serve delete {spec.name}`.")
         if time.time() > deadline:
             raise ServeError(f"deployment {spec.name!r} not running after {timeout_s:.0f} s (state {state}): "
                              f"{_deployment_messages(app_status)}. Check free CPUs/GPUs for the placement group "
@@ -199,6 +200,19 @@ def _any_key(spec: ServeSpec) -> str | None:
 def _uses_registry(spec: ServeSpec) -> bool:
     return bool(spec.model.registry or spec.model.allow_dynamic_adapters
                 or any(a.source.startswith("models:/") for a in spec.model.adapters))
+
+
+def failure_reason(app_status) -> str:
+    """Why an application failed, in one line: Serve's summary ("Failed to update the deployments
+    ['ingress']") plus, per failed deployment, the exception its replicas raised (the last line
+    of the traceback Serve keeps), e.g. "ModuleNotFoundError: No module named 'vllm'"."""
+    parts = [(app_status.message or "").strip()]
+    for name, dep in app_status.deployments.items():
+        state = str(dep.status).rsplit(".", 1)[-1]
+        lines = [line.strip() for line in (dep.message or "").splitlines() if line.strip()]
+        if state in ("DEPLOY_FAILED", "UNHEALTHY") and lines:
+            parts.append(f"{name}: {lines[-1]}")
+    return " ".join(p for p in parts if p) or "no reason reported"
 
 
 def _deployment_messages(app_status) -> str:

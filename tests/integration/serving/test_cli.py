@@ -30,3 +30,22 @@ def test_chat_with_wrong_key_is_a_clean_error(tiny_app, capsys):
 def test_unknown_deployment_is_a_clean_error(tiny_app, capsys):
     assert main(["serve", "delete", "no-such-app"]) == 1
     assert "no serving deployment named 'no-such-app'" in capsys.readouterr().err
+
+
+def test_deploy_that_fails_in_its_replicas_says_why(serving_env, base_dir, tmp_path, capsys):
+    """A replica constructor that raises (here: engine vllm where vLLM isn't installed) fails the
+    deploy with the replica's exception in the message, not only Serve's 'Failed to update'."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here, so the engine would start")
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(f"name: no-vllm\nengine: vllm\nmax_model_len: 256\nmodel:\n  base: {base_dir}\n")
+    try:
+        assert main(["serve", "deploy", str(spec), "--target", "ray", "--ray-address", serving_env["ray_address"],
+                     "--timeout", "120"]) == 1
+        err = capsys.readouterr().err
+        assert "deployment 'no-vllm' failed" in err and "No module named 'vllm'" in err
+        assert "platformctl serve delete no-vllm" in err
+    finally:
+        main(["serve", "delete", "no-vllm"])

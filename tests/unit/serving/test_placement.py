@@ -71,3 +71,16 @@ def test_colocated_ingress_takes_the_engines_placement_group_and_replicas():
     assert opts["name"] == "ingress" and opts["placement_group_bundles"] == [{"CPU": 1.0, "fake_gpu": 1.0}] * 2
     assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["autoscaling_config"]["max_replicas"] == 3
     assert opts["max_ongoing_requests"] == ingress_options(s)["max_ongoing_requests"]
+
+
+def test_a_failed_deployment_names_the_exception_its_replicas_raised():
+    from types import SimpleNamespace as NS
+
+    from llmplatform.serving.app import failure_reason
+
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\n    import vllm\nModuleNotFoundError: No module named 'vllm'\n"
+    app = NS(message="Failed to update the deployments ['ingress'].",
+             deployments={"ingress": NS(status="DeploymentStatus.DEPLOY_FAILED", message=trace),
+                          "engine": NS(status="DeploymentStatus.HEALTHY", message="")})
+    assert failure_reason(app) == "Failed to update the deployments ['ingress']. ingress: ModuleNotFoundError: No module named 'vllm'"
+    assert failure_reason(NS(message="", deployments={})) == "no reason reported"
