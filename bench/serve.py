@@ -92,12 +92,10 @@ def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[in
 ENGINE_PROCESSES = ("VLLM::EngineCor", "VLLM::Worker")  # vLLM's model processes (comm names, 15 chars)
 
 
-def session_cpu(sid: int) -> dict[str, float]:
-    """CPU seconds so far of the processes in session `sid` (a server we started with its own
-    session): vLLM's model processes ("engine") and everything else ("serving": HTTP, Ray
-    Serve, the vLLM front end)."""
-    out = {"engine": 0.0, "serving": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
+def session_procs(sid: int):
+    """(pid, comm, stat fields after comm) of each process in session `sid` (a server we
+    started with its own session; Ray gives each worker its own process group, so the session is
+    what holds the replica and the vLLM processes under it)."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -106,8 +104,16 @@ def session_cpu(sid: int) -> dict[str, float]:
         except OSError:
             continue
         comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        if int(rest[3]) != sid:  # field 6: session id
-            continue
+        if int(rest[3]) == sid:  # field 6: session id
+            yield int(pid), comm, rest
+
+
+def session_cpu(sid: int) -> dict[str, float]:
+    """CPU seconds so far of the processes in session `sid`: vLLM's model processes ("engine")
+    and everything else ("serving": HTTP, Ray Serve, the vLLM front end)."""
+    out = {"engine": 0.0, "serving": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for _, comm, rest in session_procs(sid):
         out["engine" if comm in ENGINE_PROCESSES else "serving"] += (int(rest[11]) + int(rest[12])) / tick
     return out
 
@@ -322,21 +328,6 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
     return box["url"]
 
 
-def session_pids(sid: int) -> list[int]:
-    """Processes still alive in session `sid` (Ray gives each worker its own process group, so
-    a signal to the server's group misses the replica and the vLLM processes under it)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text() if pid.isdigit() else ""
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split() if stat else []
-        if rest and rest[0] != "Z" and int(rest[3]) == sid:
-            pids.append(int(pid))
-    return pids
-
-
 def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     """Stop a server we started and everything in its session, so the next system gets a quiet
     machine (without this, vLLM's model process kept a core busy for seconds after its server went)."""
@@ -347,10 +338,13 @@ def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         proc.wait(timeout=grace_s)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
+    def alive() -> list[int]:
+        return [pid for pid, _, rest in session_procs(proc.pid) if rest[0] != "Z"]
+
     deadline = time.time() + grace_s
-    while session_pids(proc.pid) and time.time() < deadline:
+    while alive() and time.time() < deadline:
         time.sleep(0.5)
-    for pid in session_pids(proc.pid):  # stragglers, by PID (only members of the session we started)
+    for pid in alive():  # stragglers, by PID (only members of the session we started)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

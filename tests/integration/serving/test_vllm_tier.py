@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[3]
 VENV_PY = ROOT / ".venv-vllm/bin/python"
 
-SCRIPT = r'''
+# Both child scripts start the same way: own Ray, llama2-tiny from the cache dir in argv[1].
+PRELUDE = r'''
 import json, os, sys, tempfile
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -27,6 +28,9 @@ if __name__ == "__main__":
     from llmplatform.tiny import ensure_tiny_model
     base = str(ensure_tiny_model("random", sys.argv[1]))
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rv", dir="/tmp"), log_to_driver=False)
+'''
+
+SCRIPT = PRELUDE + r'''
     spec = {"name": "vt", "engine": "vllm", "model": {"base": base, "adapters": [{"name": "a", "source": sys.argv[2]}]},
             "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}, "topology": sys.argv[3]}
     st = app.deploy(spec, timeout_s=400)
@@ -54,6 +58,14 @@ def _vllm_ready() -> str | None:
     return None if ok.returncode == 0 else f"vllm does not import in .venv-vllm: {ok.stderr[-300:]}"
 
 
+def _run(python: str, script: str, *args) -> dict:
+    """Run a child script in the vLLM venv; its `RESULT {json}` line."""
+    done = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, (done.stdout[-3000:], done.stderr[-3000:])
+    return json.loads(line[7:])
+
+
 @pytest.fixture(scope="module")
 def vllm_python():
     why = _vllm_ready()
@@ -69,10 +81,7 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     cache = tmp_path / "models"
     base = ensure_tiny_model("random", cache)
     adapter = lora_factory(str(base), tmp_path / "a", 1)
-    done = subprocess.run([vllm_python, "-c", SCRIPT, str(cache), str(adapter), topology], capture_output=True, text=True, timeout=900, cwd=ROOT)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-    assert line, (done.stdout[-3000:], done.stderr[-3000:])
-    out = json.loads(line[7:])
+    out = _run(vllm_python, SCRIPT, cache, adapter, topology)
     assert out["engine"]["engine"] == "vllm"
     # auto: one vllm replica runs inside the ingress (no engine deployment to route to)
     assert out["engine"].get("topology", "split") == ("colocated" if topology == "auto" else "split")
@@ -82,17 +91,8 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     assert out["stream_chunks"] >= 3
 
 
-TP_SCRIPT = r'''
-import json, os, sys, tempfile
-if __name__ == "__main__":
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray, openai
+TP_SCRIPT = PRELUDE + r'''
     from ray.util import placement_group_table
-    from llmplatform.serving import app
-    from llmplatform.tiny import ensure_tiny_model
-    base = str(ensure_tiny_model("random", sys.argv[1]))
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rv", dir="/tmp"), log_to_driver=False)
     out = {}
     for name, tp in (("one", 1), ("two", 2)):
         spec = {"name": name, "engine": "vllm", "model": {"base": base, "allow_dynamic_adapters": False}, "tensor_parallel": tp,
@@ -115,10 +115,7 @@ if __name__ == "__main__":
 def test_vllm_tensor_parallel_2_runs_for_real_on_cpu(vllm_python, tmp_path):
     """tp=2 for real: vLLM's CPU backend runs two shard processes (mp executor; it has no Ray
     executor) inside the replica's 2-bundle STRICT_PACK group, and greedy output matches tp=1."""
-    done = subprocess.run([vllm_python, "-c", TP_SCRIPT, str(tmp_path / "models")], capture_output=True, text=True, timeout=900, cwd=ROOT)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-    assert line, (done.stdout[-3000:], done.stderr[-3000:])
-    out = json.loads(line[7:])
+    out = _run(vllm_python, TP_SCRIPT, tmp_path / "models")
     two = out["two"]
     assert two["engine"]["tensor_parallel"] == 2 and two["engine"]["executor"] == "mp"
     assert two["group"]["strategy"] == "STRICT_PACK" and len(two["group"]["bundles"]) == 2

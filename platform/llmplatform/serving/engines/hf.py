@@ -111,11 +111,13 @@ class HFEngine:
         from peft import PeftModel
 
         name = _internal_name(adapter_id)
-        self._loaders += 1
+        with self._use_lock:
+            self._loaders += 1
         try:
             self._lock.acquire()
         finally:
-            self._loaders -= 1
+            with self._use_lock:
+                self._loaders -= 1
         try:
             try:
                 if self.peft is None:

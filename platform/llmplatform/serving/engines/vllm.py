@@ -88,10 +88,11 @@ class VLLMEngine:
         self.tensor_parallel = tensor_parallel
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
+        cuda = _has_cuda()
         self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
-                                max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora)
-        if tensor_parallel > 1 and not _has_cuda() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ \
-                and _numa_nodes() < tensor_parallel:
+                                max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora,
+                                cuda=cuda)
+        if not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and _numa_nodes() < tensor_parallel:
             binding = cpu_shard_binding(list(os.sched_getaffinity(0)), tensor_parallel)
             if binding:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # read by the shard processes vLLM starts
