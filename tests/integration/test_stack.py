@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from llmplatform.stack import cpus
 from llmplatform.stack.ports import free_port, port_is_free
 from llmplatform.stack.processes import group_members
 
@@ -92,6 +93,16 @@ def test_up_status_down_and_runs_survive_a_restart(tmp_path, monkeypatch):
         assert comp["healthy"] and comp["state"] == "running" and comp["pid"] == sessions[name]
     table = platformctl(home, "status")
     assert table.returncode == 0 and info["mlflow_url"] in table.stdout and "ray" in table.stdout
+
+    # no GPU here: `auto` runs every Ray process on the front-end CPUs and tells workers the model CPUs
+    partition = cpus.plan("auto", os.sched_getaffinity(0), cpus.gpu_present())
+    assert info["cpu_partition"] == status["cpu_partition"] == (partition.to_dict() if partition else None)
+    if partition:
+        assert f"front end {info['cpu_partition']['front']}, model {info['cpu_partition']['model']}" in table.stdout
+        head = group_members(sessions["ray"])
+        assert len(head) > 3 and all(os.sched_getaffinity(pid) == set(partition.front) for pid in head)
+        worker_env = Path(f"/proc/{sessions['ray']}/environ").read_bytes().split(b"\0")  # what every Ray process inherits
+        assert f"{cpus.MODEL_ENV}={info['cpu_partition']['model']}".encode() in worker_env
 
     again = as_json(platformctl(home, "up", *flags, "-o", "json"))
     assert {c["state"] for c in again["components"]} == {"running"}
@@ -172,6 +183,16 @@ def test_a_taken_port_is_reported_and_nothing_starts(tmp_path, flag, component):
     assert "Nothing was started" in result.stderr
     assert not (home / "stack.json").exists()
     assert all(port_is_free(p) for p in ports.values())  # blocker closed; nothing else took them
+
+
+@pytest.mark.parametrize("value, needle", [("0,4096", "4096 are not available"), ("all", "not a CPU number"),
+                                           ("ALLOWED", "leaves no CPU for the model")])
+def test_a_bad_cpu_partition_is_reported_and_nothing_starts(tmp_path, value, needle):
+    home = tmp_path / "home"
+    value = cpus.format_cpu_list(os.sched_getaffinity(0)) if value == "ALLOWED" else value
+    result = platformctl(home, "up", "--cpu-partition", value, "--ray-port", str(free_port()), timeout=60)
+    assert result.returncode != 0 and f"--cpu-partition {value!r}" in result.stderr and needle in result.stderr
+    assert not (home / "stack.json").exists()
 
 
 def test_local_stack_fixture_runs_tasks_and_placement_groups(local_stack, monkeypatch):

@@ -20,6 +20,8 @@ def _show(info: lifecycle.StackInfo, output: OutputFormat) -> None:
         typer.echo(f"\nray address:   {info.ray_address}   (dashboard/Jobs API {info.dashboard_url})")
     if info.mlflow_url:
         typer.echo(f"tracking URI:  {info.mlflow_url}")
+    if info.cpu_partition:
+        typer.echo(f"CPUs:          front end {info.cpu_partition['front']}, model {info.cpu_partition['model']}   (--cpu-partition)")
     typer.echo(f"home:          {info.home}")
 
 
@@ -28,13 +30,18 @@ def up(
     dashboard_port: int = typer.Option(8265, "--dashboard-port", min=1, max=65535, help="Ray dashboard / Jobs API port."),
     mlflow_port: int = typer.Option(5000, "--mlflow-port", min=1, max=65535, help="MLflow tracking server port."),
     num_cpus: int = typer.Option(8, "--num-cpus", min=1, help="Logical CPUs Ray advertises (over-subscribed on purpose: placement groups need more than 2)."),
+    cpu_partition: str = typer.Option(
+        "auto", "--cpu-partition",
+        help="Hosts without a GPU: run Ray and the serving path on front-end CPUs and model compute on the rest. "
+             "auto (the last CPU per 8; off with a GPU or under 2 CPUs), off, or the front-end CPUs (e.g. 1 or 6-7).",
+    ),
     timeout: float = typer.Option(lifecycle.DEFAULT_TIMEOUT, "--timeout", help="Seconds to wait for both health checks."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Start the local stack on 127.0.0.1 under $PLATFORM_HOME (idempotent) and wait until healthy."""
     info = lifecycle.up(
         ray_port=ray_port, dashboard_port=dashboard_port, mlflow_port=mlflow_port, num_cpus=num_cpus,
-        timeout=timeout, progress=lambda msg: typer.echo(msg, err=True),
+        cpu_partition=cpu_partition, timeout=timeout, progress=lambda msg: typer.echo(msg, err=True),
     )  # fmt: skip
     if output == OutputFormat.table:
         states = {c.state for c in info.components}

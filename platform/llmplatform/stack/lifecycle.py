@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from llmplatform.errors import StackError
 from llmplatform.paths import platform_home
-from llmplatform.stack import mlflow_server, ray_head
+from llmplatform.stack import cpus, mlflow_server, ray_head
 from llmplatform.stack.ports import check_ports_free
 from llmplatform.stack.processes import group_is_ours, is_ours, stop_groups, wait_healthy
 from llmplatform.stack.state import ComponentState, read_state, remove_state, state_path, write_state
@@ -56,6 +56,7 @@ class StackInfo:
     mlflow_url: str | None = None  # MLflow tracking URI
     components: list[ComponentStatus] = field(default_factory=list)
     client_env: dict[str, str] = field(default_factory=dict)  # env Ray clients should set
+    cpu_partition: dict[str, str] | None = None  # {"front": "1", "model": "0"} when the head runs partitioned
 
     @property
     def tracking_uri(self) -> str | None:
@@ -76,6 +77,7 @@ class StackInfo:
             "dashboard_url": self.dashboard_url,
             "mlflow_url": self.mlflow_url,
             "client_env": dict(self.client_env),
+            "cpu_partition": self.cpu_partition,
             "components": [c.to_dict() for c in self.components],
         }
 
@@ -126,6 +128,7 @@ def _info(home: Path, comps: dict[str, ComponentState], fresh: set[str] = frozen
             info.ray_address = comp.extra.get("address")
             info.dashboard_url = comp.url
             info.client_env = dict(comp.extra.get("client_env", {}))
+            info.cpu_partition = comp.extra.get("cpu_partition")
         else:
             info.mlflow_url = comp.url
     return info
@@ -149,16 +152,20 @@ def up(
     dashboard_port: int = 8265,
     mlflow_port: int = 5000,
     num_cpus: int = ray_head.DEFAULT_NUM_CPUS,
+    cpu_partition: str = "auto",
     timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[str], None] | None = None,
 ) -> StackInfo:
     """Start whatever part of the stack is not running and wait until all of it is healthy.
 
-    Idempotent: running components are left alone (their recorded ports win over the
-    arguments); a dead one is restarted. Raises PortInUseError before starting anything when
-    a wanted port is taken, and StackError (with the log tail) when a component fails to start.
+    Idempotent: running components are left alone (their recorded ports and CPU partition win
+    over the arguments); a dead one is restarted. `cpu_partition` is `auto`, `off` or the
+    front-end CPUs (see llmplatform.stack.cpus). Raises StackError for a bad `cpu_partition` and
+    PortInUseError for a taken port before starting anything, and StackError (with the log tail)
+    when a component fails to start.
     """
     home = _home(home)
+    partition = cpus.plan(cpu_partition, os.sched_getaffinity(0), cpus.gpu_present())  # a bad value starts nothing
     with _locked(home):
         comps = read_state(home)
         dead = [c for c in comps.values() if not is_ours(c.process)]
@@ -179,7 +186,7 @@ def up(
         for name in to_start:
             if name == "ray":
                 ports = ray_head.RayPorts.allocate(ray_port, dashboard_port)
-                record = ray_head.start_ray_head(home, ports, logs / "ray-head.log", num_cpus)
+                record = ray_head.start_ray_head(home, ports, logs / "ray-head.log", num_cpus, partition)
                 comp = ComponentState(
                     name="ray", process=record, url=ray_head.dashboard_url(ports), ports=ports.to_dict(),
                     started=_now(),
@@ -188,6 +195,7 @@ def up(
                         "temp_dir": str(ray_head.ray_temp_dir(home)),
                         "num_cpus": num_cpus,
                         "client_env": dict(ray_head.CLIENT_ENV),
+                        "cpu_partition": partition.to_dict() if partition else None,
                     },
                 )  # fmt: skip
             else:

@@ -20,9 +20,10 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from llmplatform.errors import StackError
+from llmplatform.stack.cpus import pin_child
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,12 @@ def group_is_ours(record: ProcessRecord) -> bool:
     return bool(group_members(record.pgid))
 
 
-def start_process(command: list[str], log_path: Path, env: dict[str, str | None] | None = None) -> ProcessRecord:
+def start_process(command: list[str], log_path: Path, env: dict[str, str | None] | None = None,
+                  cpus: Iterable[int] | None = None) -> ProcessRecord:
     """Start `command` in a new session with stdout+stderr appended to `log_path`.
 
-    `env` is layered over os.environ; a None value removes that variable.
+    `env` is layered over os.environ; a None value removes that variable. `cpus`: the CPUs the
+    process (and everything it starts) runs on.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, **(env or {})}
@@ -119,6 +122,7 @@ def start_process(command: list[str], log_path: Path, env: dict[str, str | None]
             env=child_env,
             start_new_session=True,  # setsid: pid == pgid == sid, we own the whole group
             close_fds=True,
+            preexec_fn=pin_child(cpus) if cpus else None,
         )
     start = proc_start_time(proc.pid)
     if start is None:  # exited at once; keep a record so the caller reports its log

@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmplatform.stack.cpus import FRONT_ENV, MODEL_ENV, CpuPartition
 from llmplatform.stack.ports import HOST, free_port
 from llmplatform.stack.processes import ProcessRecord, http_ok, start_process
 
@@ -113,11 +114,21 @@ def ray_command(ports: RayPorts, temp_dir: Path, num_cpus: int = DEFAULT_NUM_CPU
     ]  # fmt: skip
 
 
-def start_ray_head(home: Path, ports: RayPorts, log_path: Path, num_cpus: int = DEFAULT_NUM_CPUS) -> ProcessRecord:
-    """Start the head in its own process group; returns at once (see `ray_healthy`)."""
+def head_env(partition: CpuPartition | None) -> dict[str, str | None]:
+    """RAY_ENV plus the CPU partition every Ray worker reads (cleared when there is none)."""
+    return {**RAY_ENV, FRONT_ENV: None, MODEL_ENV: None, **(partition.env() if partition else {})}
+
+
+def start_ray_head(home: Path, ports: RayPorts, log_path: Path, num_cpus: int = DEFAULT_NUM_CPUS,
+                   partition: CpuPartition | None = None) -> ProcessRecord:
+    """Start the head in its own process group; returns at once (see `ray_healthy`).
+
+    With a CPU partition (see llmplatform.stack.cpus) the head, and so every Ray process, starts
+    on the partition's front-end CPUs."""
     temp_dir = ray_temp_dir(home)
     temp_dir.mkdir(parents=True, exist_ok=True)
-    return start_process(ray_command(ports, temp_dir, num_cpus), Path(log_path), env=RAY_ENV)
+    return start_process(ray_command(ports, temp_dir, num_cpus), Path(log_path), env=head_env(partition),
+                         cpus=partition.front if partition else None)
 
 
 def ray_address(ports: RayPorts, host: str = HOST) -> str:

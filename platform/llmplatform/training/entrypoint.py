@@ -20,6 +20,7 @@ from pathlib import Path
 
 from llmplatform.errors import PlatformError
 from llmplatform.specs import FineTuneSpec, parse_spec
+from llmplatform.stack import cpus
 from llmplatform.training.loop import emit
 
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: spec, env, or local stack)")
     parser.add_argument("--base-dir", default=None, help="already-resolved base model directory")
     args = parser.parse_args(argv)
+    cpus.use_all_cpus()  # data checks and tokenizing run here; a partitioned stack started us on its front CPUs
     try:
         spec = parse_spec("finetune", json.loads(args.spec_json), "--spec-json")
         run_job(spec, args.job_id, args.run_id, resolve_tracking_uri(spec, args.tracking_uri), args.base_dir)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llmplatform.specs import FineTuneSpec
+from llmplatform.stack import cpus
 from llmplatform.training import batches, model_setup, optimizer as optim, sharding
 
 PROGRESS_PREFIX = "PLATFORM_PROGRESS "
@@ -175,6 +176,7 @@ def setup(config: dict) -> dict:
 
     spec = FineTuneSpec.model_validate(config["spec"])
     hp = spec.hyperparameters
+    cpus.use_all_cpus()  # a partitioned local stack starts Ray workers on its front-end CPUs only
     torch.set_num_threads(int(config.get("torch_threads") or 1))
     torch.manual_seed(hp.seed)
     tctx = ray.train.get_context()

@@ -7,11 +7,14 @@ that venv as a child process: own Ray, our app with `engine: vllm`, queried thro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from llmplatform.stack import cpus
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[3]
@@ -46,6 +49,9 @@ SCRIPT = PRELUDE + r'''
     chunks = list(c.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
                                             extra_body={"ignore_eos": True}))
     out["stream_chunks"] = len(chunks)
+    from llmplatform.stack import cpus
+    out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in cpus.descendants(os.getpid())
+                       if comm.startswith(("VLLM::", "ray::ProxyActor"))}
     print("RESULT " + json.dumps(out), flush=True)
     ray.shutdown()
 '''
@@ -58,9 +64,17 @@ def _vllm_ready() -> str | None:
     return None if ok.returncode == 0 else f"vllm does not import in .venv-vllm: {ok.stderr[-300:]}"
 
 
-def _run(python: str, script: str, *args) -> dict:
-    """Run a child script in the vLLM venv; its `RESULT {json}` line."""
-    done = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+def _partition():
+    """The CPU partition `platformctl up` would give this host (None on a GPU host or 1 CPU)."""
+    return cpus.plan("auto", os.sched_getaffinity(0), cpus.gpu_present())
+
+
+def _run(python: str, script: str, *args, partition=None) -> dict:
+    """Run a child script in the vLLM venv; its `RESULT {json}` line. With `partition` its Ray
+    starts on the front-end CPUs with the partition in its env, as `platformctl up` starts the head."""
+    env = {**os.environ, **(partition.env() if partition else {})}
+    done = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+                          preexec_fn=cpus.pin_child(partition.front) if partition else None)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, (done.stdout[-3000:], done.stderr[-3000:])
     return json.loads(line[7:])
@@ -81,8 +95,15 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     cache = tmp_path / "models"
     base = ensure_tiny_model("random", cache)
     adapter = lora_factory(str(base), tmp_path / "a", 1)
-    out = _run(vllm_python, SCRIPT, cache, adapter, topology)
+    partition = _partition() if topology == "auto" else None  # split runs without one: vLLM's own binding
+    out = _run(vllm_python, SCRIPT, cache, adapter, topology, partition=partition)
     assert out["engine"]["engine"] == "vllm"
+    if partition:  # the model process on the model CPUs, the Serve proxy on the front end, the scheduler on both
+        assert out["engine"]["cpu_binding"] == ",".join(map(str, partition.model))
+        assert out["affinity"] == {"VLLM::Worker": cpus.format_cpu_list(partition.model), "VLLM::EngineCor": cpus.format_cpu_list(partition.all),
+                                   "ray::ProxyActor": cpus.format_cpu_list(partition.front)}
+    else:
+        assert out["engine"]["cpu_binding"] is None and out["affinity"]["VLLM::Worker"] != out["affinity"]["ray::ProxyActor"]
     # auto: one vllm replica runs inside the ingress (no engine deployment to route to)
     assert out["engine"].get("topology", "split") == ("colocated" if topology == "auto" else "split")
     assert out["engine"]["lora_enabled"]  # adapters listed, so vLLM gets its LoRA layers
@@ -115,8 +136,12 @@ TP_SCRIPT = PRELUDE + r'''
 def test_vllm_tensor_parallel_2_runs_for_real_on_cpu(vllm_python, tmp_path):
     """tp=2 for real: vLLM's CPU backend runs two shard processes (mp executor; it has no Ray
     executor) inside the replica's 2-bundle STRICT_PACK group, and greedy output matches tp=1."""
-    out = _run(vllm_python, TP_SCRIPT, tmp_path / "models")
+    partition = _partition()
+    out = _run(vllm_python, TP_SCRIPT, tmp_path / "models", partition=partition)
     two = out["two"]
+    if partition:  # fewer model CPUs than shards on a 2-core box: the shards split the whole partition
+        shard_cpus = partition.model if len(partition.model) >= 2 else partition.all
+        assert two["engine"]["cpu_binding"].count("|") == 1 and set(two["engine"]["cpu_binding"].replace("|", ",").split(",")) <= set(map(str, shard_cpus))
     assert two["engine"]["tensor_parallel"] == 2 and two["engine"]["executor"] == "mp"
     assert two["group"]["strategy"] == "STRICT_PACK" and len(two["group"]["bundles"]) == 2
     assert out["one"]["engine"]["tensor_parallel"] == 1 and out["one"]["group"] is None

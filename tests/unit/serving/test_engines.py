@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 from llmplatform.serving.engines import pick_engine, vllm_usable
-from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args
+from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args, shard_cpus
+from llmplatform.stack.cpus import CpuPartition
 
 
 def test_auto_picks_vllm_only_when_importable():
@@ -32,7 +33,18 @@ def test_cpu_shards_get_disjoint_cpu_groups():
     assert cpu_shard_binding([0, 1], 2) == "0|1"
     assert cpu_shard_binding([7, 4, 5, 6, 0, 1, 2, 3], 2) == "0,1,2,3|4,5,6,7"
     assert cpu_shard_binding([0, 1, 2], 2) == "0|1"  # equal shares; the spare CPU is left to the front end
-    assert cpu_shard_binding([0], 2) is None and cpu_shard_binding([0, 1], 1) is None
+    assert cpu_shard_binding([0], 2) is None and cpu_shard_binding([1, 0], 1) == "0,1"
+
+
+def test_cpu_shards_run_on_the_model_cpus_of_a_partitioned_stack():
+    part = CpuPartition(front=(7,), model=(0, 1, 2, 3, 4, 5, 6))
+    assert shard_cpus(1, part, [7], numa_nodes=1) == [0, 1, 2, 3, 4, 5, 6]  # the replica itself runs on the front CPU
+    assert cpu_shard_binding(shard_cpus(2, part, [7], numa_nodes=1), 2) == "0,1,2|3,4,5"
+    small = CpuPartition(front=(1,), model=(0,))
+    assert shard_cpus(2, small, [1], numa_nodes=1) == [0, 1]  # fewer model CPUs than shards: the whole partition
+    # no partition: leave vLLM's own NUMA binding alone unless it would fail
+    assert shard_cpus(1, None, [0, 1], numa_nodes=1) is None and shard_cpus(2, None, [0, 1], numa_nodes=2) is None
+    assert shard_cpus(2, None, [0, 1], numa_nodes=1) == [0, 1]
 
 
 def test_base_only_deployments_run_vllm_without_lora_layers():

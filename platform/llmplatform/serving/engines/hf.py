@@ -7,6 +7,8 @@ decodes one token for every running sequence in a single forward pass, samples p
 while others are decoding joins at the next step instead of waiting for the batch to drain.
 LoRA adapters are peft adapters loaded into one `PeftModel`; a mixed batch runs with peft's
 per-row `adapter_names`, so requests for different adapters (and the base) share each step.
+In a partitioned local stack (llmplatform.stack.cpus) the decode thread, and the OpenMP threads
+it starts, run on the model CPUs while the replica's event loop stays on the front-end CPUs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import AsyncIterator
 import torch
 
 from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
+from llmplatform.stack import cpus
 
 BASE = "__base__"
 
@@ -94,6 +97,7 @@ class HFEngine:
         self._wake = threading.Event()
         self._stop = False
         self.steps = 0
+        self.partition = cpus.from_env()
         self._thread = threading.Thread(target=self._loop, name="hf-decode", daemon=True)
         self._thread.start()
 
@@ -102,7 +106,8 @@ class HFEngine:
     def info(self) -> dict:
         return {"engine": "hf", "model_dir": self.model_dir, "tensor_parallel": self.tensor_parallel,
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters),
-                "running": len(self._running), "waiting": len(self._waiting), "decode_steps": self.steps}
+                "running": len(self._running), "waiting": len(self._waiting), "decode_steps": self.steps,
+                "decode_cpus": cpus.format_cpu_list(self.partition.model) if self.partition else None}
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         """Load a peft adapter under `adapter_id` (idempotent). Raises EngineError if it doesn't fit."""
@@ -181,6 +186,8 @@ class HFEngine:
     # ------------------------------------------------------------------ decode loop (thread)
 
     def _loop(self) -> None:
+        if self.partition:
+            cpus.set_thread_cpus(self.partition.model)
         while not self._stop:
             if self._loaders:
                 time.sleep(0.001)  # an adapter load waits for the model lock: let it in between steps
