@@ -8,6 +8,7 @@ replica, evicting the least recently used. Errors a request causes come back as 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -74,8 +75,6 @@ class EngineCore:
         path = self._paths.get(adapter_id)
         if not path:
             raise EngineError(f"adapter {adapter_id!r} has no path", 404, "model_not_found")
-        import asyncio
-
         await asyncio.to_thread(self.engine.load_adapter, adapter_id, path)
         return _LoadedAdapter(self.engine, adapter_id)
 
@@ -87,8 +86,11 @@ class EngineCore:
                     self._paths[adapter_id] = request["adapter_path"]
                 await self.get_adapter(adapter_id)
             req = GenerationRequest(**{**request, "adapter_id": adapter_id or None})
+            interval = self.spec.limits.stream_interval_ms / 1000
             async for event in self.engine.generate(req):
                 yield event
+                if interval and "finish_reason" not in event:
+                    await asyncio.sleep(interval)  # both engines merge the deltas that arrive meanwhile
         except EngineError as exc:
             yield {"error": str(exc), "status": exc.status, "code": exc.code}
 
@@ -132,8 +134,6 @@ class LocalStream:
         return await self._agen.__anext__()
 
     def cancel(self) -> None:
-        import asyncio
-
         asyncio.ensure_future(self._agen.aclose())  # closing the generator aborts the engine's request
 
 

@@ -62,7 +62,8 @@ def serving_env(local_stack, tmp_path_factory):
     connect(local_stack.ray_address)
     ensure_serve()
     try:
-        yield {"ray_address": local_stack.ray_address, "mlflow": local_stack.mlflow_url, "cache": cache}
+        yield {"ray_address": local_stack.ray_address, "mlflow": local_stack.mlflow_url, "cache": cache,
+               "cpu_partition": local_stack.cpu_partition}
     finally:
         from ray import serve
 
@@ -133,5 +134,5 @@ def tiny_app(serving_env, adapter_dirs, registry_versions, keys_file) -> dict:
         "registry_poll_s": 1.0, "max_loaded_adapters": 4,
     }
     status = app.deploy(spec, serving_env["ray_address"])
-    yield {"url": status["url"], "spec": spec, "status": status, "key": API_KEY}
+    yield {"url": status["url"], "spec": spec, "status": status, "key": API_KEY, "cpu_partition": serving_env["cpu_partition"]}
     app.delete("tiny-chat")

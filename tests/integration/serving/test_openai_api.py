@@ -91,6 +91,20 @@ def test_32_concurrent_streams_complete_with_right_counts(aclient, tiny_app):
         assert greedy(sync, MODELS[i % 3], n, [{"role": "user", "content": f"Count to {i}"}]) == text, MODELS[i % 3]
 
 
+def test_streams_send_tokens_in_batched_chunks_and_lose_none(client):
+    """stream_interval_ms (default 50): tokens generated while a chunk was on its way go out together,
+    so the serving path handles fewer chunks than tokens; the text is the same as unstreamed."""
+    stream = client.chat.completions.create(model=BASE, messages=USER, max_tokens=48, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    pieces, usage = [], None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        pieces += [c.delta.content for c in chunk.choices if c.delta.content]
+    assert usage.completion_tokens == 48
+    assert "".join(pieces) == greedy(client, BASE, 48)
+    assert 1 < len(pieces) <= 24, f"{len(pieces)} text chunks for 48 tokens: deltas were not batched"
+
+
 def test_completions_stop_sequence_and_seed(client):
     full = client.completions.create(model=BASE, prompt="one two three", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     text = full.choices[0].text
@@ -180,6 +194,9 @@ def test_status_reports_engine_adapters_and_versions(tiny_app, registry_versions
 
     st = app.status("tiny-chat", tiny_app["key"])
     assert st["status"] == "RUNNING" and st["engine"]["engine"] == "hf"
+    # the local stack is CPU-partitioned on a GPU-less host: the decode thread runs on the model CPUs
+    partition = tiny_app["cpu_partition"]
+    assert st["engine"]["decode_cpus"] == (partition["model"] if partition else None)
     assert st["base_model"] == BASE
     assert st["deployments"]["engine"]["replicas"].get("RUNNING") == 1
     assert st["served_versions"][f"models:/{REGISTERED}@production"] in registry_versions.values()
