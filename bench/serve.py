@@ -1,6 +1,6 @@
 """Serving benchmark: our endpoint vs transformers baselines vs vLLM, on the standard workload.
 
-    .venv/bin/python bench/serve.py                 # full run (~10-15 min on 2 cores)
+    .venv/bin/python bench/serve.py --rounds 2      # full run (~35 min on 2 cores)
     .venv/bin/python bench/serve.py --quick         # CPU dry run with llama2-tiny (tests)
 
 Workload (STACK-NOTES "standard serving workload"): the `llama2-serve-bench` shape (random init,
@@ -13,6 +13,8 @@ text). Systems: our endpoint with the hf engine; a sequential transformers `gene
 (`generate_batch`, explicit small cache); `vllm` direct and our endpoint with the vllm engine
 (only when `.venv-vllm` exists; otherwise recorded as skipped with the reason). Systems
 alternate within each round; `--rounds N` takes medians. Results: bench/results/serve.json.
+Our endpoints get their own Ray, started as `platformctl up` starts the local head (on a host
+without a GPU: the CPU partition, `--cpu-partition`), with the serve spec's defaults.
 """
 
 from __future__ import annotations
@@ -260,8 +262,11 @@ def run_continuous_batching(model, prompts, concurrency: int, out_tokens: int, c
 # ---------------------------------------------------------------------------- servers
 
 
-def start_endpoint(model_dir: Path, engine: str, python: str) -> tuple[subprocess.Popen, str, str]:
-    """Our endpoint in a child process (own Ray, own process group): returns (proc, base_url, model)."""
+def start_endpoint(model_dir: Path, engine: str, python: str, partition=None) -> tuple[subprocess.Popen, str, str]:
+    """Our endpoint in a child process (own Ray, own process group): returns (proc, base_url, model).
+
+    `partition` (llmplatform.stack.cpus.CpuPartition): start its Ray on the front-end CPUs with
+    the partition in its env, as `platformctl up` starts the local head."""
     port = _free_port()
     code = (
         "import os, sys, time, tempfile, ray\n"
@@ -273,12 +278,13 @@ def start_endpoint(model_dir: Path, engine: str, python: str) -> tuple[subproces
         "print('READY', st['url'], flush=True)\n"
         "while True: time.sleep(3600)\n"
     )
+    from llmplatform.stack import cpus
     from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV  # what `platformctl up` gives the Ray head
 
     env = {**SERVE_FAST_PATH_ENV, **os.environ, "RAY_AUTH_MODE": "disabled",
-           "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1")}
+           "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1"), **(partition.env() if partition else {})}
     proc = subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, cwd=ROOT)
+                            start_new_session=True, cwd=ROOT, preexec_fn=cpus.pin_child(partition.front) if partition else None)
     url = _wait_ready(proc, 420)
     return proc, url, str(model_dir)
 
@@ -392,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-tokens", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cap-s", type=float, default=None, help="stop starting requests after this many seconds per level")
+    ap.add_argument("--cpu-partition", default="auto", help="our endpoints' Ray: as `platformctl up --cpu-partition` (auto, off, front CPUs)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llmp-bench-models"))
     args = ap.parse_args(argv)
@@ -402,6 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
     o_tokens = args.output_tokens or (16 if quick else 128)
     cap = args.cap_s or (60.0 if quick else 45.0)
     systems = args.systems.split(",")
+    from llmplatform.stack import cpus
+
+    partition = cpus.plan(args.cpu_partition, os.sched_getaffinity(0), cpus.gpu_present())
 
     import torch
 
@@ -414,7 +424,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"workload": {"model": "llama2-tiny-random" if quick else "llama2-serve-bench (random init, bf16)", "model_dir": str(model_dir),
                            "prompts": n_prompts, "prompt_tokens": p_tokens, "output_tokens": o_tokens, "greedy": True, "ignore_eos": True,
                            "concurrency": levels, "rounds": args.rounds, "cap_s_per_level": cap},
-              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}, "systems": {}, "skipped": {}}
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "endpoint_cpu_partition": partition.to_dict() if partition else None},
+              "systems": {}, "rounds_tok_per_s": {}, "skipped": {}}
     have_vllm, why = vllm_available()
     for s in ("vllm_direct", "vllm_endpoint"):
         if s in systems and not have_vllm:
@@ -428,9 +440,9 @@ def main(argv: list[str] | None = None) -> dict:
             proc = None
             try:
                 if system == "hf_endpoint":
-                    proc, url, name = start_endpoint(model_dir, "hf", sys.executable)
+                    proc, url, name = start_endpoint(model_dir, "hf", sys.executable, partition)
                 elif system == "vllm_endpoint":
-                    proc, url, name = start_endpoint(model_dir, "vllm", str(VLLM_VENV / "bin/python"))
+                    proc, url, name = start_endpoint(model_dir, "vllm", str(VLLM_VENV / "bin/python"), partition)
                 elif system == "vllm_direct":
                     proc, url, name = start_vllm_direct(model_dir)
                 elif hf_model is None:
@@ -455,8 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if proc is not None:
                     stop(proc)
     for system, by_c in runs.items():
-        result["systems"][system] = {str(c): {k: statistics.median([r[k] for r in rs if r[k] is not None] or [0])
+        result["systems"][system] = {str(c): {k: round(statistics.median([r[k] for r in rs if r[k] is not None] or [0]), 3)
                                               for k in rs[0]} for c, rs in by_c.items()}
+        result["rounds_tok_per_s"][system] = {str(c): [r["tok_per_s"] for r in rs] for c, rs in by_c.items()}
     result["targets"] = targets(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
