@@ -100,3 +100,9 @@ def test_set_process_cpus_moves_every_thread():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_refused_move_leaves_the_thread_where_it_was():
+    before = os.sched_getaffinity(0)
+    assert not cpus.set_thread_cpus({4096})  # no such CPU
+    assert os.sched_getaffinity(0) == before

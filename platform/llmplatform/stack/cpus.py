@@ -129,9 +129,14 @@ def pin_child(cpus: Iterable[int]) -> Callable[[], None]:
     return lambda: os.sched_setaffinity(0, mask)
 
 
-def set_thread_cpus(cpus: Iterable[int]) -> None:
-    """Move the calling thread (and the threads it starts later) onto `cpus`."""
-    os.sched_setaffinity(0, set(cpus))  # pid 0 = the calling thread on Linux
+def set_thread_cpus(cpus: Iterable[int]) -> bool:
+    """Move the calling thread (and the threads it starts later) onto `cpus`. False when the
+    kernel refuses (CPUs outside this cgroup's cpuset): the thread then stays where it was."""
+    try:
+        os.sched_setaffinity(0, set(cpus))  # pid 0 = the calling thread on Linux
+    except OSError:
+        return False
+    return True
 
 
 def set_process_cpus(pid: int, cpus: Iterable[int]) -> None:
