@@ -77,95 +77,98 @@ def test_up_status_down_and_runs_survive_a_restart(tmp_path, monkeypatch):
     ports = [free_port(), free_port(), free_port()]
     flags = ["--ray-port", str(ports[0]), "--dashboard-port", str(ports[1]), "--mlflow-port", str(ports[2])]
 
-    first = platformctl(home, "up", *flags, "-o", "json")
-    info = as_json(first)
-    assert info["healthy"] and {c["state"] for c in info["components"]} == {"started"}
-    assert "healthy" in first.stderr  # progress messages went to stderr
-    assert info["ray_address"] == f"127.0.0.1:{ports[0]}"
-    assert info["dashboard_url"] == f"http://127.0.0.1:{ports[1]}"
-    assert info["mlflow_url"] == f"http://127.0.0.1:{ports[2]}"
-    state = json.loads((home / "stack.json").read_text())["components"]
-    sessions = {name: c["process"]["pgid"] for name, c in state.items()}
-    temp_dir = state["ray"]["extra"]["temp_dir"]
-
-    status = as_json(platformctl(home, "status", "-o", "json"))
-    for name, comp in components(status).items():
-        assert comp["healthy"] and comp["state"] == "running" and comp["pid"] == sessions[name]
-    table = platformctl(home, "status")
-    assert table.returncode == 0 and info["mlflow_url"] in table.stdout and "ray" in table.stdout
-
-    # no GPU here: `auto` runs every Ray process on the front-end CPUs and tells workers the model CPUs
-    partition = cpus.plan("auto", os.sched_getaffinity(0), cpus.gpu_present())
-    assert info["cpu_partition"] == status["cpu_partition"] == (partition.to_dict() if partition else None)
-    if partition:
-        assert f"front end {info['cpu_partition']['front']}, model {info['cpu_partition']['model']}" in table.stdout
-        head = group_members(sessions["ray"])
-        assert len(head) > 3 and all(os.sched_getaffinity(pid) == set(partition.front) for pid in head)
-        worker_env = Path(f"/proc/{sessions['ray']}/environ").read_bytes().split(b"\0")  # what every Ray process inherits
-        assert f"{cpus.MODEL_ENV}={info['cpu_partition']['model']}".encode() in worker_env
-
-    again = as_json(platformctl(home, "up", *flags, "-o", "json"))
-    assert {c["state"] for c in again["components"]} == {"running"}
-    assert {n: c["pid"] for n, c in components(again).items()} == sessions
-
-    # the Python API finds the running stack through PLATFORM_HOME
-    monkeypatch.setenv("PLATFORM_HOME", str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from llmplatform import stack
-
-    assert stack.tracking_uri() == info["mlflow_url"] and stack.ray_address() == info["ray_address"]
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient(stack.tracking_uri())
-    exp = client.create_experiment("stack-test")
-    run = client.create_run(exp)
-    client.log_metric(run.info.run_id, "loss", 0.25)
-    (tmp_path / "note.txt").write_text("kept across restarts")
-    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
-    client.set_terminated(run.info.run_id)
-
-    assert "hello from a ray job" in run_ray_job(info["dashboard_url"])
-
-    # a crashed component: status says so (exit 1), `up` restarts only that one
-    os.killpg(sessions["mlflow"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while group_members(sessions["mlflow"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    broken = platformctl(home, "status", "-o", "json")
-    assert broken.returncode == 1 and "platformctl up" in broken.stderr
-    assert components(json.loads(broken.stdout))["mlflow"]["state"] == "dead"
-    healed = as_json(platformctl(home, "up", *flags, "-o", "json"))
-    by_name = components(healed)
-    assert by_name["ray"]["state"] == "running" and by_name["ray"]["pid"] == sessions["ray"]
-    assert by_name["mlflow"]["state"] == "started" and by_name["mlflow"]["pid"] != sessions["mlflow"]
-    sessions["mlflow2"] = by_name["mlflow"]["pid"]
-
-    down = platformctl(home, "down")
-    assert down.returncode == 0 and "stopped" in down.stdout
-    for name, sid in sessions.items():
-        assert group_members(sid) == [], f"{name} left processes behind"
-    assert processes_mentioning(temp_dir) == [] and not Path(temp_dir).exists()
-    assert not (home / "stack.json").exists() and (home / "mlflow" / "mlflow.db").exists()
-    assert all(port_is_free(p) for p in ports)
-    stopped = platformctl(home, "status", "-o", "json")
-    assert stopped.returncode == 1
-    assert {c["state"] for c in json.loads(stopped.stdout)["components"]} == {"stopped"}
-
-    # a later up shows the same run, metric and artifact
-    restarted = as_json(platformctl(home, "up", *flags, "-o", "json"))
     try:
-        client = MlflowClient(restarted["mlflow_url"])
-        same = client.get_run(run.info.run_id)
-        assert same.data.metrics["loss"] == 0.25
-        assert client.get_experiment_by_name("stack-test").experiment_id == exp
-        got = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path="note.txt", dst_path=str(tmp_path / "dl"),
-            tracking_uri=restarted["mlflow_url"],
-        )  # fmt: skip
-        assert Path(got).read_text() == "kept across restarts"
-    finally:
-        assert platformctl(home, "down").returncode == 0
+        first = platformctl(home, "up", *flags, "-o", "json")
+        info = as_json(first)
+        assert info["healthy"] and {c["state"] for c in info["components"]} == {"started"}
+        assert "healthy" in first.stderr  # progress messages went to stderr
+        assert info["ray_address"] == f"127.0.0.1:{ports[0]}"
+        assert info["dashboard_url"] == f"http://127.0.0.1:{ports[1]}"
+        assert info["mlflow_url"] == f"http://127.0.0.1:{ports[2]}"
+        state = json.loads((home / "stack.json").read_text())["components"]
+        sessions = {name: c["process"]["pgid"] for name, c in state.items()}
+        temp_dir = state["ray"]["extra"]["temp_dir"]
+
+        status = as_json(platformctl(home, "status", "-o", "json"))
+        for name, comp in components(status).items():
+            assert comp["healthy"] and comp["state"] == "running" and comp["pid"] == sessions[name]
+        table = platformctl(home, "status")
+        assert table.returncode == 0 and info["mlflow_url"] in table.stdout and "ray" in table.stdout
+
+        # no GPU here: `auto` runs every Ray process on the front-end CPUs and tells workers the model CPUs
+        partition = cpus.plan("auto", os.sched_getaffinity(0), cpus.gpu_present())
+        assert info["cpu_partition"] == status["cpu_partition"] == (partition.to_dict() if partition else None)
+        if partition:
+            assert f"front end {info['cpu_partition']['front']}, model {info['cpu_partition']['model']}" in table.stdout
+            head = group_members(sessions["ray"])
+            assert len(head) > 3 and all(os.sched_getaffinity(pid) == set(partition.front) for pid in head)
+            worker_env = Path(f"/proc/{sessions['ray']}/environ").read_bytes().split(b"\0")  # what every Ray process inherits
+            assert f"{cpus.MODEL_ENV}={info['cpu_partition']['model']}".encode() in worker_env
+
+        again = as_json(platformctl(home, "up", *flags, "-o", "json"))
+        assert {c["state"] for c in again["components"]} == {"running"}
+        assert {n: c["pid"] for n, c in components(again).items()} == sessions
+
+        # the Python API finds the running stack through PLATFORM_HOME
+        monkeypatch.setenv("PLATFORM_HOME", str(home))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        from llmplatform import stack
+
+        assert stack.tracking_uri() == info["mlflow_url"] and stack.ray_address() == info["ray_address"]
+        import mlflow
+        from mlflow import MlflowClient
+
+        client = MlflowClient(stack.tracking_uri())
+        exp = client.create_experiment("stack-test")
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "loss", 0.25)
+        (tmp_path / "note.txt").write_text("kept across restarts")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        client.set_terminated(run.info.run_id)
+
+        assert "hello from a ray job" in run_ray_job(info["dashboard_url"])
+
+        # a crashed component: status says so (exit 1), `up` restarts only that one
+        os.killpg(sessions["mlflow"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while group_members(sessions["mlflow"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        broken = platformctl(home, "status", "-o", "json")
+        assert broken.returncode == 1 and "platformctl up" in broken.stderr
+        assert components(json.loads(broken.stdout))["mlflow"]["state"] == "dead"
+        healed = as_json(platformctl(home, "up", *flags, "-o", "json"))
+        by_name = components(healed)
+        assert by_name["ray"]["state"] == "running" and by_name["ray"]["pid"] == sessions["ray"]
+        assert by_name["mlflow"]["state"] == "started" and by_name["mlflow"]["pid"] != sessions["mlflow"]
+        sessions["mlflow2"] = by_name["mlflow"]["pid"]
+
+        down = platformctl(home, "down")
+        assert down.returncode == 0 and "stopped" in down.stdout
+        for name, sid in sessions.items():
+            assert group_members(sid) == [], f"{name} left processes behind"
+        assert processes_mentioning(temp_dir) == [] and not Path(temp_dir).exists()
+        assert not (home / "stack.json").exists() and (home / "mlflow" / "mlflow.db").exists()
+        assert all(port_is_free(p) for p in ports)
+        stopped = platformctl(home, "status", "-o", "json")
+        assert stopped.returncode == 1
+        assert {c["state"] for c in json.loads(stopped.stdout)["components"]} == {"stopped"}
+
+        # a later up shows the same run, metric and artifact
+        restarted = as_json(platformctl(home, "up", *flags, "-o", "json"))
+        try:
+            client = MlflowClient(restarted["mlflow_url"])
+            same = client.get_run(run.info.run_id)
+            assert same.data.metrics["loss"] == 0.25
+            assert client.get_experiment_by_name("stack-test").experiment_id == exp
+            got = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="note.txt", dst_path=str(tmp_path / "dl"),
+                tracking_uri=restarted["mlflow_url"],
+            )  # fmt: skip
+            assert Path(got).read_text() == "kept across restarts"
+        finally:
+            assert platformctl(home, "down").returncode == 0
+    finally:  # a failed assertion above must not leave the stack running
+        platformctl(home, "down")
     assert platformctl(home, "down").stdout.strip() == "nothing was running"
 
 
