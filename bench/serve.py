@@ -98,16 +98,11 @@ def session_procs(sid: int):
     """(pid, comm, stat fields after comm) of each process in session `sid` (a server we
     started with its own session; Ray gives each worker its own process group, so the session is
     what holds the replica and the vLLM processes under it)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+    from llmplatform.stack.cpus import proc_stats
+
+    for pid, comm, rest in proc_stats():
         if int(rest[3]) == sid:  # field 6: session id
-            yield int(pid), comm, rest
+            yield pid, comm, rest
 
 
 def session_cpu(sid: int) -> dict[str, float]:

@@ -160,9 +160,8 @@ def use_all_cpus() -> None:
         set_process_cpus(os.getpid(), part.all)
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command name) of every live process below `pid`."""
-    children: dict[int, list[tuple[int, str]]] = {}
+def proc_stats():
+    """(pid, command name, /proc/<pid>/stat fields after the name) of every live process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -170,9 +169,14 @@ def descendants(pid: int) -> list[tuple[int, str]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append((int(entry), comm))
+        yield int(entry), stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of every live process below `pid`."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for child, comm, fields in proc_stats():
+        children.setdefault(int(fields[1]), []).append((child, comm))  # fields[1]: parent pid
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
