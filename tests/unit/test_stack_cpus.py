@@ -106,3 +106,37 @@ def test_a_refused_move_leaves_the_thread_where_it_was():
     before = os.sched_getaffinity(0)
     assert not cpus.set_thread_cpus({4096})  # no such CPU
     assert os.sched_getaffinity(0) == before
+
+
+def test_set_process_nice_sets_every_thread():
+    proc = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
+                             "[threading.Thread(target=time.sleep, args=(30,), daemon=True).start() for _ in range(3)]\n"
+                             "print('up', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert cpus.set_process_nice(proc.pid, 7)  # a higher nice needs no privilege
+        tids = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(tids) >= 4 and all(os.getpriority(os.PRIO_PROCESS, int(t)) == 7 for t in tids)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not cpus.set_process_nice(proc.pid, 0)  # gone: reported, not raised
+
+
+REFUSED_NICE = r'''
+import os, resource
+from llmplatform.stack import cpus
+os.nice(5)
+resource.setrlimit(resource.RLIMIT_NICE, (0, 0))  # no nice below the current one...
+if os.getuid() == 0:
+    os.setuid(65534)  # ...and no CAP_SYS_NICE
+print(cpus.set_process_nice(os.getpid(), -10), os.getpriority(os.PRIO_PROCESS, 0))
+'''
+
+
+def test_a_refused_priority_is_reported_and_leaves_the_process_as_it_was():
+    """Without root, CAP_SYS_NICE or RLIMIT_NICE a lower nice is refused: the engine logs it and
+    runs on (vLLM's scheduler keeps its priority)."""
+    out = subprocess.run([sys.executable, "-c", REFUSED_NICE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "5"]

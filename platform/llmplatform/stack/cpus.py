@@ -10,8 +10,8 @@ throughput; with the serving path held on one core and the model on the other it
 So on a CPU-only host `platformctl up` starts the Ray head with its affinity on the *front*
 CPUs (every Ray process inherits it) and tells every Ray worker the partition in two
 environment variables. Model work then moves itself:
-- the vllm engine binds its shards' OpenMP threads to the *model* CPUs and puts vLLM's
-  scheduler process back on the front CPUs;
+- the vllm engine binds its shards' OpenMP threads to the *model* CPUs, leaves vLLM's scheduler
+  process on every CPU and raises its priority (it sits on the critical path of every step);
 - the hf engine's decode thread moves onto the model CPUs;
 - fine-tuning workers and job entrypoints use every CPU of the partition (`use_all_cpus`).
 Hosts with a GPU, or fewer than 2 CPUs, get no partition from `auto`.
@@ -151,6 +151,24 @@ def set_process_cpus(pid: int, cpus: Iterable[int]) -> None:
             os.sched_setaffinity(int(tid), mask)
         except OSError:
             pass
+
+
+def set_process_nice(pid: int, nice: int) -> bool:
+    """Give every thread of `pid` the scheduling priority `nice` (Linux: nice is per thread;
+    threads started later inherit their creator's). False when the kernel refuses: a nice below
+    the current one needs root, CAP_SYS_NICE or a raised `RLIMIT_NICE`."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:
+            continue  # the thread exited meanwhile
+        except PermissionError:
+            return False
+    return True
 
 
 def use_all_cpus() -> None:

@@ -50,8 +50,9 @@ SCRIPT = PRELUDE + r'''
                                             extra_body={"ignore_eos": True}))
     out["stream_chunks"] = len(chunks)
     from llmplatform.stack import cpus
-    out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in cpus.descendants(os.getpid())
-                       if comm.startswith(("VLLM::", "ray::ProxyActor"))}
+    procs = [(pid, comm) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
+    out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in procs}
+    out["nice"] = {comm: os.getpriority(os.PRIO_PROCESS, pid) for pid, comm in procs}
     print("RESULT " + json.dumps(out), flush=True)
     ray.shutdown()
 '''
@@ -62,6 +63,12 @@ def _vllm_ready() -> str | None:
         return f"{VENV_PY} not found: build it with scripts/setup-vllm-cpu.sh"
     ok = subprocess.run([str(VENV_PY), "-c", "import vllm"], capture_output=True, text=True)
     return None if ok.returncode == 0 else f"vllm does not import in .venv-vllm: {ok.stderr[-300:]}"
+
+
+def _may_lower_nice() -> bool:
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 30  # 20 - rlimit = the lowest nice allowed
 
 
 def _partition():
@@ -102,6 +109,11 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
         assert out["engine"]["cpu_binding"] == ",".join(map(str, partition.model))
         assert out["affinity"] == {"VLLM::Worker": cpus.format_cpu_list(partition.model), "VLLM::EngineCor": cpus.format_cpu_list(partition.all),
                                    "ray::ProxyActor": cpus.format_cpu_list(partition.front)}
+        # the scheduler runs ahead of the serving path when this user may lower a nice; the shard keeps Ray's worker priority
+        nice = -10 if _may_lower_nice() else None
+        assert out["engine"]["scheduler_nice"] == nice
+        assert out["nice"]["VLLM::EngineCor"] == (nice if nice is not None else out["nice"]["ray::ProxyActor"])
+        assert out["nice"]["VLLM::Worker"] == out["nice"]["ray::ProxyActor"]
     else:
         assert out["engine"]["cpu_binding"] is None and out["affinity"]["VLLM::Worker"] != out["affinity"]["ray::ProxyActor"]
     # auto: one vllm replica runs inside the ingress (no engine deployment to route to)
