@@ -1,10 +1,17 @@
-"""Engine choice and vLLM engine arguments (pure; vLLM itself runs in the vllm tier)."""
+"""Engine choice, vLLM engine arguments, and where the vllm engine puts vLLM's processes (vLLM itself runs in the vllm tier)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
 
 from llmplatform.serving.engines import pick_engine, vllm_usable
+from llmplatform.serving.engines import vllm as vllm_engine
 from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args, shard_cpus
 from llmplatform.stack.cpus import CpuPartition
 
@@ -71,3 +78,38 @@ def test_replicas_get_serves_fast_path_and_hf_keeps_user_code_off_the_replica_lo
     assert vllm["PLATFORM_HOME"] == "/h" and "UNRELATED" not in vllm and "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in vllm
     assert replica_env({}, "hf")["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
     assert replica_env({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, "vllm")["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"  # the caller wins
+
+
+def _named_child(name: str) -> subprocess.Popen:
+    """A child process whose command name is `name` (as vLLM names its processes)."""
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; open('/proc/self/comm', 'w').write({name!r}); print('up', flush=True); "
+                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    return proc
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a partition needs 2 CPUs")
+@pytest.mark.parametrize("allowed", [True, False])
+def test_partitioned_start_puts_helpers_on_the_front_and_raises_the_schedulers_priority(monkeypatch, caplog, allowed):
+    cpu_ids = sorted(os.sched_getaffinity(0))
+    part = CpuPartition(front=(cpu_ids[-1],), model=tuple(cpu_ids[:-1]))
+    if not allowed:  # as for a user without root, CAP_SYS_NICE or a limits.conf entry
+        monkeypatch.setattr(vllm_engine.cpus, "set_process_nice", lambda pid, nice: False)
+    kids: list[subprocess.Popen] = []
+    try:
+        engine, nice = vllm_engine._start_partitioned(
+            lambda: kids.extend(_named_child(n) for n in ("VLLM::EngineCore", "VLLM::Worker", "python")) or "engine", part)
+        core, worker, helper = (k.pid for k in kids)
+        assert engine == "engine"
+        assert os.sched_getaffinity(helper) == set(part.front)  # vLLM's helpers back on the front-end CPUs
+        assert os.sched_getaffinity(worker) == os.sched_getaffinity(core) == set(part.all)  # (vLLM binds the shard itself)
+        if allowed and (os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 30):
+            assert nice == vllm_engine.SCHEDULER_NICE == os.getpriority(os.PRIO_PROCESS, core)
+        else:
+            assert nice is None and os.getpriority(os.PRIO_PROCESS, core) == os.getpriority(os.PRIO_PROCESS, 0)
+            assert "keeps the default CPU priority" in caplog.text and "limits.conf" in caplog.text
+        assert os.getpriority(os.PRIO_PROCESS, worker) == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()
