@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import resource
 import subprocess
@@ -93,6 +94,7 @@ def _named_child(name: str) -> subprocess.Popen:
 def test_partitioned_start_puts_helpers_on_the_front_and_raises_the_schedulers_priority(monkeypatch, caplog, allowed):
     cpu_ids = sorted(os.sched_getaffinity(0))
     part = CpuPartition(front=(cpu_ids[-1],), model=tuple(cpu_ids[:-1]))
+    caplog.set_level(logging.INFO, logger=vllm_engine.__name__)
     if not allowed:  # as for a user without root, CAP_SYS_NICE or a limits.conf entry
         monkeypatch.setattr(vllm_engine.cpus, "set_process_nice", lambda pid, nice: False)
     kids: list[subprocess.Popen] = []
@@ -107,7 +109,7 @@ def test_partitioned_start_puts_helpers_on_the_front_and_raises_the_schedulers_p
             assert nice == vllm_engine.SCHEDULER_NICE == os.getpriority(os.PRIO_PROCESS, core)
         else:
             assert nice is None and os.getpriority(os.PRIO_PROCESS, core) == os.getpriority(os.PRIO_PROCESS, 0)
-            assert "keeps the default CPU priority" in caplog.text and "limits.conf" in caplog.text
+            assert "keeps Ray's worker CPU priority" in caplog.text and "limits.conf" in caplog.text
         assert os.getpriority(os.PRIO_PROCESS, worker) == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         for k in kids:

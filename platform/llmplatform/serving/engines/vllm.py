@@ -91,14 +91,14 @@ def _start_partitioned(start, partition: cpus.CpuPartition) -> tuple[object, int
     own threads and vLLM's helper processes go back to the front CPUs. The shards stay bound to
     the model CPUs.
 
-    The scheduler (`VLLM::EngineCore`) keeps the whole partition, as under `vllm serve`, and gets
-    priority `SCHEDULER_NICE`. Every model step waits on it, and it spin-waits (yielding) on the
-    shards in between, so the kernel counts it as a CPU hog and lets the Serve proxy and replicas
-    run first: held on the busy front CPUs it delayed every step (511 vs 581 tok/s at 16 streams
-    on 2 cores), and at the default priority 16 streams ran at 593 tok/s against 634 with nice
-    -10, with TTFT p95 cut too (bench/README.md). A nice below 0 needs root, CAP_SYS_NICE or a
-    limits.conf `nice` entry; without them the scheduler keeps the default and the replica logs
-    how to grant it.
+    The scheduler (`VLLM::EngineCore`) keeps the whole partition, as under `vllm serve`: held on
+    the busy front CPUs it delayed every step (511 vs 581 tok/s at 16 streams on 2 cores). It also
+    gets priority `SCHEDULER_NICE`: every model step waits on it, but Ray starts its workers at
+    nice 15 and vLLM's processes inherit that, so anything at the default priority ran ahead of
+    it. Measured on 2 cores at 16 streams (bench/serve_priority.py): +1% and +3% tok/s over Ray's
+    default in two A/Bs, +10% over Ray workers at nice 0. A nice below 0 needs root,
+    CAP_SYS_NICE or a limits.conf `nice` entry; without them the scheduler keeps Ray's priority
+    and the replica logs it.
     """
     own = os.sched_getaffinity(0)
     cpus.set_thread_cpus(partition.all)
@@ -112,9 +112,9 @@ def _start_partitioned(start, partition: cpus.CpuPartition) -> tuple[object, int
             if cpus.set_process_nice(pid, SCHEDULER_NICE):
                 nice = SCHEDULER_NICE
             else:
-                logger.warning("vLLM's scheduler keeps the default CPU priority: nice %d needs root, CAP_SYS_NICE or "
-                               "a `nice %d` entry for this user in /etc/security/limits.conf; on a CPU-only host "
-                               "throughput is lower without it", SCHEDULER_NICE, SCHEDULER_NICE)
+                logger.info("vLLM's scheduler keeps Ray's worker CPU priority: nice %d needs root, CAP_SYS_NICE or "
+                            "a `nice %d` entry for this user in /etc/security/limits.conf (a few percent of "
+                            "throughput on a busy CPU-only host)", SCHEDULER_NICE, SCHEDULER_NICE)
         elif not comm.startswith("VLLM::Worker"):
             cpus.set_process_cpus(pid, partition.front)
     return engine, nice
