@@ -32,6 +32,14 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def may_lower_nice() -> bool:
+    """Whether this user may set a nice below 0 (root, or RLIMIT_NICE >= 30: 20 - rlimit is the lowest allowed)."""
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 30
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """Tracking URI of a real MLflow server for this test session (see module docstring)."""
     reuse = os.environ.get("PLATFORM_TEST_MLFLOW_URI")

@@ -86,20 +86,26 @@ def test_a_child_started_on_the_front_cpus_widens_itself_for_batch_work():
     assert after == allowed and found_child  # now on all of them; its child was found
 
 
-@needs_two
-def test_set_process_cpus_moves_every_thread():
+@pytest.fixture
+def four_threads():
+    """A child process with 4 threads (killed afterwards)."""
     proc = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
                              "[threading.Thread(target=time.sleep, args=(30,), daemon=True).start() for _ in range(3)]\n"
                              "print('up', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"
-        target = {sorted(os.sched_getaffinity(0))[0]}
-        cpus.set_process_cpus(proc.pid, target)
-        tids = os.listdir(f"/proc/{proc.pid}/task")
-        assert len(tids) >= 4 and all(os.sched_getaffinity(int(t)) == target for t in tids)
+        yield proc
     finally:
         proc.kill()
         proc.wait()
+
+
+@needs_two
+def test_set_process_cpus_moves_every_thread(four_threads):
+    target = {sorted(os.sched_getaffinity(0))[0]}
+    cpus.set_process_cpus(four_threads.pid, target)
+    tids = cpus.thread_ids(four_threads.pid)
+    assert len(tids) >= 4 and all(os.sched_getaffinity(t) == target for t in tids)
 
 
 def test_a_refused_move_leaves_the_thread_where_it_was():
@@ -108,19 +114,13 @@ def test_a_refused_move_leaves_the_thread_where_it_was():
     assert os.sched_getaffinity(0) == before
 
 
-def test_set_process_nice_sets_every_thread():
-    proc = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
-                             "[threading.Thread(target=time.sleep, args=(30,), daemon=True).start() for _ in range(3)]\n"
-                             "print('up', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "up"
-        assert cpus.set_process_nice(proc.pid, 7)  # a higher nice needs no privilege
-        tids = os.listdir(f"/proc/{proc.pid}/task")
-        assert len(tids) >= 4 and all(os.getpriority(os.PRIO_PROCESS, int(t)) == 7 for t in tids)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not cpus.set_process_nice(proc.pid, 0)  # gone: reported, not raised
+def test_set_process_nice_sets_every_thread(four_threads):
+    assert cpus.set_process_nice(four_threads.pid, 7)  # a higher nice needs no privilege
+    tids = cpus.thread_ids(four_threads.pid)
+    assert len(tids) >= 4 and all(os.getpriority(os.PRIO_PROCESS, t) == 7 for t in tids)
+    four_threads.kill()
+    four_threads.wait()
+    assert not cpus.set_process_nice(four_threads.pid, 0)  # gone: reported, not raised
 
 
 REFUSED_NICE = r'''

@@ -139,36 +139,37 @@ def set_thread_cpus(cpus: Iterable[int]) -> bool:
     return True
 
 
+def thread_ids(pid: int) -> list[int]:
+    """The thread ids of `pid` (empty when it has exited)."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
 def set_process_cpus(pid: int, cpus: Iterable[int]) -> None:
     """Move every thread of `pid` onto `cpus`; threads that exit meanwhile are skipped."""
     mask = set(cpus)
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return
-    for tid in tids:
+    for tid in thread_ids(pid):
         try:
-            os.sched_setaffinity(int(tid), mask)
+            os.sched_setaffinity(tid, mask)
         except OSError:
             pass
 
 
 def set_process_nice(pid: int, nice: int) -> bool:
     """Give every thread of `pid` the scheduling priority `nice` (Linux: nice is per thread;
-    threads started later inherit their creator's). False when the kernel refuses: a nice below
-    the current one needs root, CAP_SYS_NICE or a raised `RLIMIT_NICE`."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
+    threads started later inherit their creator's). False when `pid` is gone or the kernel
+    refuses: a nice below the current one needs root, CAP_SYS_NICE or a raised `RLIMIT_NICE`."""
+    tids = thread_ids(pid)
     for tid in tids:
         try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
         except ProcessLookupError:
             continue  # the thread exited meanwhile
         except PermissionError:
             return False
-    return True
+    return bool(tids)
 
 
 def use_all_cpus() -> None:

@@ -65,12 +65,6 @@ def _vllm_ready() -> str | None:
     return None if ok.returncode == 0 else f"vllm does not import in .venv-vllm: {ok.stderr[-300:]}"
 
 
-def _may_lower_nice() -> bool:
-    import resource
-
-    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 30  # 20 - rlimit = the lowest nice allowed
-
-
 def _partition():
     """The CPU partition `platformctl up` would give this host (None on a GPU host or 1 CPU)."""
     return cpus.plan("auto", os.sched_getaffinity(0), cpus.gpu_present())
@@ -96,7 +90,7 @@ def vllm_python():
 
 
 @pytest.mark.parametrize("topology", ["auto", "split"])
-def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp_path, topology):
+def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp_path, topology, may_lower_nice):
     from llmplatform.tiny import ensure_tiny_model
 
     cache = tmp_path / "models"
@@ -110,7 +104,7 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
         assert out["affinity"] == {"VLLM::Worker": cpus.format_cpu_list(partition.model), "VLLM::EngineCor": cpus.format_cpu_list(partition.all),
                                    "ray::ProxyActor": cpus.format_cpu_list(partition.front)}
         # the scheduler runs ahead of the serving path when this user may lower a nice; the shard keeps Ray's worker priority
-        nice = -10 if _may_lower_nice() else None
+        nice = -10 if may_lower_nice else None
         assert out["engine"]["scheduler_nice"] == nice
         assert out["nice"]["VLLM::EngineCor"] == (nice if nice is not None else out["nice"]["ray::ProxyActor"])
         assert out["nice"]["VLLM::Worker"] == out["nice"]["ray::ProxyActor"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import resource
 import subprocess
 import sys
 
@@ -91,7 +90,7 @@ def _named_child(name: str) -> subprocess.Popen:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a partition needs 2 CPUs")
 @pytest.mark.parametrize("allowed", [True, False])
-def test_partitioned_start_puts_helpers_on_the_front_and_raises_the_schedulers_priority(monkeypatch, caplog, allowed):
+def test_partitioned_start_puts_helpers_on_the_front_and_raises_the_schedulers_priority(monkeypatch, caplog, allowed, may_lower_nice):
     cpu_ids = sorted(os.sched_getaffinity(0))
     part = CpuPartition(front=(cpu_ids[-1],), model=tuple(cpu_ids[:-1]))
     caplog.set_level(logging.INFO, logger=vllm_engine.__name__)
@@ -105,7 +104,7 @@ def test_partitioned_start_puts_helpers_on_the_front_and_raises_the_schedulers_p
         assert engine == "engine"
         assert os.sched_getaffinity(helper) == set(part.front)  # vLLM's helpers back on the front-end CPUs
         assert os.sched_getaffinity(worker) == os.sched_getaffinity(core) == set(part.all)  # (vLLM binds the shard itself)
-        if allowed and (os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 30):
+        if allowed and may_lower_nice:
             assert nice == vllm_engine.SCHEDULER_NICE == os.getpriority(os.PRIO_PROCESS, core)
         else:
             assert nice is None and os.getpriority(os.PRIO_PROCESS, core) == os.getpriority(os.PRIO_PROCESS, 0)
