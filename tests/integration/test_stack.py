@@ -59,9 +59,12 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def run_ray_job(dashboard_url: str) -> str:
+def run_ray_job(dashboard_url: str, client_env: dict[str, str]) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from llmplatform.backends.ray_auth import use_client_env
+
+    use_client_env(client_env)  # the stack's Ray token
     client = JobSubmissionClient(dashboard_url)
     job = client.submit_job(entrypoint="python -c \"print('hello from a ray job')\"")
     deadline = time.monotonic() + 120
@@ -126,7 +129,7 @@ def test_up_status_down_and_runs_survive_a_restart(tmp_path, monkeypatch):
         client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
         client.set_terminated(run.info.run_id)
 
-        assert "hello from a ray job" in run_ray_job(info["dashboard_url"])
+        assert "hello from a ray job" in run_ray_job(info["dashboard_url"], info["client_env"])
 
         # a crashed component: status says so (exit 1), `up` restarts only that one
         os.killpg(sessions["mlflow"], signal.SIGKILL)
@@ -202,8 +205,11 @@ def test_local_stack_fixture_runs_tasks_and_placement_groups(local_stack, monkey
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    from llmplatform.backends.ray_auth import use_client_env
+
     for key, value in local_stack.client_env.items():
         monkeypatch.setenv(key, value)
+    use_client_env(local_stack.client_env)
     started = not ray.is_initialized()  # other tests of the session may already be connected to it
     if started:
         ray.init(address=local_stack.ray_address, log_to_driver=False)

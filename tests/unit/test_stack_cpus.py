@@ -45,10 +45,10 @@ def test_named_front_cpus_are_checked_against_what_the_process_may_use():
 
 def test_workers_read_the_partition_from_the_env_the_head_was_given():
     part = cpus.CpuPartition(front=(6, 7), model=(0, 1, 2, 3, 4, 5))
-    env = head_env(part)
-    assert env[cpus.FRONT_ENV] == "6-7" and env[cpus.MODEL_ENV] == "0-5" and env["RAY_AUTH_MODE"] == "disabled"
+    env = head_env(part, "/home/u/.llm-platform/ray/auth_token")
+    assert env[cpus.FRONT_ENV] == "6-7" and env[cpus.MODEL_ENV] == "0-5" and env["RAY_AUTH_MODE"] == "token"
     assert cpus.from_env(env) == part
-    cleared = head_env(None)  # a variable left in the caller's shell must not reach the workers
+    cleared = head_env(None, "/t")  # a variable left in the caller's shell must not reach the workers
     assert cleared[cpus.FRONT_ENV] is None and cleared[cpus.MODEL_ENV] is None
     assert cpus.from_env({}) is None and cpus.from_env({cpus.FRONT_ENV: "1", cpus.MODEL_ENV: "x"}) is None
 

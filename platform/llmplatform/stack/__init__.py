@@ -14,6 +14,7 @@ group (processes.py); ports by ports.py.
 from llmplatform.stack.lifecycle import (
     ComponentStatus,
     StackInfo,
+    client_env_for,
     down,
     ray_address,
     status,
@@ -22,4 +23,4 @@ from llmplatform.stack.lifecycle import (
 )
 from llmplatform.stack.ports import free_port
 
-__all__ = ["ComponentStatus", "StackInfo", "down", "free_port", "ray_address", "status", "tracking_uri", "up"]
+__all__ = ["ComponentStatus", "StackInfo", "client_env_for", "down", "free_port", "ray_address", "status", "tracking_uri", "up"]

@@ -100,8 +100,9 @@ def _now() -> str:
 
 
 def _is_healthy(comp: ComponentState) -> bool:
-    check = ray_head.ray_healthy if comp.name == "ray" else mlflow_server.mlflow_healthy
-    return check(comp.url)
+    if comp.name == "ray":
+        return ray_head.ray_healthy(comp.url, comp.extra.get("client_env", {}).get("RAY_AUTH_TOKEN_PATH"))
+    return mlflow_server.mlflow_healthy(comp.url)
 
 
 def _info(home: Path, comps: dict[str, ComponentState], fresh: set[str] = frozenset()) -> StackInfo:
@@ -194,7 +195,7 @@ def up(
                         "address": ray_head.ray_address(ports),
                         "temp_dir": str(ray_head.ray_temp_dir(home)),
                         "num_cpus": num_cpus,
-                        "client_env": dict(ray_head.CLIENT_ENV),
+                        "client_env": ray_head.client_env(ray_head.ensure_auth_token(home)),
                         "cpu_partition": partition.to_dict() if partition else None,
                     },
                 )  # fmt: skip
@@ -282,3 +283,12 @@ def ray_address(home: str | Path | None = None) -> str:
     """Ray GCS address: `$RAY_ADDRESS`, else the running local stack's head ("127.0.0.1:PORT")."""
     found = _from_env_or_stack("RAY_ADDRESS", "ray", "Ray head", home)
     return found if isinstance(found, str) else found.extra["address"]
+
+
+def client_env_for(address: str, home: str | Path | None = None) -> dict[str, str]:
+    """The env a Ray client needs for `address` (GCS address or dashboard URL): the running local
+    stack's `client_env` (its token) when `address` is that stack's, else {}."""
+    comp = _running(home, "ray")
+    if comp is None or address not in (comp.extra.get("address"), comp.url):
+        return {}
+    return dict(comp.extra.get("client_env", {}))

@@ -6,23 +6,29 @@ otherwise take from a fixed default (client server 10001, dashboard agent 52365,
 free one, so several stacks (other users, tests) can share a machine. Logical CPUs are
 over-subscribed (default 8) because placement groups on a 2-core box need more than 2.
 
-Token authentication (Ray 2.60, `RAY_AUTH_MODE`): `ray start` turns it on when a token file
-such as ~/.ray/auth_token happens to exist, which would make the head's behaviour depend on
-unrelated earlier runs. The local stack binds 127.0.0.1 only and sets `RAY_AUTH_MODE=disabled`
-explicitly; the state records this in `client_env` for clients that want to match it.
-(Clients need nothing: a client with or without a token connects to it.) Note that Ray itself
-resolves 127.0.0.1 to the machine's IP on Linux, so its GCS and raylet listen on all
-interfaces; only the dashboard is bound to 127.0.0.1.
+Nothing listens beyond loopback. On Linux Ray resolves 127.0.0.1 to the machine's address for
+its GCS, raylet, object manager, client server and metrics exporters (so `--node-ip-address
+127.0.0.1` alone leaves them on the network); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps the node
+address at 127.0.0.1 and every one of them binds there. Token authentication (Ray 2.60,
+`RAY_AUTH_MODE=token`) is on as well, for any listener a Ray version binds more widely and for
+other local users: the token is generated once per PLATFORM_HOME (`<home>/ray/auth_token`, mode
+0600, see `ensure_auth_token`) and named by `RAY_AUTH_TOKEN_PATH`, never ~/.ray/auth_token, so the
+head never depends on some unrelated earlier run. The state records `client_env(token)` for
+every client (CLI, local job backend, `platformctl serve`); jobs and their workers inherit the
+head's env. The dashboard (Jobs API included) checks the token too, except for its health checks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmplatform.errors import StackError
 from llmplatform.stack.cpus import FRONT_ENV, MODEL_ENV, CpuPartition
 from llmplatform.stack.ports import HOST, free_port
 from llmplatform.stack.processes import ProcessRecord, http_ok, start_process
@@ -30,20 +36,24 @@ from llmplatform.stack.processes import ProcessRecord, http_ok, start_process
 # No drain on SIGTERM: a local head has no Serve proxies to quiesce, and the 30 s default
 # drain would make every `down` wait for it.
 # A RAY_ADDRESS in the caller's env points at some other cluster; the head must not see it.
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray keep 127.0.0.1 as the node address instead of
+# resolving it to the host's (ray._private.services.get_node_ip_address), so every listener binds
+# 127.0.0.1 (tests/faults/test_listeners.py). The cost: no other node can join; a laptop stack never wants one.
 # Ray Serve's throughput-optimized settings (user code and router on the replica's event loop,
 # gRPC between deployments, buffered request logs, no replica logs on stderr), without direct
 # ingress so clients keep the one proxy URL. Every streamed token crosses the proxy and two
 # replicas; on 2 CPU cores with the vllm engine at 16 streams this took 310 -> 406 output tok/s.
 # The head's env reaches the proxy; serving.app also sets it on the replicas of any cluster.
 SERVE_FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # head and clients alike: both resolve the node address
 RAY_ENV: dict[str, str | None] = {
+    **LOOPBACK_ENV,
     **SERVE_FAST_PATH_ENV,
-    "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     "RAY_ADDRESS": None,
 }
-CLIENT_ENV = {"RAY_AUTH_MODE": "disabled"}
+AUTH_TOKEN_FILE = Path("ray") / "auth_token"  # under PLATFORM_HOME
 DEFAULT_NUM_CPUS = 8
 OBJECT_STORE_BYTES = 1 << 30  # 1 GiB: plenty for the local stack, kind to a shared 24 GiB box
 
@@ -61,12 +71,14 @@ class RayPorts:
     metrics_export: int
     node_manager: int
     object_manager: int
+    dashboard_metrics: int  # Ray's defaults (44227, 44217) are fixed: a second stack would lose them
+    autoscaler_metrics: int
 
     @classmethod
     def allocate(cls, gcs: int, dashboard: int) -> "RayPorts":
         taken = {gcs, dashboard}
         extra = []
-        while len(extra) < 7:
+        while len(extra) < 9:
             port = free_port()
             if port not in taken:
                 taken.add(port)
@@ -75,6 +87,30 @@ class RayPorts:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def ensure_auth_token(home: Path) -> Path:
+    """`<home>/ray/auth_token`: the Ray token of this home, created (mode 0600) when missing.
+
+    256 random bits as hex, like `ray get-auth-token --generate`. A token file readable by others
+    is refused: anyone who can read it can run code on the cluster."""
+    path = Path(home) / AUTH_TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            raise StackError(f"{path} is readable by other users; `chmod 600 {path}` (or delete it for a new token)") from None
+        return path
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    return path
+
+
+def client_env(token_path: Path | str) -> dict[str, str]:
+    """The env a Ray client (ray.init, Jobs API, Serve) needs to reach a head using this token
+    (and to look for it at 127.0.0.1 rather than at the host's address)."""
+    return {**LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
 
 def ray_temp_dir(home: Path) -> Path:
@@ -114,9 +150,13 @@ def ray_command(ports: RayPorts, temp_dir: Path, num_cpus: int = DEFAULT_NUM_CPU
     ]  # fmt: skip
 
 
-def head_env(partition: CpuPartition | None) -> dict[str, str | None]:
-    """RAY_ENV plus the CPU partition every Ray worker reads (cleared when there is none)."""
-    return {**RAY_ENV, FRONT_ENV: None, MODEL_ENV: None, **(partition.env() if partition else {})}
+def head_env(partition: CpuPartition | None, token_path: Path | str, ports: RayPorts | None = None) -> dict[str, str | None]:
+    """RAY_ENV, token auth with `token_path` (a stray RAY_AUTH_TOKEN of the caller is dropped),
+    the metrics exporters' ports, plus the CPU partition every Ray worker reads (cleared when
+    there is none)."""
+    auth = {**client_env(token_path), "RAY_AUTH_TOKEN": None}
+    metrics = {"DASHBOARD_METRIC_PORT": str(ports.dashboard_metrics), "AUTOSCALER_METRIC_PORT": str(ports.autoscaler_metrics)} if ports else {}
+    return {**RAY_ENV, **auth, **metrics, FRONT_ENV: None, MODEL_ENV: None, **(partition.env() if partition else {})}
 
 
 def start_ray_head(home: Path, ports: RayPorts, log_path: Path, num_cpus: int = DEFAULT_NUM_CPUS,
@@ -127,7 +167,8 @@ def start_ray_head(home: Path, ports: RayPorts, log_path: Path, num_cpus: int = 
     on the partition's front-end CPUs."""
     temp_dir = ray_temp_dir(home)
     temp_dir.mkdir(parents=True, exist_ok=True)
-    return start_process(ray_command(ports, temp_dir, num_cpus), Path(log_path), env=head_env(partition),
+    env = head_env(partition, ensure_auth_token(home), ports)
+    return start_process(ray_command(ports, temp_dir, num_cpus), Path(log_path), env=env,
                          cpus=partition.front if partition else None)
 
 
@@ -141,6 +182,15 @@ def dashboard_url(ports: RayPorts, host: str = HOST) -> str:
     return f"http://{host}:{ports.dashboard}"
 
 
-def ray_healthy(url: str) -> bool:
-    """The dashboard answers `/api/version` (it needs the GCS, so this covers both)."""
-    return http_ok(f"{url}/api/version")
+def auth_header(token_path: Path | str | None) -> dict[str, str]:
+    """The HTTP header Ray's dashboard and Jobs API want for the token in `token_path` (none: {})."""
+    return {"Authorization": f"Bearer {Path(token_path).read_text().strip()}"} if token_path else {}
+
+
+def ray_healthy(url: str, token_path: Path | str | None = None) -> bool:
+    """The dashboard answers `/api/version` with the token (it needs the GCS, so this covers both)."""
+    try:
+        headers = auth_header(token_path)
+    except OSError:
+        return False
+    return http_ok(f"{url}/api/version", headers=headers)

@@ -53,10 +53,12 @@ def serving_env(local_stack, tmp_path_factory):
     import ray
 
     cache = tmp_path_factory.mktemp("serve-models")
-    saved = {k: os.environ.get(k) for k in ("PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "PLATFORM_HOME")}
+    from llmplatform.backends.ray_auth import AUTH_KEYS, use_client_env
+
+    saved = {k: os.environ.get(k) for k in ("PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "PLATFORM_HOME", *AUTH_KEYS)}
     os.environ.update({"PLATFORM_MODEL_CACHE": str(cache), "MLFLOW_TRACKING_URI": local_stack.mlflow_url,
-                       "PLATFORM_HOME": str(local_stack.home), **(local_stack.client_env or {})})
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                       "PLATFORM_HOME": str(local_stack.home)})
+    use_client_env(local_stack.client_env)  # the stack's Ray token
     from llmplatform.serving.app import connect, ensure_serve
 
     connect(local_stack.ray_address)
