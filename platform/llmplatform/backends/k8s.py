@@ -189,6 +189,17 @@ def connect(kubeconfig: str | None = None, context: str | None = None, host: str
     return KubeApi(api_client(kubeconfig, context, host))
 
 
+def cli_connect(kubeconfig: str | None = None, context: str | None = None) -> KubeApi:
+    """`connect` for a CLI call: an API server that does not answer is a JobError at once, naming it
+    (the client would retry, then print urllib3's chain). The operator keeps plain `connect`."""
+    from llmplatform.reach import require_reachable
+
+    client = api_client(kubeconfig, context)
+    require_reachable(client.configuration.host, "the Kubernetes API", "check --kubeconfig/--context (or KUBECONFIG / "
+                      "PLATFORM_K8S_CONTEXT) and that the cluster is running", JobError)
+    return KubeApi(client)
+
+
 # ---------------------------------------------------------------------------- CLI-facing functions
 
 
@@ -197,7 +208,7 @@ def submit_finetune(spec: FineTuneSpec, *, namespace: str | None = None, kubecon
 
     A job of the same name is an error: names are unique so runs never resume each other.
     """
-    api = api or connect(kubeconfig, context)
+    api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace)
     try:
         return finetune_row(api.create(finetune_job_cr(spec, ns)))
@@ -220,12 +231,12 @@ def finetune_row(cr: dict) -> dict:
 
 
 def list_finetunes(*, namespace: str | None = None, kubeconfig: str | None = None, context: str | None = None, api: KubeApi | None = None) -> list[dict]:
-    api = api or connect(kubeconfig, context)
+    api = api or cli_connect(kubeconfig, context)
     return [finetune_row(cr) for cr in api.list("FineTuneJob", default_namespace(namespace))]
 
 
 def get_finetune(name: str, *, namespace: str | None = None, kubeconfig: str | None = None, context: str | None = None, api: KubeApi | None = None) -> dict:
-    api = api or connect(kubeconfig, context)
+    api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace)
     cr = api.get("FineTuneJob", ns, name)
     if cr is None:
@@ -238,7 +249,7 @@ def cancel_finetune(name: str, *, namespace: str | None = None, kubeconfig: str 
 
     The FineTuneJob stays (its status is the record of what happened); delete it with kubectl.
     """
-    api = api or connect(kubeconfig, context)
+    api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace)
     get_finetune(name, namespace=ns, api=api)
     api.patch("FineTuneJob", ns, name, {"metadata": {"annotations": {CANCEL_ANNOTATION: "true"}}})
@@ -247,7 +258,7 @@ def cancel_finetune(name: str, *, namespace: str | None = None, kubeconfig: str 
 
 def finetune_logs(name: str, *, namespace: str | None = None, follow: bool = False, kubeconfig: str | None = None, context: str | None = None, api: KubeApi | None = None) -> Iterator[str]:
     """The job's driver log: KubeRay's submitter pod (`ray job submit` follows it), else the head pod."""
-    api = api or connect(kubeconfig, context)
+    api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace)
     row = get_finetune(name, namespace=ns, api=api)
     rayjob = row["ray_job"] or name
@@ -266,7 +277,7 @@ def finetune_logs(name: str, *, namespace: str | None = None, follow: bool = Fal
 def apply_deployment(spec: ServeSpec, *, namespace: str | None = None, kubeconfig: str | None = None, context: str | None = None, api: KubeApi | None = None) -> dict:
     """Create the ModelDeployment, or replace its spec when it exists; returns its `deployment_row`
     plus `action` (created|updated). The operator applies adapter-only changes in place."""
-    api = api or connect(kubeconfig, context)
+    api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace)
     cr = model_deployment_cr(spec, ns)
     try:

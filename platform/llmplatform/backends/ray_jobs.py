@@ -93,9 +93,12 @@ class RayJobsBackend:
     def client(self):
         from ray.job_submission import JobSubmissionClient
 
-        for key, value in self.env.items():
-            if key.startswith("RAY_"):
-                os.environ.setdefault(key, value)  # e.g. RAY_AUTH_MODE must match the cluster
+        from llmplatform.backends.ray_auth import use_client_env
+        from llmplatform.reach import require_reachable
+
+        require_reachable(self.address, "the Ray Jobs API", "start the stack with `platformctl up`, or set "
+                          "RAY_ADDRESS=http://HOST:8265 to a running cluster's dashboard", JobError)
+        use_client_env(self.env)  # e.g. the local stack's token
         try:
             return JobSubmissionClient(self.address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -106,6 +109,10 @@ class RayJobsBackend:
 
         if not self.tracking_uri:
             raise JobError("no MLflow tracking server: set mlflow.tracking_uri in the spec or MLFLOW_TRACKING_URI")
+        from llmplatform.reach import require_reachable
+
+        require_reachable(self.tracking_uri, "the MLflow tracking server", "start it (`platformctl up` for the local "
+                          "one) or set mlflow.tracking_uri in the spec / MLFLOW_TRACKING_URI to a running server", JobError)
         base_dir = None
         if self.resolve_locally:
             from llmplatform.tiny import resolve_base

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -30,8 +31,16 @@ def build_app() -> typer.Typer:
     return app
 
 
+# MLflow's client retries a failed request 7 times with backoff factor 2 (~4 min); a CLI call
+# should give up in seconds. Set before MLflow is imported; the user's own values win.
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run platformctl; returns the exit code (usage errors 2, PlatformError its own code)."""
+    for key, value in MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
     app = build_app()
     try:
         app(args=argv, prog_name="platformctl")  # standalone: ends with SystemExit

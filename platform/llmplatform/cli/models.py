@@ -23,10 +23,16 @@ DIRECTION_HELP = ("Direction: metrics whose name contains loss, perplexity, ppl,
 
 
 def resolve_tracking_uri(given: str | None) -> str:
-    """--tracking-uri / $MLFLOW_TRACKING_URI, else the local stack's server, else a clear error."""
+    """--tracking-uri / $MLFLOW_TRACKING_URI, else the local stack's server, else a clear error;
+    a server that does not answer is an error at once (MLflow's own client retries for minutes)."""
+    from llmplatform.errors import RegistryError
+    from llmplatform.reach import require_reachable
     from llmplatform.registry.client import default_tracking_uri
 
-    return given or default_tracking_uri()
+    uri = given or default_tracking_uri()
+    require_reachable(uri, "the MLflow tracking server", "start it (`platformctl up` for the local one) or pass "
+                      "--tracking-uri / set MLFLOW_TRACKING_URI to a running server", RegistryError)
+    return uri
 
 
 @app.command("list")

@@ -6,7 +6,6 @@ backend for `--target k8s`), and prints a table or `--output json`.
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 
 import typer
@@ -27,20 +26,16 @@ RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", h
 
 
 def _connect(ray_address: str | None, start_local: bool = False) -> None:
+    from llmplatform import stack
+    from llmplatform.backends.ray_auth import use_client_env
+    from llmplatform.reach import require_reachable
     from llmplatform.serving.app import connect
 
     if not ray_address:
-        from llmplatform import stack
-
-        if start_local:
-            info = stack.up()
-            ray_address = info.ray_address
-            for k, v in (info.client_env or {}).items():
-                os.environ.setdefault(k, v)
-        else:
-            ray_address = stack.ray_address()
-    if ray_address.startswith("127.0.0.1"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local stack runs without Ray token auth
+        ray_address = stack.up().ray_address if start_local else stack.ray_address()
+    require_reachable(ray_address, "the Ray cluster (GCS)", "start the local stack with `platformctl up`, or pass "
+                      "--ray-address / set RAY_ADDRESS to a running cluster's GCS address (HOST:6379)", ServeError)
+    use_client_env(stack.client_env_for(ray_address))  # the local stack's token; {} for another cluster
     connect(ray_address)
 
 
@@ -50,6 +45,7 @@ def deploy(
     target: Target = typer.Option(Target.local, "--target", "-t", help="local: the embedded stack; ray: --ray-address; k8s: a ModelDeployment CR."),
     ray_address: str | None = RAY_ADDRESS_OPTION,
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait until the deployment runs."),
+    keep_failed: bool = typer.Option(False, "--keep-failed", help="Keep a new deployment that failed (to inspect it); by default it is removed."),
     output: OutputFormat = OUTPUT_OPTION,
     namespace: str = NAMESPACE_OPTION,
     kubeconfig: str = KUBECONFIG_OPTION,
@@ -72,7 +68,7 @@ def deploy(
     from llmplatform.serving.app import deploy as run_deploy
 
     _connect(ray_address, start_local=target == Target.local)
-    result = run_deploy(spec, timeout_s=timeout)
+    result = run_deploy(spec, timeout_s=timeout, keep_failed=keep_failed)
     emit(result, output, text=f"deployed {spec.name}: {result['status']} at {result['url']}\n"
                               f"try: platformctl serve chat {spec.name} \"Hello\"")
 

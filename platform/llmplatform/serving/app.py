@@ -149,8 +149,12 @@ def _route_prefixes() -> dict[str, str | None]:
 
 
 def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port: int | None = None,
-           timeout_s: float = READY_TIMEOUT_S) -> dict:
-    """Deploy (or update) the application and wait until it is RUNNING; returns its status dict."""
+           timeout_s: float = READY_TIMEOUT_S, keep_failed: bool = False) -> dict:
+    """Deploy (or update) the application and wait until it is RUNNING; returns its status dict.
+
+    A replica whose constructor raises fails the deploy at once with that exception (Serve would
+    retry it until the timeout). A new application that fails or times out is deleted again
+    unless `keep_failed`; an update of an existing one is left to Serve's rollback."""
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -170,6 +174,7 @@ def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port:
         raise ServeError(f"deployment {spec.name!r} refused; adapters that don't fit:\n  - " + "\n  - ".join(problems))
     connect(ray_address)
     ensure_serve(http_port)
+    is_new = spec.name not in serve.status().applications
     app = build_app(spec.model_dump(mode="json"))
     serve.run_many([RunTarget(target=app, name=spec.name, route_prefix=_route_prefix(spec))],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
@@ -179,14 +184,30 @@ def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port:
         state = str(getattr(app_status, "status", "")).rsplit(".", 1)[-1]
         if state == "RUNNING":
             return status(spec.name, _any_key(spec))
-        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise ServeError(f"deployment {spec.name!r} failed: {failure_reason(app_status)}. The full traceback is in "
-                             f"`platformctl serve status {spec.name} --output json`; remove it with `platformctl serve delete {spec.name}`.")
+        if state in ("DEPLOY_FAILED", "UNHEALTHY") or (app_status is not None and replica_start_failed(app_status)):
+            _give_up(spec.name, is_new and not keep_failed, f"deployment {spec.name!r} failed: {failure_reason(app_status)}.")
         if time.time() > deadline:
-            raise ServeError(f"deployment {spec.name!r} not running after {timeout_s:.0f} s (state {state}): "
-                             f"{_deployment_messages(app_status)}. Check free CPUs/GPUs for the placement group "
-                             "(`ray status`), or over-subscribe CPUs with `ray start --num-cpus`.")
+            _give_up(spec.name, is_new and not keep_failed,
+                     f"deployment {spec.name!r} not running after {timeout_s:.0f} s (state {state}): "
+                     f"{_deployment_messages(app_status)}. Check free CPUs/GPUs for the placement group "
+                     "(`ray status`), or over-subscribe CPUs with `ray start --num-cpus`.")
         time.sleep(0.5)
+
+
+def _give_up(name: str, remove: bool, message: str) -> None:
+    """Raise ServeError(message), deleting the application first when `remove`."""
+    from ray import serve
+
+    if remove:
+        serve.delete(name)
+        raise ServeError(f"{message} The application was removed (keep a failed one for inspection with --keep-failed).")
+    raise ServeError(f"{message} The full traceback is in `platformctl serve status {name} --output json`; "
+                     f"remove it with `platformctl serve delete {name}`.")
+
+
+def replica_start_failed(app_status) -> bool:
+    """Whether a replica of some deployment raised in its constructor (Serve then retries it)."""
+    return any((d.message or "").startswith(REPLICA_START_FAILED) for d in app_status.deployments.values())
 
 
 def _any_key(spec: ServeSpec) -> str | None:
@@ -202,6 +223,9 @@ def _uses_registry(spec: ServeSpec) -> bool:
                 or any(a.source.startswith("models:/") for a in spec.model.adapters))
 
 
+REPLICA_START_FAILED = "A replica failed to start"  # Serve's deployment message, the traceback follows
+
+
 def failure_reason(app_status) -> str:
     """Why an application failed, in one line: Serve's summary ("Failed to update the deployments
     ['ingress']") plus, per failed deployment, the exception its replicas raised (the last line
@@ -210,7 +234,7 @@ def failure_reason(app_status) -> str:
     for name, dep in app_status.deployments.items():
         state = str(dep.status).rsplit(".", 1)[-1]
         lines = [line.strip() for line in (dep.message or "").splitlines() if line.strip()]
-        if state in ("DEPLOY_FAILED", "UNHEALTHY") and lines:
+        if (state in ("DEPLOY_FAILED", "UNHEALTHY") or (dep.message or "").startswith(REPLICA_START_FAILED)) and lines:
             parts.append(f"{name}: {lines[-1]}")
     return " ".join(p for p in parts if p) or "no reason reported"
 
