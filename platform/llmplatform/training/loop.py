@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -133,10 +134,20 @@ def save_checkpoint(path: Path, model, state: dict, tokenizer=None) -> None:
     torch.save(state, path / STATE_FILE)
 
 
+def read_state(path: Path) -> dict:
+    """A `checkpoint_state` file, unpickled with `weights_only=True`: tensors, containers and plain
+    values only, so a checkpoint on shared storage can never run code when a job resumes from it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RuntimeError(f"{path} holds more than tensors and plain values, so it is not loaded "
+                           f"(a checkpoint must never run code): {str(exc).splitlines()[0]}") from exc
+
+
 def load_checkpoint(checkpoint, model, opt, sched) -> tuple[int, int]:
     """Restore from a Ray checkpoint (a collective for a sharded model); returns (step, data_position)."""
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = read_state(Path(d) / STATE_FILE)
     if state.get("sharded", False) != sharding.is_sharded(model):
         raise RuntimeError("the checkpoint was written with another resources.strategy (fsdp vs ddp); resume with the same spec")
     if state.get("sharded"):
