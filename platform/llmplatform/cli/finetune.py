@@ -16,7 +16,7 @@ import typer
 from llmplatform.backends import records
 from llmplatform.backends.base import TARGETS, JobRecord
 from llmplatform.cli.output import CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OUTPUT_OPTION, OutputFormat, emit, emit_json
-from llmplatform.errors import DataError, JobError, PlatformError
+from llmplatform.errors import JobError, PlatformError
 
 app = typer.Typer(help="Submit and manage LoRA/QLoRA fine-tuning jobs.", no_args_is_help=True)
 
@@ -50,7 +50,7 @@ def progress_line(record: JobRecord, width: int = 24) -> str:
         parts.append(f"tok/s {m['tokens_per_s']:.0f}")
     elapsed = m.get("elapsed_s")
     steps_done = step - (m.get("start_step") or 0)
-    if elapsed and steps_done > 0 and total:
+    if elapsed and steps_done > 0 and total and not record.terminal:  # an ended job has no ETA
         parts.append(f"ETA {_fmt_duration(elapsed / steps_done * (total - step))}")
     if record.restarts:
         parts.append(f"restarts {record.restarts}")
@@ -151,18 +151,11 @@ def submit(
         _submit_k8s(spec, output, _kube(namespace, kubeconfig, context))
         return
     spec = resolve_local_paths(spec)  # Ray workers don't share this shell's working directory
-    record = records.save(JobRecord(id=new_job_id(spec), name=spec.name, target=target, spec=spec.model_dump(mode="json"), registered_model=spec.mlflow.registered_model_name))
-    try:
-        validate_before_submit(spec, target)
-        from llmplatform.backends.targets import backend_for
+    validate_before_submit(spec, target)  # a refused spec or dataset leaves no job behind
+    from llmplatform.backends.targets import backend_for
 
-        record = records.save(backend_for(target).submit(spec, record))
-    except PlatformError as exc:
-        record.state, record.reason = "failed", _first_line(exc)
-        records.save(record)
-        if isinstance(exc, DataError):
-            raise DataError(exc.source, exc.problems) from None
-        raise
+    record = JobRecord(id=new_job_id(spec), name=spec.name, target=target, spec=spec.model_dump(mode="json"), registered_model=spec.mlflow.registered_model_name)
+    record = records.save(backend_for(target).submit(spec, record))  # recorded once a backend took it
     if output == OutputFormat.json and not (wait or follow):
         emit_json(record.to_dict())
         return
@@ -177,11 +170,6 @@ def submit(
             typer.echo(result_text(record))
         if record.state != "succeeded":
             raise JobError(f"job {record.id} {record.state}: {record.reason or 'see `platformctl finetune logs ' + record.id + '`'}")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _submit_k8s(spec, output: OutputFormat, kube: dict) -> None:

@@ -79,13 +79,14 @@ def test_submit_refuses_bad_data_before_anything_starts(home, tmp_path, tiny_ran
     err = capsys.readouterr().err
     assert code == 1
     assert "line 2" in err and "line 3" in err
-    [rec] = records.list_records()
-    assert rec.state == "failed" and rec.address is None and rec.run_id is None  # never submitted
+    assert records.list_records() == []  # a refused submission is no job
+    assert main(["finetune", "list", "--output", "json"]) == 0 and json.loads(capsys.readouterr().out) == []
 
 
 def test_submit_without_a_running_stack_says_how_to_start_one(home, tmp_path, tiny_random_dir, task_files, capsys):
     code = main(["finetune", "submit", str(_spec_file(tmp_path, task_files["train"], tiny_random_dir))])
     assert code == 1 and "platformctl up" in capsys.readouterr().err
+    assert records.list_records() == []  # nothing took the job: no record
 
 
 def test_submit_rejects_an_invalid_spec_with_every_problem(home, tmp_path, capsys):
@@ -106,3 +107,15 @@ def test_status_of_unknown_job_and_empty_list(home, capsys):
 def test_target_ray_needs_a_jobs_api_address(home, tmp_path, tiny_random_dir, task_files, capsys):
     code = main(["finetune", "submit", str(_spec_file(tmp_path, task_files["train"], tiny_random_dir)), "--target", "ray"])
     assert code == 1 and "RAY_ADDRESS" in capsys.readouterr().err
+    assert records.list_records() == []
+
+
+def test_an_ended_job_shows_no_eta():
+    from llmplatform.cli.finetune import progress_line
+
+    metrics = {"loss": 0.5, "elapsed_s": 30.0, "start_step": 0}
+    running = JobRecord(id="j", name="n", target="local", state="running", step=10, total=40, metrics=metrics)
+    assert "ETA 1m30s" in progress_line(running)
+    for state in ("cancelled", "failed", "succeeded"):
+        ended = JobRecord(id="j", name="n", target="local", state=state, step=10, total=40, metrics=metrics)
+        assert "ETA" not in progress_line(ended) and state in progress_line(ended)
