@@ -91,13 +91,14 @@ class RayJobsBackend:
         self.env, self.python, self.resolve_locally = dict(env or {}), python, resolve_locally
 
     def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        from llmplatform.backends.ray_auth import use_client_env
         from llmplatform.reach import require_reachable
 
         require_reachable(self.address, "the Ray Jobs API", "start the stack with `platformctl up`, or set "
                           "RAY_ADDRESS=http://HOST:8265 to a running cluster's dashboard", JobError)
+        from ray.job_submission import JobSubmissionClient
+
+        from llmplatform.backends.ray_auth import use_client_env
+
         use_client_env(self.env)  # e.g. the local stack's token
         try:
             return JobSubmissionClient(self.address)
