@@ -49,7 +49,10 @@ def parse_events(log_text: str) -> list[dict]:
 
 
 def apply_events(record: JobRecord, events: list[dict]) -> JobRecord:
-    """Fold progress events into the record (latest step, metrics, checkpoint, result, reason)."""
+    """Fold progress events into the record (latest step, metrics, checkpoint, result, reason).
+
+    The checkpoint step is the latest one reported, or after a restart the one training resumed
+    from, whichever came last."""
     rank0_pids: set = set()
     for ev in events:
         kind = ev.get("kind")
@@ -58,6 +61,8 @@ def apply_events(record: JobRecord, events: list[dict]) -> JobRecord:
         elif kind == "worker_start" and ev.get("rank") == 0:
             record.total = ev.get("total") or record.total
             rank0_pids.add(ev.get("pid"))
+            if ev.get("resumed"):  # a checkpoint reported just before a crash may not be the one Ray kept
+                record.checkpoint_step = ev.get("step")
         elif kind == "step":
             record.step, record.total = int(ev["step"]), ev.get("total") or record.total
             metrics = {k: v for k, v in ev.items() if k not in ("kind", "step", "total")}

@@ -135,7 +135,13 @@ def read_rows(path: str | Path, data: bytes | None = None) -> list[RawRow]:
     kind = file_kind(path, data)
     if kind == "parquet":
         return _parquet_rows(path, data)
-    text = _decode(path, data)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # a JSON array: no record boundaries to recover
+            line = data[: exc.start].count(b"\n") + 1
+            raise DataError(str(path), [Problem(f"line {line}", "not UTF-8 text", accepted="a UTF-8 JSONL, JSON or Parquet file")]) from exc
+        return _jsonl_rows(_decode_lines(data))  # JSON lines: report each bad line, check the rest
     if kind == "json":
         stripped = text.lstrip()
         try:
@@ -151,17 +157,24 @@ def read_rows(path: str | Path, data: bytes | None = None) -> list[RawRow]:
     return _jsonl_rows(text)
 
 
-def _decode(path: str | Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(str(path), [Problem(f"line {line}", "not UTF-8 text", accepted="a UTF-8 JSONL, JSON or Parquet file")]) from None
+def _decode_lines(data: bytes) -> list[str | UnicodeDecodeError]:
+    """Each line of `data` as text, or the UnicodeDecodeError of a line that is not UTF-8."""
+    lines: list[str | UnicodeDecodeError] = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r"))
+        except UnicodeDecodeError as exc:
+            lines.append(exc)
+    return lines
 
 
-def _jsonl_rows(text: str) -> list[RawRow]:
+def _jsonl_rows(lines: str | list[str | UnicodeDecodeError]) -> list[RawRow]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines.splitlines() if isinstance(lines, str) else lines, start=1):
+        if isinstance(line, UnicodeDecodeError):
+            byte = line.object[line.start]
+            rows.append(RawRow(f"line {number}", number, error=f"not UTF-8 text (byte 0x{byte:02x} at column {line.start + 1}); save the file as UTF-8"))
+            continue
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not records
         try:

@@ -145,3 +145,24 @@ def test_uri_without_filesystem_library_names_what_to_install():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_records(tmp_path / "nope.jsonl")
+
+
+def test_a_non_utf8_line_is_reported_with_its_number_and_the_rest_still_checked(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(GOOD[0]).encode(), b'{"prompt": "caf\xe9", "completion": "x"}', b"{broken",
+             json.dumps({"prompt": "p"}).encode(), json.dumps(GOOD[1]).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    by_line = {p.location: p.message for p in err.value.problems}
+    assert set(by_line) == {"line 2", "line 3", "line 4"}
+    assert "not UTF-8" in by_line["line 2"] and "0xe9" in by_line["line 2"] and "column 16" in by_line["line 2"]
+    assert "invalid JSON" in by_line["line 3"] and "completion" in by_line["line 4"]
+
+
+def test_a_non_utf8_json_array_names_the_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n{"prompt": "a", "completion": "b"},\n{"prompt": "\xff", "completion": "c"}\n]\n')
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert [(p.location, p.message) for p in err.value.problems] == [("line 3", "not UTF-8 text")]

@@ -39,6 +39,18 @@ def test_progress_events_fold_into_the_record():
     assert rec.version == "2" and rec.progress == "4/9"
 
 
+def test_after_a_restart_the_checkpoint_is_the_one_training_resumed_from():
+    events = [{"kind": "worker_start", "rank": 0, "pid": 11, "step": 0, "total": 60, "resumed": False},
+              {"kind": "step", "step": 25, "total": 60}, {"kind": "checkpoint", "step": 25},
+              {"kind": "step", "step": 50, "total": 60}, {"kind": "checkpoint", "step": 50},  # reported, then the worker died
+              {"kind": "worker_start", "rank": 0, "pid": 12, "step": 25, "total": 60, "resumed": True},
+              {"kind": "step", "step": 26, "total": 60}]
+    rec = apply_events(JobRecord(id="j", name="n", target="local"), events)
+    assert (rec.checkpoint_step, rec.step, rec.restarts) == (25, 26, 1)
+    later = apply_events(JobRecord(id="j", name="n", target="local"), [*events, {"kind": "checkpoint", "step": 50}])
+    assert later.checkpoint_step == 50
+
+
 def test_entrypoint_command_round_trips_the_spec(spec_for):
     from llmplatform.training import entrypoint
 
