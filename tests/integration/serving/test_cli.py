@@ -34,7 +34,8 @@ def test_unknown_deployment_is_a_clean_error(tiny_app, capsys):
 
 def test_deploy_that_fails_in_its_replicas_says_why(serving_env, base_dir, tmp_path, capsys):
     """A replica constructor that raises (here: engine vllm where vLLM isn't installed) fails the
-    deploy with the replica's exception in the message, not only Serve's 'Failed to update'."""
+    deploy with the replica's exception in the message, not only Serve's 'Failed to update'; with
+    --keep-failed the failed application stays for inspection."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is not None:
@@ -43,9 +44,36 @@ def test_deploy_that_fails_in_its_replicas_says_why(serving_env, base_dir, tmp_p
     spec.write_text(f"name: no-vllm\nengine: vllm\nmax_model_len: 256\nmodel:\n  base: {base_dir}\n")
     try:
         assert main(["serve", "deploy", str(spec), "--target", "ray", "--ray-address", serving_env["ray_address"],
-                     "--timeout", "120"]) == 1
+                     "--timeout", "120", "--keep-failed"]) == 1
         err = capsys.readouterr().err
         assert "deployment 'no-vllm' failed" in err and "No module named 'vllm'" in err
         assert "platformctl serve delete no-vllm" in err
+        assert main(["serve", "list"]) == 0 and "no-vllm" in capsys.readouterr().out
     finally:
         main(["serve", "delete", "no-vllm"])
+
+
+def test_a_base_model_that_cannot_load_fails_the_deploy_at_once_and_is_removed(serving_env, base_dir, tmp_path, capsys):
+    """The replica's own exception is reported as soon as its constructor raises (not after the
+    whole timeout, blaming a slow __init__), and the new application is removed again."""
+    import shutil
+    import time
+
+    broken = tmp_path / "broken-base"
+    shutil.copytree(base_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(f"name: broken-base\nmodel:\n  base: {broken}\n")
+    started = time.monotonic()
+    try:
+        code = main(["serve", "deploy", str(spec), "--target", "ray", "--ray-address", serving_env["ray_address"], "--timeout", "600"])
+        took = time.monotonic() - started
+        err = capsys.readouterr().err
+        assert code == 1 and took < 180, (took, err)
+        assert "deployment 'broken-base' failed" in err and "slow __init__" not in err
+        assert "Error" in err.split("failed:", 1)[1]  # the replica's exception, e.g. SafetensorError: ...
+        assert "removed" in err and "--keep-failed" in err
+        assert main(["serve", "list"]) == 0 and "broken-base" not in capsys.readouterr().out
+    finally:
+        main(["serve", "delete", "broken-base"])
