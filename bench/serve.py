@@ -265,9 +265,9 @@ def start_endpoint(model_dir: Path, engine: str, python: str, partition=None) ->
     port = _free_port()
     code = (
         "import os, sys, time, tempfile, ray\n"
-        "from llmplatform.serving import app\n"
+        "from llmplatform.backends.serving import deploy_spec\n"
         "ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix='rb', dir='/tmp'), log_to_driver=False)\n"
-        f"st = app.deploy({{'name': 'bench', 'engine': '{engine}', 'max_model_len': 512,"
+        f"st = deploy_spec({{'name': 'bench', 'engine': '{engine}', 'max_model_len': 512,"
         " 'limits': {'max_concurrent_requests': 64, 'max_queued_requests': 64, 'max_batch_size': 32, 'request_timeout_s': 600},"
         f" 'dtype': 'bfloat16', 'model': {{'base': '{model_dir}', 'allow_dynamic_adapters': False}}}}, http_port={port})\n"
         "print('READY', st['url'], flush=True)\n"

@@ -69,10 +69,10 @@ def deploy(
         return
     if target == Target.ray and not ray_address:
         raise ServeError("--target ray needs --ray-address (or $RAY_ADDRESS)")
-    from llmplatform.serving.app import deploy as run_deploy
+    from llmplatform.backends.serving import deploy_spec
 
     _connect(ray_address, start_local=target == Target.local)
-    result = run_deploy(spec, timeout_s=timeout)
+    result = deploy_spec(spec, target=target.value, timeout_s=timeout)
     emit(result, output, text=f"deployed {spec.name}: {result['status']} at {result['url']}\n"
                               f"try: platformctl serve chat {spec.name} \"Hello\"")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llmplatform.errors import PlatformError, ServeError
+from llmplatform.errors import PlatformError
 from llmplatform.specs import REGISTRY_URI, ServeSpec
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,9 @@ def default_base_resolver(name: str) -> str:
     return resolve_base(name)
 
 
-def resolve_base_dir(spec: ServeSpec, resolver: Callable[[str], object] | None = None) -> tuple[str, str]:
-    """(base display name, path or HF id to load) from `model.base` or the registry lineage."""
-    name = spec.model.base
-    if not name:
-        resolved = (resolver or default_resolver(spec.tracking_uri))(spec.model.registry)
-        name = getattr(resolved, "base_model", None) or (getattr(resolved, "lineage", {}) or {}).get("base_model")
-        if not name:
-            raise ServeError(f"{spec.model.registry} has no base_model in its lineage; set model.base in the spec")
-    return str(name), default_base_resolver(str(name))
+def locate_base(name: str) -> str:
+    """Where the resolved base model's weights are (a directory or an HF id) on this node."""
+    return default_base_resolver(str(name))
 
 
 class AdapterTable:

@@ -55,16 +55,17 @@ def test_cpu_shards_run_on_the_model_cpus_of_a_partitioned_stack():
 
 
 def test_base_only_deployments_run_vllm_without_lora_layers():
-    from llmplatform.serving.replica import serves_adapters
+    from llmplatform.resolve import Facts, resolve
     from llmplatform.specs import parse_spec
 
-    def spec(**model):
-        return parse_spec("serve", {"name": "s", "engine": "vllm", "model": {"base": "llama2-7b", **model}})
+    def serves_adapters(**model) -> bool:
+        spec = parse_spec("serve", {"name": "s", "engine": "vllm", "model": {"base": "llama2-7b", **model}})
+        return resolve(spec, Facts(vllm_available=True))["enable_lora"]
 
-    assert not serves_adapters(spec(allow_dynamic_adapters=False))
-    assert serves_adapters(spec())  # dynamic adapters are on by default
-    assert serves_adapters(spec(allow_dynamic_adapters=False, adapters=[{"name": "a", "source": "/tmp/a"}]))
-    assert serves_adapters(spec(base=None, registry="models:/bot@production", allow_dynamic_adapters=False))
+    assert not serves_adapters(allow_dynamic_adapters=False)
+    assert serves_adapters()  # dynamic adapters are on by default
+    assert serves_adapters(allow_dynamic_adapters=False, adapters=[{"name": "a", "source": "/tmp/a"}])
+    assert serves_adapters(base=None, registry="models:/bot@production", allow_dynamic_adapters=False)
     args = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2,
                        enable_lora=False)
     assert args["enable_lora"] is False and "max_loras" not in args and "max_lora_rank" not in args

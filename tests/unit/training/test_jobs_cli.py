@@ -39,16 +39,21 @@ def test_progress_events_fold_into_the_record():
     assert rec.version == "2" and rec.progress == "4/9"
 
 
-def test_entrypoint_command_round_trips_the_spec(spec_for):
+def test_entrypoint_command_round_trips_the_resolved_plan(spec_for, capsys):
+    from llmplatform.resolve import Resolved, resolve
     from llmplatform.training import entrypoint
 
     spec = spec_for(name="it-s-quoted", data={"system_prompt": "Don't \"panic\" $HOME `x`"})
-    argv = shlex.split(entrypoint_command("py", spec, "job-1", "run-1", "http://m", "/base"))
+    plan = resolve(spec)
+    argv = shlex.split(entrypoint_command("py", plan, "job-1", "run-1", "http://m", "/base"))
     assert argv[:3] == ["py", "-m", "llmplatform.training.entrypoint"]
-    parsed = json.loads(argv[argv.index("--spec-json") + 1])
-    assert parsed == spec.model_dump(mode="json")
+    parsed = Resolved.from_dict(json.loads(argv[argv.index("--resolved-json") + 1]))
+    assert parsed.spec == spec and parsed.values == plan.values
     assert argv[argv.index("--base-dir") + 1] == "/base"
-    assert entrypoint.main(["--spec-json", "{}", "--job-id", "x"]) == 1  # invalid spec -> clean error
+    assert entrypoint.main(["--resolved-json", "{}", "--job-id", "x"]) == 1  # not a plan -> clean error
+    assert "not a resolved plan" in capsys.readouterr().err
+    bare = json.dumps(spec.model_dump(mode="json"))  # a bare spec is not a plan: the job never plans for itself
+    assert entrypoint.main(["--resolved-json", bare, "--job-id", "x"]) == 1
 
 
 def test_records_round_trip_and_unknown_ids_are_explained(home):
