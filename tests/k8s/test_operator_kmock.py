@@ -85,8 +85,10 @@ def test_finetunejob_creates_the_expected_rayjob(api: KubeApi, manifest_validato
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 0
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--spec-json"]
-    assert json.loads(argv[4])["base_model"] == "llama2-7b" and json.loads(argv[4])["name"] == "support-lora"
+    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--resolved-json"]
+    plan = json.loads(argv[4])
+    assert plan["spec"]["base_model"] == "llama2-7b" and plan["spec"]["name"] == "support-lora"
+    assert plan["values"]["use_gpu"]["value"] is True and plan["values"]["workers"]["value"] == 2  # what the pods were sized for
     assert argv[5:] == ["--job-id", "support-lora-uidftj1"]
     [workers] = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == 2

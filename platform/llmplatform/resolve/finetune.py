@@ -50,8 +50,10 @@ def _plan(spec: FineTuneSpec, gpu_type: str | None, problems: list[Problem]) -> 
     if spec.data.max_seq_length > shape.context:
         problems.append(Problem("data.max_seq_length", f"exceeds {shape.name}'s context of {shape.context} tokens", spec.data.max_seq_length, f"<= {shape.context}"))
     if not plan.fits:
-        problems.append(Problem("resources.gpu_type", f"{shape.name} {spec.method} does not fit on {gpu.name}: " + "; ".join(plan.notes),
-                                gpu.name, "a larger GPU, method qlora, or a shorter data.max_seq_length / micro_batch_size"))
+        why = next((n for n in plan.notes if "does not fit" in n), "")
+        fixes = ([] if hp.gradient_checkpointing else ["hyperparameters.gradient_checkpointing: true"]) + \
+            ["a smaller hyperparameters.micro_batch_size or data.max_seq_length"] + (["method: qlora"] if spec.method == "lora" else []) + ["a larger GPU"]
+        problems.append(Problem("resources.gpu_type", f"{shape.name} {spec.method} does not fit on {gpu.name}: {why}", gpu.name, ", ".join(fixes)))
     return plan, ""
 
 
