@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmplatform.stack.cpus import FRONT_ENV, MODEL_ENV, CpuPartition
+from llmplatform.cpus import FRONT_ENV, MODEL_ENV, CpuPartition
 from llmplatform.stack.ports import HOST, free_port
 from llmplatform.stack.processes import ProcessRecord, http_ok, start_process
 
@@ -123,7 +123,7 @@ def start_ray_head(home: Path, ports: RayPorts, log_path: Path, num_cpus: int = 
                    partition: CpuPartition | None = None) -> ProcessRecord:
     """Start the head in its own process group; returns at once (see `ray_healthy`).
 
-    With a CPU partition (see llmplatform.stack.cpus) the head, and so every Ray process, starts
+    With a CPU partition (see llmplatform.cpus) the head, and so every Ray process, starts
     on the partition's front-end CPUs."""
     temp_dir = ray_temp_dir(home)
     temp_dir.mkdir(parents=True, exist_ok=True)

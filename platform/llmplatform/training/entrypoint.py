@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llmplatform.errors import PlatformError
 from llmplatform.specs import FineTuneSpec, parse_spec
-from llmplatform.stack import cpus
+from llmplatform import cpus
 from llmplatform.training.loop import emit
 
 

@@ -13,7 +13,7 @@ import pytest
 from llmplatform.serving.engines import pick_engine, vllm_usable
 from llmplatform.serving.engines import vllm as vllm_engine
 from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args, shard_cpus
-from llmplatform.stack.cpus import CpuPartition
+from llmplatform.cpus import CpuPartition
 
 
 def test_auto_picks_vllm_only_when_importable():
