@@ -274,7 +274,7 @@ def start_endpoint(model_dir: Path, engine: str, python: str, partition=None) ->
         "while True: time.sleep(3600)\n"
     )
     from llmplatform import cpus
-    from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV  # what `platformctl up` gives the Ray head
+    from llmplatform.serving.environment import SERVE_FAST_PATH_ENV  # what `platformctl up` gives the Ray head
 
     env = {**SERVE_FAST_PATH_ENV, **os.environ, "RAY_AUTH_MODE": "disabled",
            "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1"), **(partition.env() if partition else {})}

@@ -44,6 +44,22 @@ def _connect(ray_address: str | None, start_local: bool = False) -> None:
     connect(ray_address)
 
 
+def _with_stack_tracking_uri(spec):
+    """Serving code never asks the local stack: the CLI hands it the stack's MLflow server
+    (after the spec's own and $MLFLOW_TRACKING_URI) when the spec uses the registry."""
+    from llmplatform.errors import StackError
+    from llmplatform.serving.app import uses_registry
+
+    if spec.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or not uses_registry(spec):
+        return spec
+    from llmplatform import stack
+
+    try:
+        return spec.model_copy(update={"tracking_uri": stack.tracking_uri()})
+    except StackError:
+        return spec  # no stack running: serving refuses registry references with the fix, or needs none
+
+
 @app.command("deploy")
 def deploy(
     spec_file: str = typer.Argument(..., help="Serve spec (YAML/JSON; a ModelDeployment CR works too)."),
@@ -72,7 +88,7 @@ def deploy(
     from llmplatform.serving.app import deploy as run_deploy
 
     _connect(ray_address, start_local=target == Target.local)
-    result = run_deploy(spec, timeout_s=timeout)
+    result = run_deploy(_with_stack_tracking_uri(spec), timeout_s=timeout)
     emit(result, output, text=f"deployed {spec.name}: {result['status']} at {result['url']}\n"
                               f"try: platformctl serve chat {spec.name} \"Hello\"")
 

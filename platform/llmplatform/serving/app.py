@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -22,15 +23,13 @@ from typing import Iterator
 from llmplatform.errors import ServeError
 from llmplatform.serving.adapters import check_local_adapters, resolve_base_dir
 from llmplatform.serving.engines import pick_engine
+from llmplatform.serving.environment import replica_env
 from llmplatform.serving.placement import (colocated_options, engine_options, ingress_options, plan_placement, resolve_tensor_parallel,
                                            resolve_topology)
 from llmplatform.specs import ServeSpec, parse_spec
-from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
-# Where replicas find the model cache and the registry: forwarded from the deploying process.
-FORWARDED_ENV = ("PLATFORM_HOME", "PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "PLATFORM_ENGINE_THREADS", "HF_HUB_OFFLINE")
 
 
 def _as_spec(spec: ServeSpec | dict) -> ServeSpec:
@@ -47,22 +46,6 @@ def _gpus_per_node(accelerator: str | None) -> int | None:
         return None
     counts = [n["Resources"].get(accelerator, 0) for n in ray.nodes() if n.get("Alive")]
     return int(max(counts)) if counts and max(counts) > 0 else None
-
-
-# The hf engine has its own decode thread; its replicas keep Serve's default of user code on a
-# separate thread. Measured on 2 cores, 32 prompts at 16 streams: before the engine stopped
-# taking its model lock on the event loop, 106 tok/s with user code on the replica loop vs 167 on
-# the separate thread; after that fix the two are equal (280 vs 265, within noise).
-HF_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
-
-
-def replica_env(environ, engine: str = "vllm") -> dict[str, str]:
-    """Environment variables for the replicas: forwarded platform settings plus Serve's fast path
-    (for the hf engine, with user code on Serve's own thread). The caller's own setting wins."""
-    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
-    fast = {**SERVE_FAST_PATH_ENV, **(HF_REPLICA_ENV if engine == "hf" else {})}
-    env.update({k: environ.get(k, v) for k, v in fast.items()})
-    return env
 
 
 def build_app(args: dict):
@@ -103,8 +86,6 @@ def ensure_serve(http_port: int | None = None) -> str:
     """Start Serve's HTTP proxy on 127.0.0.1 if it isn't running; return its base URL."""
     from ray import serve
 
-    from llmplatform.stack import free_port
-
     try:
         from ray.serve.context import _get_global_client
 
@@ -113,9 +94,16 @@ def ensure_serve(http_port: int | None = None) -> str:
             return _proxy_url()
     except Exception:
         pass
-    port = http_port or int(os.environ.get("PLATFORM_SERVE_PORT", 0)) or free_port()
+    port = http_port or int(os.environ.get("PLATFORM_SERVE_PORT", 0)) or _free_local_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return _proxy_url()
+
+
+def _free_local_port() -> int:
+    """A port free on 127.0.0.1 right now (bind port 0); Serve binds it at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _proxy_url() -> str:
@@ -154,16 +142,7 @@ def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port:
     from ray import serve
     from ray.serve.api import RunTarget
 
-    spec = _as_spec(spec)
-    if not spec.tracking_uri and _uses_registry(spec):
-        from llmplatform.errors import StackError
-        from llmplatform.stack import tracking_uri
-
-        try:
-            spec = spec.model_copy(update={"tracking_uri": tracking_uri()})
-        except StackError:
-            if spec.model.registry or any(a.source.startswith("models:/") for a in spec.model.adapters):
-                raise  # registry references need a registry; dynamic names just won't resolve
+    spec = _with_tracking_uri(_as_spec(spec))
     _, base_dir = resolve_base_dir(spec)
     problems = check_local_adapters(spec, base_dir)
     if problems:
@@ -197,9 +176,28 @@ def _any_key(spec: ServeSpec) -> str | None:
     return None
 
 
-def _uses_registry(spec: ServeSpec) -> bool:
-    return bool(spec.model.registry or spec.model.allow_dynamic_adapters
-                or any(a.source.startswith("models:/") for a in spec.model.adapters))
+def uses_registry(spec: ServeSpec) -> bool:
+    """True when the replicas ask the model registry: registry references or dynamic adapter names."""
+    return spec.model.allow_dynamic_adapters or _registry_refs(spec)
+
+
+def _registry_refs(spec: ServeSpec) -> bool:
+    return bool(spec.model.registry or any(a.source.startswith("models:/") for a in spec.model.adapters))
+
+
+def _with_tracking_uri(spec: ServeSpec) -> ServeSpec:
+    """The spec with the MLflow server its replicas use: the spec's own `tracking_uri`, else
+    `$MLFLOW_TRACKING_URI`. Registry references with neither are refused; dynamic adapter names
+    alone just won't resolve. (`platformctl serve deploy` fills in the local stack's server.)"""
+    if spec.tracking_uri or not uses_registry(spec):
+        return spec
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return spec.model_copy(update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]})
+    if _registry_refs(spec):
+        raise ServeError(f"deployment {spec.name!r} refers to the model registry but names no MLflow server: set "
+                         "`tracking_uri` in the spec or $MLFLOW_TRACKING_URI, or start the local stack (`platformctl up`) "
+                         "and deploy with `platformctl serve deploy`, which fills in its server.")
+    return spec
 
 
 def failure_reason(app_status) -> str:

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from llmplatform.errors import PlatformError
-from llmplatform.specs import FineTuneSpec, parse_spec
 from llmplatform import cpus
+from llmplatform.errors import JobError, PlatformError
+from llmplatform.specs import FineTuneSpec, parse_spec
 from llmplatform.training.loop import emit
 
 
@@ -42,13 +43,13 @@ def data_stats(spec: FineTuneSpec, tokenizer) -> tuple[dict, str]:
 
 
 def resolve_tracking_uri(spec: FineTuneSpec, given: str | None) -> str:
-    if given:
-        return given
-    if spec.mlflow.tracking_uri:
-        return spec.mlflow.tracking_uri
-    from llmplatform import stack
-
-    return stack.tracking_uri()
+    """--tracking-uri, else the spec's mlflow.tracking_uri, else $MLFLOW_TRACKING_URI (cluster
+    code never asks the local stack: its backends pass --tracking-uri)."""
+    found = given or spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not found:
+        raise JobError("no MLflow tracking server for this job: pass --tracking-uri, set mlflow.tracking_uri in the spec, "
+                       "or set MLFLOW_TRACKING_URI in the job's environment")
+    return found
 
 
 def run_job(spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: str, base_dir: str | None = None) -> dict:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec-json", required=True, help="the FineTuneSpec as JSON")
     parser.add_argument("--job-id", required=True, help="unique job id (also the Ray Train run name)")
     parser.add_argument("--run-id", default=None, help="existing MLflow run to log into")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: spec, env, or local stack)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: the spec's, else $MLFLOW_TRACKING_URI)")
     parser.add_argument("--base-dir", default=None, help="already-resolved base model directory")
     args = parser.parse_args(argv)
     cpus.use_all_cpus()  # data checks and tokenizing run here; a partitioned stack started us on its front CPUs

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from llmplatform.specs import FineTuneSpec
 from llmplatform import cpus
+from llmplatform.specs import FineTuneSpec
 from llmplatform.training import batches, model_setup, optimizer as optim, sharding
 
 PROGRESS_PREFIX = "PLATFORM_PROGRESS "

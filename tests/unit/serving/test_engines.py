@@ -71,7 +71,7 @@ def test_base_only_deployments_run_vllm_without_lora_layers():
 
 
 def test_replicas_get_serves_fast_path_and_hf_keeps_user_code_off_the_replica_loop():
-    from llmplatform.serving.app import replica_env
+    from llmplatform.serving.environment import replica_env
 
     vllm = replica_env({"PLATFORM_HOME": "/h", "UNRELATED": "x"}, "vllm")
     assert vllm["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and vllm["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"

@@ -24,8 +24,8 @@ from typing import AsyncIterator
 
 import torch
 
-from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
 from llmplatform import cpus
+from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
 
 BASE = "__base__"
 

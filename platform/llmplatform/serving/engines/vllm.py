@@ -17,8 +17,8 @@ import os
 import uuid
 from typing import AsyncIterator
 
-from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
 from llmplatform import cpus
+from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
 
 logger = logging.getLogger(__name__)
 
