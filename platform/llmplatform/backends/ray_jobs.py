@@ -108,9 +108,9 @@ class RayJobsBackend:
             raise JobError("no MLflow tracking server: set mlflow.tracking_uri in the spec or MLFLOW_TRACKING_URI")
         base_dir = None
         if self.resolve_locally:
-            from llmplatform.tiny import resolve_base
+            from llmplatform.basemodels import locate
 
-            base_dir = resolve_base(spec.base_model)
+            base_dir = locate(spec.base_model)
         record.run_id, record.run_url = ml.create_run(self.tracking_uri, spec, record.id, {"platform.target": self.target})
         command = entrypoint_command(self.python, spec, record.id, record.run_id, self.tracking_uri, base_dir)
         env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", **self.env}

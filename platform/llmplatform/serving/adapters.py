@@ -73,9 +73,9 @@ def default_resolver(tracking_uri: str | None) -> Callable[[str], object]:
 
 
 def default_base_resolver(name: str) -> str:
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
 
-    return resolve_base(name)
+    return locate(name)
 
 
 def resolve_base_dir(spec: ServeSpec, resolver: Callable[[str], object] | None = None) -> tuple[str, str]:

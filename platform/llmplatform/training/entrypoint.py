@@ -54,7 +54,7 @@ def resolve_tracking_uri(spec: FineTuneSpec, given: str | None) -> str:
 
 def run_job(spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: str, base_dir: str | None = None) -> dict:
     """Train, log and register; returns the result (run id, adapter URI, registered version)."""
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
     from llmplatform.training import mlflow_logging as ml
     from llmplatform.training import trainer
     from llmplatform.training.model_setup import load_tokenizer
@@ -68,7 +68,7 @@ def run_job(spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: s
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        base_dir = base_dir or resolve_base(spec.base_model)
+        base_dir = base_dir or locate(spec.base_model)
         tokenizer = load_tokenizer(base_dir)
         stats, sha = data_stats(spec, tokenizer)
         ml.set_tags(tracking_uri, run_id, {"dataset_sha256": sha, "base_model": spec.base_model, "platform.job_id": job_id})
