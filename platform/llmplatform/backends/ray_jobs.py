@@ -19,6 +19,7 @@ from typing import Iterator
 
 from llmplatform.backends.base import JobRecord, now_iso
 from llmplatform.errors import JobError
+from llmplatform.rayaddress import FORMS
 from llmplatform.specs import FineTuneSpec
 from llmplatform.training.loop import PROGRESS_PREFIX
 
@@ -99,7 +100,7 @@ class RayJobsBackend:
         try:
             return JobSubmissionClient(self.address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise JobError(f"cannot reach the Ray Jobs API at {self.address}: {exc}. Start the stack with `platformctl up` or set RAY_ADDRESS=http://HOST:8265.") from exc
+            raise JobError(f"cannot reach the Ray Jobs API at {self.address}: {exc}. Start the stack with `platformctl up`, or set RAY_ADDRESS to {FORMS}.") from exc
 
     def submit(self, spec: FineTuneSpec, record: JobRecord) -> JobRecord:
         from llmplatform.training import mlflow_logging as ml
