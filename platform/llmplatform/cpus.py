@@ -31,7 +31,6 @@ from llmplatform.errors import StackError
 
 FRONT_ENV = "PLATFORM_FRONT_CPUS"
 MODEL_ENV = "PLATFORM_MODEL_CPUS"
-MODES = ("auto", "off")
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
