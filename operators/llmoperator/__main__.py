@@ -16,7 +16,7 @@ import sys
 
 import kopf
 
-from llmplatform.backends.k8s import connect
+from llmplatform.kube import connect
 from llmplatform.errors import RegistryError
 
 from llmoperator.handlers import Deps, configure, make_registry

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import kopf
 
-from llmplatform.backends.k8s import KubeApi, TransientApiError
+from llmplatform.kube import KubeApi, TransientApiError
 from llmplatform.errors import JobError, RegistryError, SpecError
 from llmplatform.resolve import ResolveError
 

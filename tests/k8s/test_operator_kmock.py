@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from llmplatform.backends.k8s import KubeApi, cancel_finetune, connect, finetune_job_cr, model_deployment_cr
+from llmplatform.backends.k8s import cancel_finetune, finetune_job_cr, model_deployment_cr
+from llmplatform.kube import KubeApi, connect
 from llmplatform.specs import parse_spec
 
 from k8s_harness import eventually

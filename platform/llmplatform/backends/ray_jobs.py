@@ -19,6 +19,7 @@ from typing import Iterator
 
 from llmplatform.backends.base import JobRecord, now_iso
 from llmplatform.errors import JobError
+from llmplatform.rayaddress import FORMS
 from llmplatform.resolve import Resolved
 from llmplatform.specs import FineTuneSpec
 from llmplatform.training.loop import PROGRESS_PREFIX
@@ -100,7 +101,7 @@ class RayJobsBackend:
         try:
             return JobSubmissionClient(self.address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise JobError(f"cannot reach the Ray Jobs API at {self.address}: {exc}. Start the stack with `platformctl up` or set RAY_ADDRESS=http://HOST:8265.") from exc
+            raise JobError(f"cannot reach the Ray Jobs API at {self.address}: {exc}. Start the stack with `platformctl up`, or set RAY_ADDRESS to {FORMS}.") from exc
 
     def submit(self, plan: Resolved, record: JobRecord) -> JobRecord:
         from llmplatform.training import mlflow_logging as ml
@@ -110,9 +111,9 @@ class RayJobsBackend:
             raise JobError("no MLflow tracking server: set mlflow.tracking_uri in the spec or MLFLOW_TRACKING_URI")
         base_dir = None
         if self.resolve_locally:
-            from llmplatform.tiny import resolve_base
+            from llmplatform.basemodels import locate
 
-            base_dir = resolve_base(spec.base_model)
+            base_dir = locate(spec.base_model)
         record.run_id, record.run_url = ml.create_run(self.tracking_uri, spec, record.id, {"platform.target": self.target})
         command = entrypoint_command(self.python, plan, record.id, record.run_id, self.tracking_uri, base_dir)
         env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", **self.env}

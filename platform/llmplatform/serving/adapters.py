@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,7 +50,6 @@ class _Followed:
     ref: str  # models:/NAME@ALIAS or models:/NAME/VERSION
     target: Target | None = None
     refused: dict[int, str] = field(default_factory=dict)  # version -> why it was refused
-    checked_at: float = 0.0
 
 
 def registry_ref(name: str) -> str | None:
@@ -73,9 +71,9 @@ def default_resolver(tracking_uri: str | None) -> Callable[[str], object]:
 
 
 def default_base_resolver(name: str) -> str:
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
 
-    return resolve_base(name)
+    return locate(name)
 
 
 def locate_base(name: str) -> str:
@@ -183,7 +181,6 @@ class AdapterTable:
                 raise TargetError(f"{entry.ref.removeprefix('models:/')}: {exc}", 404) from exc
             raise
         version = int(getattr(resolved, "version"))
-        entry.checked_at = time.time()
         if entry.target is not None and entry.target.version == version:
             return
         if version in entry.refused:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -21,15 +22,13 @@ from typing import Iterator
 
 from llmplatform.errors import ServeError
 from llmplatform.resolve import Resolved
-from llmplatform.specs import ServeSpec
 from llmplatform.serving.adapters import check_local_adapters, locate_base
+from llmplatform.serving.environment import replica_env
 from llmplatform.serving.placement import colocated_options, engine_options, ingress_options
-from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV
+from llmplatform.specs import ServeSpec
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
-# Where replicas find the model cache and the registry: forwarded from the deploying process.
-FORWARDED_ENV = ("PLATFORM_HOME", "PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "PLATFORM_ENGINE_THREADS", "HF_HUB_OFFLINE")
 
 
 def cluster_accelerators(accelerator: str | None) -> tuple[int | None, int | None]:
@@ -44,22 +43,6 @@ def cluster_accelerators(accelerator: str | None) -> tuple[int | None, int | Non
     if not counts or max(counts) <= 0:
         return None, int(sum(counts)) if counts else None
     return int(max(counts)), int(sum(counts))
-
-
-# The hf engine has its own decode thread; its replicas keep Serve's default of user code on a
-# separate thread. Measured on 2 cores, 32 prompts at 16 streams: before the engine stopped
-# taking its model lock on the event loop, 106 tok/s with user code on the replica loop vs 167 on
-# the separate thread; after that fix the two are equal (280 vs 265, within noise).
-HF_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
-
-
-def replica_env(environ, engine: str = "vllm") -> dict[str, str]:
-    """Environment variables for the replicas: forwarded platform settings plus Serve's fast path
-    (for the hf engine, with user code on Serve's own thread). The caller's own setting wins."""
-    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
-    fast = {**SERVE_FAST_PATH_ENV, **(HF_REPLICA_ENV if engine == "hf" else {})}
-    env.update({k: environ.get(k, v) for k, v in fast.items()})
-    return env
 
 
 def build_app(args: dict):
@@ -97,8 +80,6 @@ def ensure_serve(http_port: int | None = None) -> str:
     """Start Serve's HTTP proxy on 127.0.0.1 if it isn't running; return its base URL."""
     from ray import serve
 
-    from llmplatform.stack import free_port
-
     try:
         from ray.serve.context import _get_global_client
 
@@ -107,9 +88,16 @@ def ensure_serve(http_port: int | None = None) -> str:
             return _proxy_url()
     except Exception:
         pass
-    port = http_port or int(os.environ.get("PLATFORM_SERVE_PORT", 0)) or free_port()
+    port = http_port or int(os.environ.get("PLATFORM_SERVE_PORT", 0)) or _free_local_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return _proxy_url()
+
+
+def _free_local_port() -> int:
+    """A port free on 127.0.0.1 right now (bind port 0); Serve binds it at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _proxy_url() -> str:

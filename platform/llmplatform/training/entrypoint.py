@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from llmplatform.errors import PlatformError, Problem
+from llmplatform import cpus
+from llmplatform.errors import JobError, PlatformError, Problem
 from llmplatform.resolve import Resolved, ResolveError
 from llmplatform.specs import FineTuneSpec
-from llmplatform.stack import cpus
 from llmplatform.training.loop import emit
 
 
@@ -45,19 +46,19 @@ def data_stats(spec: FineTuneSpec, tokenizer) -> tuple[dict, str]:
 
 
 def resolve_tracking_uri(spec: FineTuneSpec, given: str | None) -> str:
-    if given:
-        return given
-    if spec.mlflow.tracking_uri:
-        return spec.mlflow.tracking_uri
-    from llmplatform import stack
-
-    return stack.tracking_uri()
+    """--tracking-uri, else the spec's mlflow.tracking_uri, else $MLFLOW_TRACKING_URI (cluster
+    code never asks the local stack: its backends pass --tracking-uri)."""
+    found = given or spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not found:
+        raise JobError("no MLflow tracking server for this job: pass --tracking-uri, set mlflow.tracking_uri in the spec, "
+                       "or set MLFLOW_TRACKING_URI in the job's environment")
+    return found
 
 
 def run_job(plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str, base_dir: str | None = None) -> dict:
     """Train, log and register; returns the result (run id, adapter URI, registered version)."""
     spec: FineTuneSpec = plan.spec  # type: ignore[assignment]
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
     from llmplatform.training import mlflow_logging as ml
     from llmplatform.training import trainer
     from llmplatform.training.model_setup import load_tokenizer
@@ -71,7 +72,7 @@ def run_job(plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str, 
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        base_dir = base_dir or resolve_base(spec.base_model)
+        base_dir = base_dir or locate(spec.base_model)
         tokenizer = load_tokenizer(base_dir)
         stats, sha = data_stats(spec, tokenizer)
         ml.set_tags(tracking_uri, run_id, {"dataset_sha256": sha, "base_model": spec.base_model, "platform.job_id": job_id})
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolved-json", required=True, help="the job's resolved plan as JSON (platformctl spec resolve --output json)")
     parser.add_argument("--job-id", required=True, help="unique job id (also the Ray Train run name)")
     parser.add_argument("--run-id", default=None, help="existing MLflow run to log into")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: spec, env, or local stack)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: the spec's, else $MLFLOW_TRACKING_URI)")
     parser.add_argument("--base-dir", default=None, help="already-resolved base model directory")
     args = parser.parse_args(argv)
     cpus.use_all_cpus()  # data checks and tokenizing run here; a partitioned stack started us on its front CPUs

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from llmplatform import cpus
 from llmplatform.resolve import Resolved
 from llmplatform.specs import FineTuneSpec
-from llmplatform.stack import cpus
 from llmplatform.training import batches, model_setup, optimizer as optim, sharding
 
 PROGRESS_PREFIX = "PLATFORM_PROGRESS "

@@ -80,9 +80,9 @@ def serving_env(local_stack, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_dir(serving_env) -> str:
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
 
-    return resolve_base(BASE)
+    return locate(BASE)
 
 
 @pytest.fixture(scope="session")

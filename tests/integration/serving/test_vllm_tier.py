@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmplatform.stack import cpus
+from llmplatform import cpus
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[3]
@@ -50,7 +50,7 @@ SCRIPT = PRELUDE + r'''
     chunks = list(c.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
                                             extra_body={"ignore_eos": True}))
     out["stream_chunks"] = len(chunks)
-    from llmplatform.stack import cpus
+    from llmplatform import cpus
     procs = [(pid, comm) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
     out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in procs}
     out["nice"] = {comm: os.getpriority(os.PRIO_PROCESS, pid) for pid, comm in procs}

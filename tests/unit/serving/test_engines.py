@@ -13,7 +13,7 @@ import pytest
 from llmplatform.serving.engines import pick_engine, vllm_usable
 from llmplatform.serving.engines import vllm as vllm_engine
 from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args, shard_cpus
-from llmplatform.stack.cpus import CpuPartition
+from llmplatform.cpus import CpuPartition
 
 
 def test_auto_picks_vllm_only_when_importable():
@@ -72,7 +72,7 @@ def test_base_only_deployments_run_vllm_without_lora_layers():
 
 
 def test_replicas_get_serves_fast_path_and_hf_keeps_user_code_off_the_replica_loop():
-    from llmplatform.serving.app import replica_env
+    from llmplatform.serving.environment import replica_env
 
     vllm = replica_env({"PLATFORM_HOME": "/h", "UNRELATED": "x"}, "vllm")
     assert vllm["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and vllm["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"

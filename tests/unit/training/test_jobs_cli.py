@@ -10,6 +10,7 @@ from llmplatform.backends import records
 from llmplatform.backends.base import JobRecord
 from llmplatform.backends.ray_jobs import apply_events, entrypoint_command, parse_events
 from llmplatform.cli.main import main
+from llmplatform.errors import JobError
 from llmplatform.training.entrypoint import plain_reason
 
 
@@ -108,6 +109,17 @@ def test_status_of_unknown_job_and_empty_list(home, capsys):
     assert json.loads(capsys.readouterr().out) == []
 
 
-def test_target_ray_needs_a_jobs_api_address(home, tmp_path, tiny_random_dir, task_files, capsys):
+def test_target_ray_needs_ray_address(home, tmp_path, tiny_random_dir, task_files, capsys):
     code = main(["finetune", "submit", str(_spec_file(tmp_path, task_files["train"], tiny_random_dir)), "--target", "ray"])
     assert code == 1 and "RAY_ADDRESS" in capsys.readouterr().err
+
+
+def test_target_ray_takes_either_form_of_ray_address(monkeypatch):
+    from llmplatform.backends.targets import backend_for
+
+    for address in ("head.example:6379", "http://head.example:8265"):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert backend_for("ray", "http://mlflow:5000").address == "http://head.example:8265"  # nothing connects yet
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    with pytest.raises(JobError, match="names no Ray Jobs API"):
+        backend_for("ray")

@@ -17,8 +17,8 @@ import os
 import uuid
 from typing import AsyncIterator
 
+from llmplatform import cpus
 from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
-from llmplatform.stack import cpus
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def cpu_shard_binding(allowed: list[int], tensor_parallel: int) -> str | None:
 def shard_cpus(tensor_parallel: int, partition: cpus.CpuPartition | None, allowed: list[int], numa_nodes: int) -> list[int] | None:
     """The CPUs to split among vLLM's CPU shards, or None to leave vLLM's own binding alone.
 
-    In a partitioned stack (see llmplatform.stack.cpus): the model CPUs, or every CPU of the
+    In a partitioned stack (see llmplatform.cpus): the model CPUs, or every CPU of the
     partition when there are fewer model CPUs than shards. Otherwise only when vLLM's `auto`
     would fail (fewer NUMA nodes than shards): the CPUs this process may use."""
     if partition:
