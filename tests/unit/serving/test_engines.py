@@ -10,18 +10,23 @@ import sys
 
 import pytest
 
-from llmplatform.serving.engines import pick_engine, vllm_usable
+from llmplatform.serving.engines import vllm_usable
 from llmplatform.serving.engines import vllm as vllm_engine
 from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args, shard_cpus
 from llmplatform.cpus import CpuPartition
 
 
 def test_auto_picks_vllm_only_when_importable():
+    from llmplatform.backends.facts import serve_facts
+    from llmplatform.resolve import resolve
+    from llmplatform.specs import parse_spec
+
     ok, why = vllm_usable()
     assert ok == (importlib.util.find_spec("vllm") is not None)
-    assert pick_engine("auto") == ("vllm" if ok else "hf")
     assert not ok or why
-    assert pick_engine("hf") == "hf" and pick_engine("vllm") == "vllm"
+    spec = parse_spec("serve", {"name": "s", "model": {"base": "llama2-tiny"}, "engine": "auto"})
+    plan = resolve(spec, serve_facts(spec, "local"))
+    assert plan["engine"] == ("vllm" if ok else "hf") and plan.source("engine") == "target"
 
 
 def test_vllm_tp_uses_the_ray_executor_on_gpus_and_local_shards_on_cpu():
