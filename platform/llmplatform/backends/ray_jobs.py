@@ -107,22 +107,23 @@ class RayJobsBackend:
         from llmplatform.training import mlflow_logging as ml
 
         spec: FineTuneSpec = plan.require().spec  # type: ignore[assignment]
-        if not self.tracking_uri:
+        tracking = spec.mlflow.tracking_uri or self.tracking_uri  # the spec's own server wins
+        if not tracking:
             raise JobError("no MLflow tracking server: set mlflow.tracking_uri in the spec or MLFLOW_TRACKING_URI")
         base_dir = None
         if self.resolve_locally:
             from llmplatform.basemodels import locate
 
             base_dir = locate(spec.base_model)
-        record.run_id, record.run_url = ml.create_run(self.tracking_uri, spec, record.id, {"platform.target": self.target})
-        command = entrypoint_command(self.python, plan, record.id, record.run_id, self.tracking_uri, base_dir)
+        record.run_id, record.run_url = ml.create_run(tracking, spec, record.id, {"platform.target": self.target})
+        command = entrypoint_command(self.python, plan, record.id, record.run_id, tracking, base_dir)
         env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", **self.env}
         try:
             self.client().submit_job(entrypoint=command, submission_id=record.id, runtime_env={"env_vars": env}, metadata={"platform.name": spec.name})
         except Exception as exc:
-            ml.end_run(self.tracking_uri, record.run_id, "FAILED")
+            ml.end_run(tracking, record.run_id, "FAILED")
             raise JobError(f"the Ray Jobs API at {self.address} refused job {record.id}: {exc}") from exc
-        record.address, record.tracking_uri, record.state = self.address, self.tracking_uri, "queued"
+        record.address, record.tracking_uri, record.state = self.address, tracking, "queued"
         return record
 
     def refresh(self, record: JobRecord) -> JobRecord:
