@@ -182,13 +182,15 @@ class AdapterTable:
             return done
         return self._first_lookup(entry)
 
-    def settle(self, fut: Future, model: str, timeout: float | None) -> Target:
-        """The Target of a `lookup_future`, or 503 when the registry hasn't answered within `timeout` s."""
+    def settle(self, fut: Future, model: str, timeout: float | None, waited: float | None = None) -> Target:
+        """The Target of a `lookup_future`, or 503 when the registry hasn't answered within `timeout` s
+        (`waited`: how long the caller already waited elsewhere, for the message)."""
         try:
             entry = fut.result(timeout)
         except FutureTimeout:
-            self._note_outage(f"no answer within {timeout:g} s")
-            raise TargetError(f"The model registry did not answer within {timeout:g} s for '{shown(model)}'; "
+            waited = timeout if waited is None else waited
+            self._note_outage(f"no answer within {waited:g} s")
+            raise TargetError(f"The model registry did not answer within {waited:g} s for '{shown(model)}'; "
                               f"models already loaded keep serving. Retry after {OUTAGE_RETRY_S} s.",
                               503, "registry_unavailable", OUTAGE_RETRY_S) from None
         if isinstance(entry, Target):

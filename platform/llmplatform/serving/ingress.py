@@ -262,7 +262,7 @@ class OpenAIIngress:
         if not fut.done():
             await asyncio.wait([asyncio.wrap_future(fut)], timeout=wait)
         try:
-            return self.table.settle(fut, model, 0 if fut.done() else wait)
+            return self.table.settle(fut, model, 0, waited=wait)  # done, or 503: never blocks this loop
         except TargetError as exc:
             retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
             raise E.ApiError(exc.status, str(exc), "invalid_request_error" if exc.status < 500 else "server_error", "model",
@@ -314,8 +314,13 @@ class OpenAIIngress:
             try:
                 async with asyncio.timeout_at(deadline):  # a timer, not a task per token (the loop's clock is monotonic)
                     event = await stream.__anext__()
-            except (asyncio.TimeoutError, StopAsyncIteration, asyncio.CancelledError):
+            except (asyncio.TimeoutError, StopAsyncIteration):
                 raise
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():  # this request is being cancelled (client gone)
+                    raise
+                raise E.replica_failed("The engine replica cancelled this request (it died or is stopping). Retry the request.") from None
             except Exception as exc:  # the engine replica died, or the engine raised
                 raise engine_failure(exc) from exc
             if "error" in event:
@@ -330,7 +335,10 @@ class OpenAIIngress:
                 self.inflight -= 1
                 self.metrics.in_flight.set(self.inflight)
                 self.metrics.queue_depth.set(max(0, self.inflight - self.spec.limits.max_batch_size))
-                stream.cancel()
+                try:
+                    stream.cancel()
+                except Exception as exc:  # the replica is gone already: nothing left to cancel
+                    log.info("cancelling the engine stream failed: %s", exc)
 
         try:
             retries = 0
@@ -433,11 +441,14 @@ class OpenAIIngress:
                 E.timed_out(self.spec.limits.request_timeout_s) if isinstance(exc, asyncio.TimeoutError)
                 else E.replica_failed("engine closed the stream before finishing"))
             yield data(err.body())
+        except Exception as exc:  # whatever failed, the client gets an error event and [DONE], not a cut stream
+            yield data(engine_failure(exc).body())
         yield "data: [DONE]\n\n"
 
 
 # What a failing engine call raises when the replica process is gone (or being replaced).
-REPLICA_GONE = ("RayActorError", "ReplicaUnavailableError", "DeploymentUnavailableError", "ActorUnavailableError")
+REPLICA_GONE = ("RayActorError", "ReplicaUnavailableError", "DeploymentUnavailableError", "ActorUnavailableError",
+                "TaskCancelledError", "RequestCancelledError")
 
 
 def engine_failure(exc: Exception) -> E.ApiError:
