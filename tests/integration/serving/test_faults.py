@@ -85,6 +85,8 @@ def openai_error(r: httpx.Response) -> dict:
 
 def test_hung_registry_fails_new_names_fast_and_loaded_names_keep_serving(faults_app):
     root, auth = faults_app["root"], {"Authorization": f"Bearer {API_KEY}"}
+    for model in (BASE, f"{BASE}:a"):  # warm: the first request to a fresh deployment is not what is measured
+        assert faults_app["client"].post("/v1/chat/completions", json={"model": model, "messages": USER, "max_tokens": 2}).status_code == 200
 
     async def main():
         async with httpx.AsyncClient(base_url=root, headers=auth, timeout=60) as c:
@@ -101,10 +103,10 @@ def test_hung_registry_fails_new_names_fast_and_loaded_names_keep_serving(faults
         if model.startswith("ghost"):
             assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, (model, r.status_code, r.text[:200])
             assert openai_error(r)["code"] == "registry_unavailable"
-            assert took < LOOKUP_TIMEOUT_S + 3, took
+            assert took < LOOKUP_TIMEOUT_S + 3, (model, took)
         else:
             assert r.status_code == 200, (model, r.text[:200])
-            assert took < LOOKUP_TIMEOUT_S + 3, took  # never waited behind the registry
+            assert took < LOOKUP_TIMEOUT_S + 3, (model, took)  # never waited behind the registry
     health = httpx.get(root + "/healthz")
     assert health.status_code == 200 and health.json()["status"] == "degraded"
     ids = {m["id"] for m in faults_app["client"].get("/v1/models").json()["data"]}
