@@ -13,7 +13,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -271,6 +271,7 @@ class ServeSpec(StrictModel):
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API-key authentication.")
     resources: ServeResources = Field(default_factory=ServeResources, description="What a replica reserves.")
     max_loaded_adapters: int = Field(default=8, ge=1, description="LRU bound on adapters held per replica.")
+    max_lora_rank: int | None = Field(default=None, ge=1, le=1024, description="Largest LoRA rank the vllm engine accepts (vLLM allows 8, 16, 32, 64, 128, 256, 320, 512). Unset: the largest rank of the listed and registry adapters, at least 64. `platformctl spec resolve` refuses an adapter above it.")
     registry_poll_s: float = Field(default=10.0, gt=0, le=3600, description="How often aliases are re-resolved; a moved alias is served within this delay.")
     route_prefix: str = Field(default="/", pattern=r"^/", description="HTTP route prefix of the application.")
     tracking_uri: str | None = Field(default=None, description="MLflow server for registry references; default: the embedded stack's or `$MLFLOW_TRACKING_URI`.")

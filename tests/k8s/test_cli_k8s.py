@@ -46,7 +46,7 @@ def test_finetune_target_k8s_round_trip(cluster, tmp_path, capsys):
 
 
 def test_serve_deploy_target_k8s_creates_then_updates_the_model_deployment(cluster, tmp_path, capsys):
-    from llmplatform.backends import k8s
+    from llmplatform.kube import connect
 
     spec = tmp_path / "serve.yaml"
     body = {"name": "cli-serve", "engine": "vllm", "model": {"base": "llama2-7b-chat", "registry": "models:/support-bot@production"}}
@@ -61,10 +61,10 @@ def test_serve_deploy_target_k8s_creates_then_updates_the_model_deployment(clust
     spec.write_text(yaml.safe_dump({**body, "max_loaded_adapters": 3}))
     assert main(["serve", "deploy", str(spec), *kube]) == 0
     assert "ModelDeployment team-a/cli-serve updated" in capsys.readouterr().out
-    cr = k8s.connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")
+    cr = connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")
     assert cr["spec"]["max_loaded_adapters"] == 3 and cr["spec"]["model"]["registry"] == "models:/support-bot@production"
 
     spec.write_text(yaml.safe_dump({**body, "tensor_parallel": 3}))  # bad input: refused before anything is sent
     assert main(["serve", "deploy", str(spec), *kube]) != 0
     assert "tensor_parallel" in capsys.readouterr().err
-    assert k8s.connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")["spec"]["max_loaded_adapters"] == 3
+    assert connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")["spec"]["max_loaded_adapters"] == 3

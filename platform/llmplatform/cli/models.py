@@ -24,9 +24,15 @@ DIRECTION_HELP = ("Direction: metrics whose name contains loss, perplexity, ppl,
 
 def resolve_tracking_uri(given: str | None) -> str:
     """--tracking-uri / $MLFLOW_TRACKING_URI, else the local stack's server, else a clear error."""
-    from llmplatform.registry.client import default_tracking_uri
+    if given:
+        return given
+    from llmplatform import stack
+    from llmplatform.errors import RegistryError, StackError
 
-    return given or default_tracking_uri()
+    try:
+        return stack.tracking_uri()
+    except StackError as exc:
+        raise RegistryError(f"{str(exc).rstrip('.')} (or pass --tracking-uri)") from exc
 
 
 @app.command("list")

@@ -23,10 +23,13 @@ class Target(str, Enum):
     k8s = "k8s"
 
 
-RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster (GCS address); default: the local stack's.")
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                  help="Ray cluster: a GCS address HOST:6379, a Jobs API URL http://HOST:8265 (same host, "
+                                       "default GCS port) or ray://HOST:10001; default: the local stack's.")
 
 
 def _connect(ray_address: str | None, start_local: bool = False) -> None:
+    from llmplatform.rayaddress import parse
     from llmplatform.serving.app import connect
 
     if not ray_address:
@@ -39,6 +42,7 @@ def _connect(ray_address: str | None, start_local: bool = False) -> None:
                 os.environ.setdefault(k, v)
         else:
             ray_address = stack.ray_address()
+    ray_address = parse(ray_address, "--ray-address / RAY_ADDRESS", ServeError).gcs_address
     if ray_address.startswith("127.0.0.1"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local stack runs without Ray token auth
     connect(ray_address)
@@ -69,10 +73,10 @@ def deploy(
         return
     if target == Target.ray and not ray_address:
         raise ServeError("--target ray needs --ray-address (or $RAY_ADDRESS)")
-    from llmplatform.serving.app import deploy as run_deploy
+    from llmplatform.backends.serving import deploy_spec
 
     _connect(ray_address, start_local=target == Target.local)
-    result = run_deploy(spec, timeout_s=timeout)
+    result = deploy_spec(spec, target=target.value, timeout_s=timeout)
     emit(result, output, text=f"deployed {spec.name}: {result['status']} at {result['url']}\n"
                               f"try: platformctl serve chat {spec.name} \"Hello\"")
 

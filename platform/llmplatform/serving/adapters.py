@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llmplatform.errors import PlatformError, ServeError
+from llmplatform.errors import PlatformError
 from llmplatform.specs import REGISTRY_URI, ServeSpec
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,6 @@ class _Followed:
     ref: str  # models:/NAME@ALIAS or models:/NAME/VERSION
     target: Target | None = None
     refused: dict[int, str] = field(default_factory=dict)  # version -> why it was refused
-    checked_at: float = 0.0
     dynamic: bool = False  # named by a request, not the spec: followed only once it resolved
 
 
@@ -98,20 +97,14 @@ def default_resolver(tracking_uri: str | None) -> Callable[[str], object]:
 
 
 def default_base_resolver(name: str) -> str:
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
 
-    return resolve_base(name)
+    return locate(name)
 
 
-def resolve_base_dir(spec: ServeSpec, resolver: Callable[[str], object] | None = None) -> tuple[str, str]:
-    """(base display name, path or HF id to load) from `model.base` or the registry lineage."""
-    name = spec.model.base
-    if not name:
-        resolved = (resolver or default_resolver(spec.tracking_uri))(spec.model.registry)
-        name = getattr(resolved, "base_model", None) or (getattr(resolved, "lineage", {}) or {}).get("base_model")
-        if not name:
-            raise ServeError(f"{spec.model.registry} has no base_model in its lineage; set model.base in the spec")
-    return str(name), default_base_resolver(str(name))
+def locate_base(name: str) -> str:
+    """Where the resolved base model's weights are (a directory or an HF id) on this node."""
+    return default_base_resolver(str(name))
 
 
 class AdapterTable:
@@ -325,7 +318,6 @@ class AdapterTable:
                 raise TargetError(f"{shown(entry.ref.removeprefix('models:/'))}: {str(exc)[:300]}", 404) from exc
             raise
         version = int(getattr(resolved, "version"))
-        entry.checked_at = time.time()
         if entry.target is not None and entry.target.version == version:
             return
         if version in entry.refused:

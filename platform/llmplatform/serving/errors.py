@@ -31,13 +31,6 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, "invalid_request_error", param, code)
 
 
-def unknown_model(name: str, available: list[str]) -> ApiError:
-    shown = ", ".join(available[:20]) or "(none)"
-    return ApiError(404, f"The model '{name}' does not exist on this deployment. Available: {shown}. "
-                         "Use BASE:ADAPTER, NAME@ALIAS or NAME/VERSION for registered adapters.",
-                    "invalid_request_error", "model", "model_not_found")
-
-
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, "invalid_request_error", None, "invalid_api_key",
                     {"WWW-Authenticate": "Bearer"})

@@ -35,7 +35,7 @@ from llmplatform.serving import errors as E
 from llmplatform.serving import openai_schema as S
 from llmplatform.serving.adapters import AdapterTable, Target, TargetError
 from llmplatform.serving.metrics import ServeMetrics
-from llmplatform.specs import ServeSpec
+from llmplatform.resolve import Resolved, served_spec
 
 log = logging.getLogger(__name__)
 # /docs and /openapi.json are routes of the deployment, so they follow `auth` like /v1 does
@@ -84,21 +84,21 @@ def load_key_hashes(auth) -> set[str]:
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, spec: dict, engine, base_name: str, base_dir: str, key_hashes: list[str] | None = None,
-                 tensor_parallel: int = 1):
+    def __init__(self, plan: dict, engine, base_dir: str, key_hashes: list[str] | None = None):
         from transformers import AutoTokenizer
 
-        self.spec = ServeSpec.model_validate(spec)
+        self.plan = Resolved.from_dict(plan, "ingress args")
+        self.spec = self.plan.spec
         self.local_engine = None
         if engine is None:  # topology colocated: the engine lives in this replica
             from llmplatform.serving.replica import EngineCore, LocalEngine
 
-            self.local_engine = EngineCore(spec, base_dir, tensor_parallel)
+            self.local_engine = EngineCore(plan, base_dir)
             engine = LocalEngine(self.local_engine)
         self.engine = engine
-        self.base_name = base_name
+        self.base_name = self.plan["base_model"]
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.table = AdapterTable(self.spec, base_name, base_dir)
+        self.table = AdapterTable(served_spec(self.plan), self.base_name, base_dir)
         self.metrics = ServeMetrics()
         self.key_hashes = set(key_hashes or []) | load_key_hashes(self.spec.auth)
         self.inflight = 0
@@ -116,7 +116,7 @@ class OpenAIIngress:
             self.local_engine.check_health()
 
     def _poll_registry(self) -> None:
-        while not self._stop.wait(self.spec.registry_poll_s):
+        while not self._stop.wait(self.plan["registry_poll_s"]):
             for ref, old, new in self.table.refresh():
                 log.warning("registry: %s moved from version %s to %s", ref, old, new)
                 self.promotions.append({"ref": ref, "from": old, "to": new, "at": time.time()})

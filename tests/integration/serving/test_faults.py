@@ -54,6 +54,7 @@ class SilentServer:
 
 @pytest.fixture(scope="module")
 def faults_app(serving_env, adapter_dirs, keys_file):
+    from llmplatform.backends.serving import deploy_spec
     from llmplatform.serving import app
 
     registry = SilentServer()
@@ -64,7 +65,7 @@ def faults_app(serving_env, adapter_dirs, keys_file):
                        "max_request_bytes": 8 * 1024 * 1024},
             "auth": {"enabled": True, "api_keys_file": str(keys_file), "api_keys_env": None, "public_metrics": True}}
     try:
-        status = app.deploy(spec, serving_env["ray_address"])
+        status = deploy_spec(spec, serving_env["ray_address"])
         root = status["url"].removesuffix("/v1")
         with httpx.Client(base_url=root, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=90) as client:
             yield {"root": root, "client": client}
