@@ -67,11 +67,13 @@ def make_spec(name: str, model_dir: Path, train: Path, args, packing: bool, seq_
 
 def our_job(spec, model_dir: Path, storage: Path) -> dict:
     """Run the platform's TorchTrainer job with 1 worker; per-step tokens/s from its progress events."""
+    from llmplatform.resolve import resolve
     from llmplatform.training import trainer
 
     progress = storage / f"{spec.name}.progress.jsonl"
     t0 = time.perf_counter()
-    trainer.fit(spec, trainer.new_job_id(spec), {"spec": spec.model_dump(mode="json"), "base_dir": str(model_dir), "progress_file": str(progress)}, str(storage))
+    plan = resolve(spec).require()  # as `finetune submit` does
+    trainer.fit(plan, trainer.new_job_id(spec), {"base_dir": str(model_dir), "progress_file": str(progress)}, str(storage))
     steps = [json.loads(line) for line in progress.read_text().splitlines()]
     rates = [e["tokens_per_s"] for e in steps if e["kind"] == "step"][WARMUP:]
     return {"tokens_per_s": round(statistics.median(rates), 1), "steps": len(rates), "wall_s": round(time.perf_counter() - t0, 1)}

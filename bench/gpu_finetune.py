@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 from llmplatform import catalog  # noqa: E402
+from llmplatform.resolve import resolve  # noqa: E402
 from llmplatform.specs import parse_spec  # noqa: E402
 from llmplatform.training import loop, model_setup, optimizer as optim  # noqa: E402
 
@@ -77,11 +78,13 @@ def bench_method(method: str, model_dir: Path, vocab: int, args, device: torch.d
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    model = model_setup.load_for_training(spec, model_dir, device)
+    gpus = {"gpus_per_worker": 1} if device.type == "cuda" else {}
+    plan = resolve(spec.model_copy(update={"resources": spec.resources.model_copy(update=gpus)})).require()
+    model = model_setup.load_for_training(spec, model_dir, device, plan["quantization"], plan["precision"])
     load_s = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = optim.build_optimizer(model, spec.hyperparameters)
-    amp = model_setup.autocast_dtype(spec, device.type)
+    amp = model_setup.autocast_dtype(plan["precision"])
     g = torch.Generator(device="cpu").manual_seed(0)
     timed_tokens, timed_s, losses = 0, 0.0, []
     for step in range(args.warmup + args.steps):

@@ -98,7 +98,7 @@ def session_procs(sid: int):
     """(pid, comm, stat fields after comm) of each process in session `sid` (a server we
     started with its own session; Ray gives each worker its own process group, so the session is
     what holds the replica and the vLLM processes under it)."""
-    from llmplatform.stack.cpus import proc_stats
+    from llmplatform.cpus import proc_stats
 
     for pid, comm, rest in proc_stats():
         if int(rest[3]) == sid:  # field 6: session id
@@ -260,21 +260,21 @@ def run_continuous_batching(model, prompts, concurrency: int, out_tokens: int, c
 def start_endpoint(model_dir: Path, engine: str, python: str, partition=None) -> tuple[subprocess.Popen, str, str]:
     """Our endpoint in a child process (own Ray, own process group): returns (proc, base_url, model).
 
-    `partition` (llmplatform.stack.cpus.CpuPartition): start its Ray on the front-end CPUs with
+    `partition` (llmplatform.cpus.CpuPartition): start its Ray on the front-end CPUs with
     the partition in its env, as `platformctl up` starts the local head."""
     port = _free_port()
     code = (
         "import os, sys, time, tempfile, ray\n"
-        "from llmplatform.serving import app\n"
+        "from llmplatform.backends.serving import deploy_spec\n"
         "ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix='rb', dir='/tmp'), log_to_driver=False)\n"
-        f"st = app.deploy({{'name': 'bench', 'engine': '{engine}', 'max_model_len': 512,"
+        f"st = deploy_spec({{'name': 'bench', 'engine': '{engine}', 'max_model_len': 512,"
         " 'limits': {'max_concurrent_requests': 64, 'max_queued_requests': 64, 'max_batch_size': 32, 'request_timeout_s': 600},"
         f" 'dtype': 'bfloat16', 'model': {{'base': '{model_dir}', 'allow_dynamic_adapters': False}}}}, http_port={port})\n"
         "print('READY', st['url'], flush=True)\n"
         "while True: time.sleep(3600)\n"
     )
-    from llmplatform.stack import cpus
-    from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV  # what `platformctl up` gives the Ray head
+    from llmplatform import cpus
+    from llmplatform.serving.environment import SERVE_FAST_PATH_ENV  # what `platformctl up` gives the Ray head
 
     env = {**SERVE_FAST_PATH_ENV, **os.environ, "RAY_AUTH_MODE": "disabled",
            "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1"), **(partition.env() if partition else {})}
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     o_tokens = args.output_tokens or (16 if quick else 128)
     cap = args.cap_s or (60.0 if quick else 45.0)
     systems = args.systems.split(",")
-    from llmplatform.stack import cpus
+    from llmplatform import cpus
 
     partition = cpus.plan(args.cpu_partition, os.sched_getaffinity(0), cpus.gpu_present())
 

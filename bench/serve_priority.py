@@ -40,7 +40,7 @@ def process_class(comm: str) -> str | None:
 
 
 def apply(session: int, config: dict[str, int]) -> None:
-    from llmplatform.stack.cpus import set_process_nice
+    from llmplatform.cpus import set_process_nice
 
     for pid, comm, _ in bench.session_procs(session):
         cls = process_class(comm)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ok, why = bench.vllm_available()
     if not ok:
         raise SystemExit(f"needs vLLM: {why}")
-    from llmplatform.stack import cpus
+    from llmplatform import cpus
     from transformers import AutoConfig
 
     partition = cpus.plan("auto", os.sched_getaffinity(0), cpus.gpu_present())

@@ -42,7 +42,7 @@ fi
 if [ "${#DRY[@]}" = 0 ]; then
   "$PYTHON" - <<'PY'
 import importlib.util, sys
-missing = [m for m in ("llmplatform", "llmoperator", "llmoperator.handlers", "llmplatform.backends.k8s") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("llmplatform", "llmoperator", "llmoperator.handlers", "llmplatform.kube", "llmplatform.backends.k8s") if importlib.util.find_spec(m) is None]
 sys.exit(f"install.sh: installed, but cannot find {missing}" if missing else 0)
 PY
   echo "install.sh: llm-platform installed into $("$PYTHON" -c 'import sys; print(sys.prefix)')"

@@ -2,8 +2,10 @@
 
 Watches the namespace in WATCH_NAMESPACE (the Deployment sets it to its own) or, when unset or
 `*`, the whole cluster. Settings come from LLMOP_* env vars (see `OperatorConfig.from_env`);
-LLMOP_CHECK_INTERVAL_S / LLMOP_REGISTRY_POLL_S set the health-check and alias-poll periods.
-Registry aliases are resolved through MLflow (MLFLOW_TRACKING_URI) without downloading anything.
+LLMOP_CHECK_INTERVAL_S sets the health-check period; each ModelDeployment re-resolves its registry
+aliases every `registry_poll_s` of its spec (LLMOP_REGISTRY_POLL_S overrides them all; the timer
+ticks every LLMOP_REGISTRY_TICK_S, default 5). Registry references are looked up in MLflow
+(MLFLOW_TRACKING_URI), metadata only; LLMOP_IMAGE_HAS_VLLM=true says the image has vLLM.
 """
 
 from __future__ import annotations
@@ -14,28 +16,23 @@ import sys
 
 import kopf
 
-from llmplatform.backends.k8s import connect
+from llmplatform.kube import connect
 from llmplatform.errors import RegistryError
 
 from llmoperator.handlers import Deps, configure, make_registry
 from llmoperator.reconcile.common import OperatorConfig
 
 
-def mlflow_alias_version(ref: str, tracking_uri: str | None) -> str:
-    """Version behind `models:/NAME@ALIAS` via the MLflow registry API (metadata only)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+def registry_lookup(ref: str, tracking_uri: str | None) -> dict:
+    """Version, base model and LoRA rank behind a registry reference (metadata only)."""
+    from llmplatform import registry
 
-    from llmplatform.specs import REGISTRY_URI
-
-    m = REGISTRY_URI.match(ref)
-    if not m or not m.group("alias"):
-        raise RegistryError(f"{ref!r} is not an alias reference models:/NAME@ALIAS")
     try:
-        mv = MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")).get_model_version_by_alias(m.group("name"), m.group("alias"))
-    except MlflowException as exc:
-        raise RegistryError(f"cannot resolve {ref}: {exc}") from exc
-    return str(mv.version)
+        return registry.lookup(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), ref)
+    except RegistryError:
+        raise
+    except Exception as exc:  # MLflow unreachable or refusing: retried by the handler
+        raise RegistryError(f"cannot look up {ref}: {exc}") from exc
 
 
 def mlflow_job_progress(body: dict) -> dict | None:
@@ -68,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     deps = Deps(
         api=connect(),
         cfg=OperatorConfig.from_env(),
-        resolve_version=mlflow_alias_version,
+        resolve_version=registry_lookup,
         job_progress=mlflow_job_progress,
         check_interval_s=float(os.environ.get("LLMOP_CHECK_INTERVAL_S", "30")),
-        registry_poll_s=float(os.environ.get("LLMOP_REGISTRY_POLL_S", "30")),
+        registry_poll_s=float(os.environ.get("LLMOP_REGISTRY_TICK_S", "5")),
     )
     registry = make_registry(deps)
     kopf.on.login(registry=registry)(kopf.login_via_client)

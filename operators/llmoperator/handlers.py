@@ -11,14 +11,16 @@ function, writes, and maps errors: an invalid spec is a `kopf.PermanentError` wi
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 import kopf
 
-from llmplatform.backends.k8s import KubeApi, TransientApiError
+from llmplatform.kube import KubeApi, TransientApiError
 from llmplatform.errors import JobError, RegistryError, SpecError
+from llmplatform.resolve import ResolveError
 
 from llmoperator.reconcile import deployment, finetune, status
 from llmoperator.reconcile.common import ANNOTATION_CANCEL, GROUP, LABEL_DEPLOYMENT, LABEL_FINETUNE, OperatorConfig
@@ -40,7 +42,7 @@ class Deps:
     resolve_version: Callable[[str, str | None], str] | None = None  # (models:/N@A, tracking_uri) -> version
     job_progress: Callable[[dict], dict | None] | None = None  # FineTuneJob body -> {mlflowRunId, progress}
     check_interval_s: float = 30.0  # FineTuneJob health checks (cluster present, progress)
-    registry_poll_s: float = 30.0  # alias re-resolution for ModelDeployments
+    registry_poll_s: float = 5.0  # the registry timer's tick; each ModelDeployment re-resolves on its own registry_poll_s
     retry_delay_s: float = 15.0  # TemporaryError backoff (API server, MLflow)
     now: Callable[[], str] = utcnow
 
@@ -50,7 +52,7 @@ def _set_status(deps: Deps, kind: str, ns: str, name: str, fields: dict) -> None
         deps.api.patch_status(kind, ns, name, fields)
 
 
-def _permanent(deps: Deps, kind: str, ns: str, name: str, exc: SpecError, current: dict) -> kopf.PermanentError:
+def _permanent(deps: Deps, kind: str, ns: str, name: str, exc: SpecError | ResolveError, current: dict) -> kopf.PermanentError:
     fields = {"phase": "Failed", "reason": "InvalidSpec", "message": str(exc), "lastTransitionTime": deps.now()}
     if current.get("phase") != "Failed" or current.get("message") != str(exc):
         _set_status(deps, kind, ns, name, fields)
@@ -65,7 +67,7 @@ def create_rayjob(deps: Deps, body: dict, logger: logging.Logger) -> None:
     current = dict(body.get("status") or {})
     try:
         rayjob = finetune.rayjob_for(body, deps.cfg)
-    except SpecError as exc:
+    except (SpecError, ResolveError) as exc:
         raise _permanent(deps, "FineTuneJob", ns, name, exc, current) from exc
     try:
         deps.api.create(rayjob)
@@ -131,14 +133,15 @@ def cancel_job(deps: Deps, body: dict, logger: logging.Logger) -> None:
 # ---------------------------------------------------------------------------- ModelDeployment
 
 
-def resolve_refs(deps: Deps, spec: Any) -> dict[str, str]:
-    refs = deployment.alias_refs(spec)
+def resolve_refs(deps: Deps, spec: Any) -> dict[str, Any]:
+    """Registry lookups for the spec's references (aliases; the registry ref when the base comes from it)."""
+    refs = deployment.lookup_refs(spec)
     if not refs:
         return {}
     if deps.resolve_version is None:
         raise kopf.PermanentError("this operator has no registry resolver configured, but the spec follows registry aliases")
     try:
-        return {ref: str(deps.resolve_version(ref, spec.tracking_uri)) for ref in refs}
+        return {ref: deps.resolve_version(ref, spec.tracking_uri) for ref in refs}
     except RegistryError as exc:
         raise kopf.TemporaryError(f"registry lookup failed: {exc}", delay=deps.retry_delay_s * 2) from exc
     except (OSError, ConnectionError) as exc:
@@ -155,10 +158,11 @@ def reconcile_deployment(deps: Deps, body: dict, logger: logging.Logger, create:
     current = dict(body.get("status") or {})
     try:
         spec = deployment.parse_serve(body)
-        resolved = resolve_refs(deps, spec)
-        desired = deployment.rayservice_for(body, deps.cfg, resolved)
-    except SpecError as exc:
+        plan = deployment.plan_for(body, deps.cfg, resolve_refs(deps, spec))
+        desired = deployment.rayservice_of(plan, body, deps.cfg)
+    except (SpecError, ResolveError) as exc:
         raise _permanent(deps, "ModelDeployment", ns, name, exc, current) from exc
+    _polled[_key(body)] = (time.monotonic(), float(plan["registry_poll_s"]))
     try:
         existing = deps.api.get("RayService", ns, name)
         action = "created"
@@ -175,7 +179,10 @@ def reconcile_deployment(deps: Deps, body: dict, logger: logging.Logger, create:
             action, patch = deployment.update_for(existing, desired)
             if patch:
                 deps.api.patch("RayService", ns, name, patch)
-        fields = {"servedVersion": deployment.served_version(spec, resolved), "resolvedRefs": resolved or None,
+        pinned = {row["source"]: str(row["version"]) for row in plan["adapters"] if row["version"] is not None and row["source"] in deployment.alias_refs(spec)}
+        if plan["registry"] and plan["registry"]["version"] is not None and plan["registry"]["ref"] in deployment.alias_refs(spec):
+            pinned[plan["registry"]["ref"]] = str(plan["registry"]["version"])
+        fields = {"servedVersion": deployment.served_version(plan), "resolvedRefs": pinned or None,
                   "rayServiceName": name, "observedGeneration": body["metadata"].get("generation", 1)}
         if action == "created" or current.get("phase") in (None, "Failed"):
             fields.update(phase="Deploying", reason="Created", message="RayService created; waiting for the Serve application", lastTransitionTime=deps.now())
@@ -187,6 +194,22 @@ def reconcile_deployment(deps: Deps, body: dict, logger: logging.Logger, create:
     if action != "none":
         logger.info("RayService %s/%s: %s", ns, name, action)
     return action
+
+
+# ModelDeployment -> (when its registry references were last looked up, its resolved registry_poll_s)
+_polled: dict[str, tuple[float, float]] = {}
+
+
+def _key(body: dict) -> str:
+    return body["metadata"].get("uid") or f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+
+
+def poll_due(body: dict, now: float | None = None) -> bool:
+    """Whether a ModelDeployment's aliases are due for re-resolution: its resolved `registry_poll_s`
+    (the spec's, or the operator's LLMOP_REGISTRY_POLL_S override) since the last lookup. The timer
+    ticks every `Deps.registry_poll_s`, the finest interval any deployment gets."""
+    last = _polled.get(_key(body))
+    return last is None or (time.monotonic() if now is None else now) - last[0] >= last[1] - 1e-3
 
 
 def mirror_rayservice(deps: Deps, rayservice: dict | None, ns: str, name: str) -> None:
@@ -233,7 +256,8 @@ def make_registry(deps: Deps) -> kopf.OperatorRegistry:
 
     @kopf.timer(*MDEP, registry=registry, id="registry-poll", interval=deps.registry_poll_s, initial_delay=deps.registry_poll_s)
     def _md_poll(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-        reconcile_deployment(deps, dict(body), logger, create=False)
+        if poll_due(dict(body)):
+            reconcile_deployment(deps, dict(body), logger, create=False)
 
     @kopf.on.event("ray.io", "v1", "rayservices", registry=registry, labels=has_label(LABEL_DEPLOYMENT))
     def _rayservice_event(type: str, body: kopf.Body, **_: Any) -> None:

@@ -85,7 +85,7 @@ def held_out_questions(data_dir: Path, limit: int) -> list[tuple[str, str]]:
 
 def accuracy(base_url: str, model: str, qa: list[tuple[str, str]]) -> tuple[float, list[str]]:
     from llmplatform.serving.app import ask
-    from llmplatform.tiny.tasks import exact_match
+    from llmplatform.training.evaluate import exact_match
 
     answers = ask(base_url, model, [q for q, _ in qa], max_tokens=24)
     hits = sum(exact_match(a, ref) for a, (_, ref) in zip(answers, qa))

@@ -95,7 +95,7 @@ def spec_reference() -> str:
 
 def sizing_rows(gpu: str) -> list[str]:
     """The markdown table of the planner's sizing for Llama 2 7B/13B/70B on `gpu`."""
-    from llmplatform.planner import sizing_table
+    from llmplatform.resolve import sizing_table
 
     rows = ["| model | params | QLoRA GiB (GPUs) | LoRA GiB (GPUs) | full GiB (GPUs) | serve bf16 GiB (TP) |", "|---|---|---|---|---|---|"]
     for r in sizing_table(["llama2-7b", "llama2-13b", "llama2-70b"], gpu):

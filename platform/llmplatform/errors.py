@@ -16,12 +16,6 @@ class PlatformError(Exception):
     exit_code = 1
 
 
-class NotImplementedYet(PlatformError):
-    """A planned command that a later issue fills in. Exit 2, no pretend output."""
-
-    exit_code = 2
-
-
 @dataclass(frozen=True)
 class Problem:
     """One problem found in a spec or data file: where, what was given, what is accepted."""

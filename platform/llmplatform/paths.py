@@ -24,13 +24,5 @@ def model_cache() -> Path:
     return Path(env).expanduser().resolve() if env else platform_home() / "models"
 
 
-def stack_state_file() -> Path:
-    return platform_home() / "stack.json"
-
-
-def logs_dir() -> Path:
-    return platform_home() / "logs"
-
-
 def jobs_dir() -> Path:
     return platform_home() / "jobs"

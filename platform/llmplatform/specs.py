@@ -13,7 +13,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -231,15 +231,18 @@ class LimitsSpec(StrictModel):
     max_batch_size: int = Field(default=32, ge=1, description="Sequences decoded together per step (hf engine).")
     request_timeout_s: float = Field(default=120.0, gt=0, description="A request running longer is ended with an error; no connection hangs.")
     default_max_tokens: int = Field(default=256, ge=1, description="`max_tokens` when a request does not set it.")
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body in bytes (default 1 MiB); a larger one is refused with 413 before it is read or parsed.")
+    registry_lookup_timeout_s: float = Field(default=5.0, gt=0, le=600, description="Longest a request waits for the registry to resolve a name not yet loaded (`NAME@ALIAS`, `NAME/VERSION`), and never past `request_timeout_s`; then 503 with Retry-After. Names already loaded never wait for the registry.")
     stream_interval_ms: float = Field(default=50.0, ge=0, le=1000, description="After a replica sends a stream chunk it waits this long before taking the next; tokens generated meanwhile go out as one chunk. The first token is never held back. Fewer, larger chunks cost the serving path less CPU per token (as Ray Serve LLM's stream batching, also 50 ms); 0 sends every token on its own.")
 
 
 class AuthSpec(StrictModel):
     """API-key authentication (keys are stored as SHA-256 hashes)."""
 
-    enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 routes.")
+    enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 routes, `/docs`, `/openapi.json` and (unless `public_metrics`) `/metrics`.")
     api_keys_file: str | None = Field(default=None, description="File with one key hash (`sha256:<hex>`) or plain key per line; plain keys are hashed on load.")
     api_keys_env: str | None = Field(default="PLATFORM_API_KEYS", description="Env var with comma-separated keys or `sha256:` hashes.")
+    public_metrics: bool = Field(default=False, description="Serve `/metrics` without a key when auth is on (for a Prometheus that scrapes without credentials). `/docs` and `/openapi.json` always need a key when auth is on; `/healthz` never does.")
 
 
 class ServeResources(StrictModel):
@@ -268,6 +271,7 @@ class ServeSpec(StrictModel):
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API-key authentication.")
     resources: ServeResources = Field(default_factory=ServeResources, description="What a replica reserves.")
     max_loaded_adapters: int = Field(default=8, ge=1, description="LRU bound on adapters held per replica.")
+    max_lora_rank: int | None = Field(default=None, ge=1, le=1024, description="Largest LoRA rank the vllm engine accepts (vLLM allows 8, 16, 32, 64, 128, 256, 320, 512). Unset: the largest rank of the listed and registry adapters, at least 64. `platformctl spec resolve` refuses an adapter above it.")
     registry_poll_s: float = Field(default=10.0, gt=0, le=3600, description="How often aliases are re-resolved; a moved alias is served within this delay.")
     route_prefix: str = Field(default="/", pattern=r"^/", description="HTTP route prefix of the application.")
     tracking_uri: str | None = Field(default=None, description="MLflow server for registry references; default: the embedded stack's or `$MLFLOW_TRACKING_URI`.")

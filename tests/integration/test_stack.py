@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llmplatform.stack import cpus
+from llmplatform import cpus
 from llmplatform.stack.ports import free_port, port_is_free
 from llmplatform.stack.processes import group_members
 

@@ -30,7 +30,7 @@ def fake_registry() -> FakeRegistry:
 
 @pytest.fixture(scope="module")
 def operator(cluster: InMemoryCluster, fake_registry: FakeRegistry):
-    from llmplatform.backends.k8s import connect
+    from llmplatform.kube import connect
 
     from llmoperator.handlers import Deps
     from llmoperator.reconcile.common import OperatorConfig

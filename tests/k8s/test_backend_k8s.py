@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from llmplatform import kube
 from llmplatform.backends import k8s
 from llmplatform.errors import JobError
 from llmplatform.specs import load_spec, parse_spec
@@ -14,8 +15,8 @@ NS = "team-b"
 
 
 @pytest.fixture()
-def api(cluster) -> k8s.KubeApi:
-    return k8s.connect(host=cluster.url)
+def api(cluster) -> kube.KubeApi:
+    return kube.connect(host=cluster.url)
 
 
 def spec(name: str, **extra):
@@ -33,7 +34,7 @@ def test_builders_emit_only_what_the_user_set_and_validate(manifest_validator) -
         manifest_validator.validate(k8s.finetune_job_cr(load_spec(path, "finetune"), NS))
 
 
-def test_submit_list_status_cancel(api: k8s.KubeApi) -> None:
+def test_submit_list_status_cancel(api: kube.KubeApi) -> None:
     created = k8s.submit_finetune(spec("job-one"), namespace=NS, api=api)
     assert (created["name"], created["namespace"], created["phase"]) == ("job-one", NS, "Pending")
     with pytest.raises(JobError, match="already exists; pick a new `name`"):
@@ -48,7 +49,7 @@ def test_submit_list_status_cancel(api: k8s.KubeApi) -> None:
         k8s.get_finetune("nope", namespace=NS, api=api)
 
 
-def test_deploy_creates_then_updates_in_place(api: k8s.KubeApi) -> None:
+def test_deploy_creates_then_updates_in_place(api: kube.KubeApi) -> None:
     first = parse_spec("serve", {"name": "bot", "model": {"base": "llama2-tiny", "adapters": [{"name": "a", "source": "models:/a/1"}]}, "engine": "hf"})
     assert k8s.apply_deployment(first, namespace=NS, api=api)["action"] == "created"
     second = parse_spec("serve", {"name": "bot", "model": {"base": "llama2-tiny", "adapters": [{"name": "a", "source": "models:/a/2"}]}})
@@ -58,12 +59,12 @@ def test_deploy_creates_then_updates_in_place(api: k8s.KubeApi) -> None:
     assert "engine" not in live["spec"]  # removed in the new spec: removed on the cluster too
 
 
-def test_logs_come_from_the_submitter_pod(api: k8s.KubeApi, cluster) -> None:
+def test_logs_come_from_the_submitter_pod(api: kube.KubeApi, cluster) -> None:
     k8s.submit_finetune(spec("job-logs"), namespace=NS, api=api)
     api.patch_status("FineTuneJob", NS, "job-logs", {"phase": "Running", "rayJobName": "job-logs"})
     import kubernetes
 
-    core = kubernetes.client.CoreV1Api(k8s.api_client(host=cluster.url))
+    core = kubernetes.client.CoreV1Api(kube.api_client(host=cluster.url))
     core.create_namespaced_pod(NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "job-logs-abcde", "namespace": NS, "labels": {"job-name": "job-logs"}},
                                     "spec": {"containers": [{"name": "ray-job-submitter", "image": "x"}]}})
     cluster.emulator[f"get /api/v1/namespaces/{NS}/pods/job-logs-abcde/log"] << "step 10 loss 1.23\n"
@@ -73,6 +74,6 @@ def test_logs_come_from_the_submitter_pod(api: k8s.KubeApi, cluster) -> None:
 def test_kubeconfig_errors_name_the_fix(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(JobError, match="--kubeconfig/--context or set KUBECONFIG"):
-        k8s.connect(kubeconfig=str(tmp_path / "missing"))
+        kube.connect(kubeconfig=str(tmp_path / "missing"))
     monkeypatch.setenv("PLATFORM_K8S_NAMESPACE", "from-env")
     assert k8s.default_namespace() == "from-env" and k8s.default_namespace("flag") == "flag"

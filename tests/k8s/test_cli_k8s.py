@@ -46,7 +46,7 @@ def test_finetune_target_k8s_round_trip(cluster, tmp_path, capsys):
 
 
 def test_serve_deploy_target_k8s_creates_then_updates_the_model_deployment(cluster, tmp_path, capsys):
-    from llmplatform.backends import k8s
+    from llmplatform.kube import connect
 
     spec = tmp_path / "serve.yaml"
     body = {"name": "cli-serve", "engine": "vllm", "model": {"base": "llama2-7b-chat", "registry": "models:/support-bot@production"}}
@@ -61,10 +61,23 @@ def test_serve_deploy_target_k8s_creates_then_updates_the_model_deployment(clust
     spec.write_text(yaml.safe_dump({**body, "max_loaded_adapters": 3}))
     assert main(["serve", "deploy", str(spec), *kube]) == 0
     assert "ModelDeployment team-a/cli-serve updated" in capsys.readouterr().out
-    cr = k8s.connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")
+    cr = connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")
     assert cr["spec"]["max_loaded_adapters"] == 3 and cr["spec"]["model"]["registry"] == "models:/support-bot@production"
 
     spec.write_text(yaml.safe_dump({**body, "tensor_parallel": 3}))  # bad input: refused before anything is sent
     assert main(["serve", "deploy", str(spec), *kube]) != 0
     assert "tensor_parallel" in capsys.readouterr().err
-    assert k8s.connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")["spec"]["max_loaded_adapters"] == 3
+    assert connect(kubeconfig).get("ModelDeployment", "team-a", "cli-serve")["spec"]["max_loaded_adapters"] == 3
+
+
+def test_finetune_target_k8s_refuses_a_job_that_cannot_fit_before_creating_anything(cluster, tmp_path, capsys):
+    from llmplatform.kube import connect
+
+    spec = tmp_path / "too-big.yaml"
+    spec.write_text(yaml.safe_dump({"name": "too-big", "base_model": "llama2-70b", "data": {"train": "s3://b/t.jsonl"},
+                                    "resources": {"gpu_type": "t4-16gb", "strategy": "ddp"}}))
+    kube = ["--target", "k8s", "--kubeconfig", _kubeconfig(tmp_path, cluster.url), "-n", "team-a"]
+    assert main(["finetune", "submit", str(spec), *kube]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be satisfied" in err and "resources.gpu_type" in err and "gradient_checkpointing: true" in err
+    assert connect(host=cluster.url).get("FineTuneJob", "team-a", "too-big") is None

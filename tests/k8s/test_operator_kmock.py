@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from llmplatform.backends.k8s import KubeApi, cancel_finetune, connect, finetune_job_cr, model_deployment_cr
+from llmplatform.backends.k8s import cancel_finetune, finetune_job_cr, model_deployment_cr
+from llmplatform.kube import KubeApi, connect
 from llmplatform.specs import parse_spec
 
 from k8s_harness import eventually
@@ -35,9 +36,9 @@ def unique(request: pytest.FixtureRequest, prefix: str) -> str:
     return f"{prefix}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
 
 
-def mdep(name: str, adapter_source: str, uid: str = "uid-md-1") -> dict:
+def mdep(name: str, adapter_source: str, uid: str = "uid-md-1", registry_poll_s: float = 1.0) -> dict:
     spec = parse_spec("serve", {"name": name, "model": {"base": "llama2-7b-chat", "adapters": [{"name": "support", "source": adapter_source}]},
-                                "tensor_parallel": 2, "resources": {"gpus_per_shard": 1}})
+                                "tensor_parallel": 2, "resources": {"gpus_per_shard": 1}, "registry_poll_s": registry_poll_s})
     cr = model_deployment_cr(spec, NS)
     cr["metadata"]["uid"] = uid
     return cr
@@ -85,8 +86,10 @@ def test_finetunejob_creates_the_expected_rayjob(api: KubeApi, manifest_validato
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 0
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--spec-json"]
-    assert json.loads(argv[4])["base_model"] == "llama2-7b" and json.loads(argv[4])["name"] == "support-lora"
+    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--resolved-json"]
+    plan = json.loads(argv[4])
+    assert plan["spec"]["base_model"] == "llama2-7b" and plan["spec"]["name"] == "support-lora"
+    assert plan["values"]["use_gpu"]["value"] is True and plan["values"]["workers"]["value"] == 2  # what the pods were sized for
     assert argv[5:] == ["--job-id", "support-lora-uidftj1"]
     [workers] = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == 2
@@ -187,6 +190,21 @@ def test_adapter_change_patches_serve_config_in_place(api: KubeApi, cluster, fak
     assert [r.data["metadata"]["name"] for r in cluster.requests_to("POST", "/rayservices")].count(name) == 1
     assert not cluster.requests_to("DELETE", f"/rayservices/{name}")
     eventually(lambda: status_of(api, "ModelDeployment", name).get("servedVersion") == "support-bot-v2/1", what="served version in status")
+
+
+def test_each_deployment_follows_its_alias_on_its_own_registry_poll_s(api: KubeApi, fake_registry, request) -> None:
+    """ServeSpec.registry_poll_s is honoured on Kubernetes: the operator re-resolves each deployment's
+    aliases on its own interval (it used to use one operator-wide env var for all)."""
+    fast, slow = unique(request, "fast"), unique(request, "slow")
+    fake_registry.aliases["models:/poll-bot@production"] = "1"
+    api.create(mdep(fast, "models:/poll-bot@production", uid="uid-fast", registry_poll_s=1))
+    api.create(mdep(slow, "models:/poll-bot@production", uid="uid-slow", registry_poll_s=3600))
+    for name in (fast, slow):
+        eventually(lambda n=name: (r := api.get("RayService", NS, n)) and "models:/poll-bot/1" in r["spec"]["serveConfigV2"], what=f"{name} on v1")
+    fake_registry.aliases["models:/poll-bot@production"] = "2"
+    eventually(lambda: "models:/poll-bot/2" in api.get("RayService", NS, fast)["spec"]["serveConfigV2"], timeout=8, what="fast follows within seconds")
+    time.sleep(2.0)  # several more registry ticks (0.5 s each in this harness)
+    assert "models:/poll-bot/1" in api.get("RayService", NS, slow)["spec"]["serveConfigV2"], "the hourly deployment waits for its own interval"
 
 
 def test_rayservice_readiness_is_mirrored(api: KubeApi, fake_registry, request) -> None:

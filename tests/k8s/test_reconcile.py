@@ -13,6 +13,7 @@ import yaml
 
 from llmplatform.backends.k8s import finetune_job_cr, model_deployment_cr
 from llmplatform.errors import SpecError
+from llmplatform.resolve import Resolved, ResolveError, served_spec
 from llmplatform.specs import parse_spec
 
 from llmoperator.reconcile import deployment, finetune, status
@@ -81,11 +82,11 @@ def test_fractional_gpus_share_a_pod_and_cpu_jobs_ask_for_no_gpu() -> None:
     assert gpu_limit(workers_of(cpu)) is None and workers_of(cpu)["groupName"] == "cpu-workers"
 
 
-def test_entrypoint_carries_the_whole_spec_safely_quoted() -> None:
+def test_entrypoint_carries_the_resolved_plan_safely_quoted() -> None:
     cr = ft_cr(data={"train": "s3://b/it's here.jsonl", "system_prompt": "Say \"hi\"; rm -rf /"})
     argv = shlex.split(finetune.rayjob_for(cr, CFG)["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--spec-json"] and argv[5:] == ["--job-id", "job-a-u1"]
-    spec = parse_spec("finetune", yaml.safe_load(argv[4]))
+    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--resolved-json"] and argv[5:] == ["--job-id", "job-a-u1"]
+    spec = Resolved.from_dict(yaml.safe_load(argv[4])).spec
     assert spec.data.train == "s3://b/it's here.jsonl" and spec.data.system_prompt == "Say \"hi\"; rm -rf /" and spec.name == "job-a"
 
 
@@ -105,7 +106,7 @@ def test_deadline_annotation_and_invalid_spec() -> None:
 
 def test_a_job_that_cannot_fit_is_a_spec_error_naming_the_fix() -> None:
     cr = ft_cr(base_model="llama2-70b", method="lora", resources={"gpu_type": "a100-80gb"}, hyperparameters={"micro_batch_size": 64})
-    with pytest.raises(SpecError, match="does not fit"):
+    with pytest.raises(ResolveError, match="does not fit"):
         finetune.rayjob_for(cr, CFG)
 
 
@@ -167,7 +168,8 @@ def test_rayservice_runs_our_app_with_the_spec_as_args(manifest_validator) -> No
     manifest_validator.validate(rs)
     [app] = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
     assert app["import_path"] == "llmplatform.serving.app:build_app" and app["name"] == "chat"
-    assert parse_spec("serve", app["args"]).tensor_parallel == 4
+    plan = Resolved.from_dict(app["args"])
+    assert plan.spec.tensor_parallel == 4 and plan["tensor_parallel"] == 4
     group = workers_of(rs, "rayClusterConfig")
     assert gpu_limit(group) == 4 and group["replicas"] == 1
 
@@ -187,9 +189,10 @@ def test_alias_refs_are_pinned_and_only_the_serve_config_changes() -> None:
     spec = deployment.parse_serve(cr)
     assert deployment.alias_refs(spec) == ["models:/bot@production", "models:/x@staging"]
     v3 = deployment.rayservice_for(cr, CFG, {"models:/bot@production": "3", "models:/x@staging": "1"})
-    args = yaml.safe_load(v3["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert args["model"]["registry"] == "models:/bot/3" and args["model"]["adapters"][0]["source"] == "models:/x/1"
-    assert deployment.served_version(spec, {"models:/bot@production": "3"}) == "bot/3"
+    plan = Resolved.from_dict(yaml.safe_load(v3["spec"]["serveConfigV2"])["applications"][0]["args"])
+    served = served_spec(plan)  # what the replicas serve: the versions the operator pinned
+    assert served.model.registry == "models:/bot/3" and served.model.adapters[0].source == "models:/x/1"
+    assert deployment.served_version(plan) == "bot/3"
     v4 = deployment.rayservice_for(cr, CFG, {"models:/bot@production": "4", "models:/x@staging": "1"})
     assert deployment.update_for(v3, v4) == ("serve-config", {"spec": {"serveConfigV2": v4["spec"]["serveConfigV2"]}})
     assert deployment.update_for(v4, v4) == ("none", {})

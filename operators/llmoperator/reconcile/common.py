@@ -25,6 +25,7 @@ ANNOTATION_CANCEL = f"{GROUP}/cancel"
 ANNOTATION_DEADLINE = f"{GROUP}/active-deadline-seconds"
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_IMAGE = "ghcr.io/llm-platform/llm-platform:0.1.0"
+POD_PLATFORM_HOME = "/home/ray/.llm-platform"  # PLATFORM_HOME inside every Ray pod
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class OperatorConfig:
     active_deadline_seconds: int = 7 * 24 * 3600
     head_cpu: str = "2"
     head_memory: str = "8Gi"
-    registry_poll_s: float | None = None  # override ServeSpec.registry_poll_s (tests)
+    registry_poll_s: float | None = None  # LLMOP_REGISTRY_POLL_S: overrides every ServeSpec.registry_poll_s
+    image_has_vllm: bool = False  # LLMOP_IMAGE_HAS_VLLM: the platform image has vLLM (engine auto -> vllm)
     extra_labels: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -62,6 +64,8 @@ class OperatorConfig:
             ttl_seconds_after_finished=pick("TTL_SECONDS_AFTER_FINISHED", base.ttl_seconds_after_finished),
             backoff_limit=pick("BACKOFF_LIMIT", base.backoff_limit),
             active_deadline_seconds=pick("ACTIVE_DEADLINE_SECONDS", base.active_deadline_seconds),
+            registry_poll_s=float(env["LLMOP_REGISTRY_POLL_S"]) if env.get("LLMOP_REGISTRY_POLL_S") else None,
+            image_has_vllm=str(env.get("LLMOP_IMAGE_HAS_VLLM", "false")).lower() in ("1", "true", "yes"),
         )
 
 
@@ -93,7 +97,7 @@ def secret_env(cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
     """(env, envFrom): the MLflow URI and object-store credentials come from Secrets, never the spec."""
     env = [
         {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {"name": cfg.mlflow_secret, "key": "tracking-uri"}}},
-        {"name": "PLATFORM_HOME", "value": "/home/ray/.llm-platform"},
+        {"name": "PLATFORM_HOME", "value": POD_PLATFORM_HOME},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
     ]
     env_from = [{"secretRef": {"name": cfg.object_store_secret, "optional": True}}]

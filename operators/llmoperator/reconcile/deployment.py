@@ -2,8 +2,9 @@
 
 The RayService has two halves that change for different reasons. `rayClusterConfig` depends only
 on what needs different machines (tensor-parallel degree, GPUs, replicas bounds, node pools);
-`serveConfigV2` runs `llmplatform.serving.app:build_app` with the ServeSpec as its args, where
-registry aliases are pinned to the versions the operator resolved. So an adapter change or an
+`serveConfigV2` runs `llmplatform.serving.app:build_app` with the resolved plan (`llmplatform.resolve`,
+resolved once here) as its args, where registry aliases are pinned to the versions the operator
+looked up; the replicas serve exactly those and plan nothing themselves. So an adapter change or an
 alias moving in the registry changes only `serveConfigV2`, which KubeRay applies in place on the
 running cluster; `update_for` returns exactly that patch and never touches the cluster half.
 """
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from llmplatform.resolve import Facts, RegistryFact, Resolved, ResolveError, resolve
 from llmplatform.specs import REGISTRY_URI, ServeSpec, parse_spec
 
 from llmoperator.reconcile.common import (
@@ -23,7 +25,6 @@ from llmoperator.reconcile.common import (
 )
 
 SERVE_IMPORT_PATH = "llmplatform.serving.app:build_app"
-GPUS_PER_NODE = 8  # default GPUs in one node: a TP group larger than this spans pods (PACK)
 
 
 def parse_serve(cr: Mapping[str, Any]) -> ServeSpec:
@@ -32,6 +33,15 @@ def parse_serve(cr: Mapping[str, Any]) -> ServeSpec:
     body.setdefault("name", cr["metadata"]["name"])
     source = f"ModelDeployment {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
     return parse_spec("serve", body, source)  # type: ignore[return-value]
+
+
+def lookup_refs(spec: ServeSpec) -> list[str]:
+    """Registry references the operator looks up before resolving: every alias, and the registry
+    reference when the base model must come from its lineage."""
+    refs = alias_refs(spec)
+    if spec.model.registry and not spec.model.base and spec.model.registry not in refs:
+        refs.append(spec.model.registry)
+    return refs
 
 
 def alias_refs(spec: ServeSpec) -> list[str]:
@@ -45,89 +55,60 @@ def alias_refs(spec: ServeSpec) -> list[str]:
     return out
 
 
-def pin(ref: str | None, resolved: Mapping[str, str]) -> str | None:
-    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` when resolved; anything else unchanged."""
-    if ref in resolved:
-        m = REGISTRY_URI.match(ref)  # type: ignore[arg-type]
-        return f"models:/{m.group('name')}/{resolved[ref]}"  # type: ignore[union-attr]
-    return ref
+def registry_facts(found: Mapping[str, Any]) -> dict[str, RegistryFact]:
+    """What the registry lookups returned (a version string, or `registry.lookup`'s dict) as facts."""
+    out = {}
+    for ref, value in found.items():
+        out[ref] = RegistryFact(**value) if isinstance(value, Mapping) else RegistryFact(ref, int(value))
+    return out
 
 
-def serve_args(spec: ServeSpec, resolved: Mapping[str, str]) -> dict:
-    """build_app's args: the ServeSpec as a dict, aliases pinned to resolved versions."""
-    args = spec.model_dump(mode="json")
-    args["model"]["registry"] = pin(spec.model.registry, resolved)
-    for adapter in args["model"]["adapters"]:
-        adapter["source"] = pin(adapter["source"], resolved)
-    return args
+def plan_for(cr: Mapping[str, Any], cfg: OperatorConfig, found: Mapping[str, Any]) -> Resolved:
+    """The ModelDeployment's resolved plan on this cluster, registry references as looked up
+    (raises SpecError / ResolveError naming every problem)."""
+    spec = parse_serve(cr)
+    facts = Facts(target="k8s", vllm_available=cfg.image_has_vllm, registry=registry_facts(found), registry_poll_s=cfg.registry_poll_s)
+    plan = resolve(spec, facts)
+    if plan.problems:
+        raise ResolveError(f"ModelDeployment {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}", list(plan.problems))
+    return plan
 
 
-def _ref_version(ref: str, resolved: Mapping[str, str]) -> str | None:
-    m = REGISTRY_URI.match(ref or "")
-    if not m:
-        return None
-    version = resolved.get(ref) or m.group("version")
-    return f"{m.group('name')}/{version}" if version else None
-
-
-def served_version(spec: ServeSpec, resolved: Mapping[str, str]) -> str:
+def served_version(plan: Resolved) -> str:
     """What the status shows as served: NAME/VERSION of the registry reference, else of each
     registry adapter (comma-separated), else the base model."""
-    if spec.model.registry:
-        return _ref_version(spec.model.registry, resolved) or spec.model.registry
-    adapters = [v for a in spec.model.adapters if (v := _ref_version(a.source, resolved))]
-    return ", ".join(adapters) or spec.model.base or ""
+    def short(pinned_ref: str | None) -> str | None:
+        m = REGISTRY_URI.match(pinned_ref or "")
+        return f"{m.group('name')}/{m.group('version')}" if m and m.group("version") else None
+
+    if plan["registry"]:
+        return short(plan["registry"]["pinned"]) or plan["registry"]["ref"]
+    adapters = [v for row in plan["adapters"] if (v := short(row["pinned"]))]
+    return ", ".join(adapters) or plan["base_model"] or ""
 
 
-def serve_config(spec: ServeSpec, resolved: Mapping[str, str]) -> str:
-    """serveConfigV2 (a YAML string, as KubeRay wants it)."""
-    app = {"name": spec.name, "import_path": SERVE_IMPORT_PATH, "route_prefix": spec.route_prefix, "args": serve_args(spec, resolved)}
+def serve_config(plan: Resolved) -> str:
+    """serveConfigV2 (a YAML string, as KubeRay wants it): build_app with the resolved plan as args."""
+    spec = plan.spec
+    app = {"name": spec.name, "import_path": SERVE_IMPORT_PATH, "route_prefix": spec.route_prefix, "args": plan.to_dict()}
     return yaml.safe_dump({"applications": [app]}, sort_keys=True)
 
 
-def tensor_parallel(spec: ServeSpec) -> int:
-    """The TP degree: the spec's, or for `auto` the planner's for the GPU type (1 without one)."""
-    if isinstance(spec.tensor_parallel, int):
-        return spec.tensor_parallel
-    if not (spec.resources.gpu_type and spec.model.base):
-        return 1
-    from llmplatform.errors import PlatformError, Problem, SpecError
-    from llmplatform.planner import plan_serving
-
-    try:
-        plan = plan_serving(spec.model.base, spec.resources.gpu_type, dtype=spec.dtype, max_model_len=spec.max_model_len)
-    except (PlatformError, KeyError, ValueError) as exc:
-        raise SpecError("tensor_parallel", [Problem("tensor_parallel", f"cannot plan 'auto': {exc}", "auto", "a power of two, or a catalog base model and a known gpu_type")]) from exc
-    return plan.tensor_parallel
-
-
-def _gpus_per_node(spec: ServeSpec) -> int:
-    if not spec.resources.gpu_type:
-        return GPUS_PER_NODE
-    from llmplatform.gpus import get_gpu
-
-    try:
-        return get_gpu(spec.resources.gpu_type).gpus_per_node
-    except Exception:  # unknown GPU names were already reported by the planner or are custom
-        return GPUS_PER_NODE
-
-
-def cluster_config(spec: ServeSpec, cfg: OperatorConfig) -> dict:
-    """rayClusterConfig: a head without GPUs, one worker group sized for tp x replicas."""
-    tp = tensor_parallel(spec)
+def cluster_config(plan: Resolved, cfg: OperatorConfig) -> dict:
+    """rayClusterConfig: a head without GPUs, one worker group sized for the plan's tp x replicas."""
+    spec: ServeSpec = plan.spec  # type: ignore[assignment]
+    tp, per_shard = plan["tensor_parallel"], plan["gpus_per_shard"]
     res = spec.resources
-    per_shard = res.gpus_per_shard or (1.0 if res.gpu_type else 0.0)
     gpus_per_replica = math.ceil(tp * per_shard)
     if gpus_per_replica:
-        pods_per_replica = math.ceil(gpus_per_replica / _gpus_per_node(spec))
+        pods_per_replica = math.ceil(gpus_per_replica / plan["gpus_per_node"])
         gpus_per_pod = math.ceil(gpus_per_replica / pods_per_replica)
     else:
         pods_per_replica, gpus_per_pod = 1, 0
     shards_per_pod = math.ceil(tp / pods_per_replica)
     cpus = math.ceil(shards_per_pod * res.cpus_per_shard) + 1
     memory = quantity_gi(24.0 * gpus_per_pod if gpus_per_pod else 8.0)
-    scale = spec.autoscaling
-    initial = scale.initial_replicas if scale.initial_replicas is not None else max(1, scale.min_replicas)
+    scale = plan["replicas"]
     labels = {LABEL_DEPLOYMENT: spec.name}
     worker = pod_template(
         container_name="ray-worker", cfg=cfg, cpu=str(cpus), memory=memory, gpus=gpus_per_pod,
@@ -137,13 +118,13 @@ def cluster_config(spec: ServeSpec, cfg: OperatorConfig) -> dict:
                         ports=HEAD_PORTS + [{"name": "serve", "containerPort": 8000}], labels=labels)
     return {
         "rayVersion": RAY_VERSION,
-        "enableInTreeAutoscaling": scale.min_replicas != scale.max_replicas,
+        "enableInTreeAutoscaling": scale["min"] != scale["max"],
         "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"}, "template": head},
         "workerGroupSpecs": [{
             "groupName": f"tp{tp}-{'gpu' if gpus_per_pod else 'cpu'}",
-            "replicas": initial * pods_per_replica,
-            "minReplicas": scale.min_replicas * pods_per_replica,
-            "maxReplicas": scale.max_replicas * pods_per_replica,
+            "replicas": scale["initial"] * pods_per_replica,
+            "minReplicas": scale["min"] * pods_per_replica,
+            "maxReplicas": scale["max"] * pods_per_replica,
             "numOfHosts": 1,
             "rayStartParams": {},
             "template": worker,
@@ -151,16 +132,21 @@ def cluster_config(spec: ServeSpec, cfg: OperatorConfig) -> dict:
     }
 
 
-def rayservice_for(cr: Mapping[str, Any], cfg: OperatorConfig, resolved: Mapping[str, str]) -> dict:
-    """The RayService object for a ModelDeployment CR (raises SpecError for an invalid spec)."""
-    spec = parse_serve(cr)
+def rayservice_for(cr: Mapping[str, Any], cfg: OperatorConfig, found: Mapping[str, Any]) -> dict:
+    """The RayService object for a ModelDeployment CR, registry references as looked up (raises
+    SpecError / ResolveError for a spec that can't run)."""
+    plan = plan_for(cr, cfg, found)
+    return rayservice_of(plan, cr, cfg)
+
+
+def rayservice_of(plan: Resolved, cr: Mapping[str, Any], cfg: OperatorConfig) -> dict:
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": "RayService",
         "metadata": child_metadata(cr, LABEL_DEPLOYMENT, cfg),
         "spec": {
-            "serveConfigV2": serve_config(spec, resolved),
-            "rayClusterConfig": cluster_config(spec, cfg),
+            "serveConfigV2": serve_config(plan),
+            "rayClusterConfig": cluster_config(plan, cfg),
         },
     }
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Iterator, Protocol
 
-from llmplatform.specs import FineTuneSpec
+from llmplatform.resolve import Resolved
 
 STATES = ("validating", "queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -86,8 +86,8 @@ class JobBackend(Protocol):
 
     target: str
 
-    def submit(self, spec: FineTuneSpec, record: JobRecord) -> JobRecord:
-        """Start the job described by `spec`; fills address/run fields, state queued."""
+    def submit(self, plan: Resolved, record: JobRecord) -> JobRecord:
+        """Start the job of a resolved plan (`llmplatform.resolve`); fills address/run fields, state queued."""
 
     def refresh(self, record: JobRecord) -> JobRecord:
         """Update state, progress and metrics from the target."""

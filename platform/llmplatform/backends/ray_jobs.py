@@ -10,7 +10,6 @@ to the driver, whose workers die with it) and marks the MLflow run KILLED.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import time
@@ -19,6 +18,8 @@ from typing import Iterator
 
 from llmplatform.backends.base import JobRecord, now_iso
 from llmplatform.errors import JobError
+from llmplatform.rayaddress import FORMS
+from llmplatform.resolve import Resolved
 from llmplatform.specs import FineTuneSpec
 from llmplatform.training.loop import PROGRESS_PREFIX
 
@@ -26,9 +27,9 @@ RAY_STATES = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded
 EVENT = re.compile(re.escape(PROGRESS_PREFIX) + r"(\{.*\})\s*$")
 
 
-def entrypoint_command(python: str, spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: str | None, base_dir: str | None) -> str:
-    """The shell command the Ray job runs."""
-    parts = [python, "-m", "llmplatform.training.entrypoint", "--spec-json", json.dumps(spec.model_dump(mode="json"), separators=(",", ":")), "--job-id", job_id]
+def entrypoint_command(python: str, plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str | None, base_dir: str | None) -> str:
+    """The shell command the Ray job runs: the training entrypoint with the resolved plan."""
+    parts = [python, "-m", "llmplatform.training.entrypoint", "--resolved-json", json.dumps(plan.to_dict(), separators=(",", ":")), "--job-id", job_id]
     for flag, value in (("--run-id", run_id), ("--tracking-uri", tracking_uri), ("--base-dir", base_dir)):
         if value:
             parts += [flag, value]
@@ -108,12 +109,14 @@ class RayJobsBackend:
         try:
             return JobSubmissionClient(self.address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise JobError(f"cannot reach the Ray Jobs API at {self.address}: {exc}. Start the stack with `platformctl up` or set RAY_ADDRESS=http://HOST:8265.") from exc
+            raise JobError(f"cannot reach the Ray Jobs API at {self.address}: {exc}. Start the stack with `platformctl up`, or set RAY_ADDRESS to {FORMS}.") from exc
 
-    def submit(self, spec: FineTuneSpec, record: JobRecord) -> JobRecord:
+    def submit(self, plan: Resolved, record: JobRecord) -> JobRecord:
         from llmplatform.training import mlflow_logging as ml
 
-        if not self.tracking_uri:
+        spec: FineTuneSpec = plan.require().spec  # type: ignore[assignment]
+        tracking = spec.mlflow.tracking_uri or self.tracking_uri  # the spec's own server wins
+        if not tracking:
             raise JobError("no MLflow tracking server: set mlflow.tracking_uri in the spec or MLFLOW_TRACKING_URI")
         from llmplatform.reach import require_reachable
 
@@ -121,18 +124,18 @@ class RayJobsBackend:
                           "one) or set mlflow.tracking_uri in the spec / MLFLOW_TRACKING_URI to a running server", JobError)
         base_dir = None
         if self.resolve_locally:
-            from llmplatform.tiny import resolve_base
+            from llmplatform.basemodels import locate
 
-            base_dir = resolve_base(spec.base_model)
-        record.run_id, record.run_url = ml.create_run(self.tracking_uri, spec, record.id, {"platform.target": self.target})
-        command = entrypoint_command(self.python, spec, record.id, record.run_id, self.tracking_uri, base_dir)
+            base_dir = locate(spec.base_model)
+        record.run_id, record.run_url = ml.create_run(tracking, spec, record.id, {"platform.target": self.target})
+        command = entrypoint_command(self.python, plan, record.id, record.run_id, tracking, base_dir)
         env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", **self.env}
         try:
             self.client().submit_job(entrypoint=command, submission_id=record.id, runtime_env={"env_vars": env}, metadata={"platform.name": spec.name})
         except Exception as exc:
-            ml.end_run(self.tracking_uri, record.run_id, "FAILED")
+            ml.end_run(tracking, record.run_id, "FAILED")
             raise JobError(f"the Ray Jobs API at {self.address} refused job {record.id}: {exc}") from exc
-        record.address, record.tracking_uri, record.state = self.address, self.tracking_uri, "queued"
+        record.address, record.tracking_uri, record.state = self.address, tracking, "queued"
         return record
 
     def refresh(self, record: JobRecord) -> JobRecord:

@@ -16,10 +16,9 @@ def backend_for(target: str, tracking_uri: str | None = None):
         return local_backend()
     if target == "ray":
         from llmplatform.backends.ray_jobs import RayJobsBackend
+        from llmplatform.rayaddress import jobs_url
 
-        address = os.environ.get("RAY_ADDRESS", "")
-        if not address.startswith(("http://", "https://")):
-            raise JobError(f"--target ray needs RAY_ADDRESS set to the cluster's Jobs API, e.g. http://HOST:8265 (given: {address or 'unset'})")
+        address = jobs_url(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS (for --target ray)", JobError)
         return RayJobsBackend(address, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), target="ray")
     raise JobError(f"unknown target {target!r}; use local, ray or k8s")
 

@@ -140,6 +140,8 @@ def submit(
     context: str = CONTEXT_OPTION,
 ) -> None:
     """Validate SPEC and its data, then start the job. Prints the job id and the MLflow run URL."""
+    from llmplatform.backends.facts import finetune_facts
+    from llmplatform.resolve import resolve
     from llmplatform.specs import load_spec, resolve_local_paths
     from llmplatform.training.trainer import new_job_id
 
@@ -147,15 +149,17 @@ def submit(
         raise JobError(f"--target {target!r} is unknown; use one of {', '.join(TARGETS)}")
     spec = load_spec(spec_path, "finetune")
     if target == "k8s":
+        resolve(spec, finetune_facts(spec, target)).require()  # the operator resolves again with its own facts
         validate_before_submit(spec, target)
         _submit_k8s(spec, output, _kube(namespace, kubeconfig, context))
         return
     spec = resolve_local_paths(spec)  # Ray workers don't share this shell's working directory
+    plan = resolve(spec, finetune_facts(spec, target)).require()  # refused before any record or run exists
     validate_before_submit(spec, target)  # a refused spec or dataset leaves no job behind
     from llmplatform.backends.targets import backend_for
 
     record = JobRecord(id=new_job_id(spec), name=spec.name, target=target, spec=spec.model_dump(mode="json"), registered_model=spec.mlflow.registered_model_name)
-    record = records.save(backend_for(target).submit(spec, record))  # recorded once a backend took it
+    record = records.save(backend_for(target).submit(plan, record))  # recorded once a backend took it
     if output == OutputFormat.json and not (wait or follow):
         emit_json(record.to_dict())
         return

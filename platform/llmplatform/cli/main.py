@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from llmplatform.cli import pending, spec
+from llmplatform.cli import spec
 from llmplatform.errors import PlatformError
 
 

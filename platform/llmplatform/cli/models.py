@@ -25,11 +25,18 @@ DIRECTION_HELP = ("Direction: metrics whose name contains loss, perplexity, ppl,
 def resolve_tracking_uri(given: str | None) -> str:
     """--tracking-uri / $MLFLOW_TRACKING_URI, else the local stack's server, else a clear error;
     a server that does not answer is an error at once (MLflow's own client retries for minutes)."""
-    from llmplatform.errors import RegistryError
-    from llmplatform.reach import require_reachable
-    from llmplatform.registry.client import default_tracking_uri
+    import os
 
-    uri = given or default_tracking_uri()
+    from llmplatform import stack
+    from llmplatform.errors import RegistryError, StackError
+    from llmplatform.reach import require_reachable
+
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        try:
+            uri = stack.tracking_uri()
+        except StackError as exc:
+            raise RegistryError(f"{str(exc).rstrip('.')} (or pass --tracking-uri)") from exc
     require_reachable(uri, "the MLflow tracking server", "start it (`platformctl up` for the local one) or pass "
                       "--tracking-uri / set MLFLOW_TRACKING_URI to a running server", RegistryError)
     return uri

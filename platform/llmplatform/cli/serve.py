@@ -22,19 +22,23 @@ class Target(str, Enum):
     k8s = "k8s"
 
 
-RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster (GCS address); default: the local stack's.")
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                  help="Ray cluster: a GCS address HOST:6379, a Jobs API URL http://HOST:8265 (same host, "
+                                       "default GCS port) or ray://HOST:10001; default: the local stack's.")
 
 
 def _connect(ray_address: str | None, start_local: bool = False) -> None:
     from llmplatform import stack
     from llmplatform.backends.ray_auth import use_client_env
+    from llmplatform.rayaddress import parse
     from llmplatform.reach import require_reachable
     from llmplatform.serving.app import connect
 
     if not ray_address:
         ray_address = stack.up().ray_address if start_local else stack.ray_address()
+    ray_address = parse(ray_address, "--ray-address / RAY_ADDRESS", ServeError).gcs_address
     require_reachable(ray_address, "the Ray cluster (GCS)", "start the local stack with `platformctl up`, or pass "
-                      "--ray-address / set RAY_ADDRESS to a running cluster's GCS address (HOST:6379)", ServeError)
+                      "--ray-address / set RAY_ADDRESS to a running cluster's address (HOST:6379 or http://HOST:8265)", ServeError)
     use_client_env(stack.client_env_for(ray_address))  # the local stack's token; {} for another cluster
     connect(ray_address)
 
@@ -65,10 +69,10 @@ def deploy(
         return
     if target == Target.ray and not ray_address:
         raise ServeError("--target ray needs --ray-address (or $RAY_ADDRESS)")
-    from llmplatform.serving.app import deploy as run_deploy
+    from llmplatform.backends.serving import deploy_spec
 
     _connect(ray_address, start_local=target == Target.local)
-    result = run_deploy(spec, timeout_s=timeout, keep_failed=keep_failed)
+    result = deploy_spec(spec, target=target.value, timeout_s=timeout, keep_failed=keep_failed)
     emit(result, output, text=f"deployed {spec.name}: {result['status']} at {result['url']}\n"
                               f"try: platformctl serve chat {spec.name} \"Hello\"")
 

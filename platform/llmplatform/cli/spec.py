@@ -1,4 +1,4 @@
-"""`platformctl spec`: validate spec files and print their JSON schemas."""
+"""`platformctl spec`: validate spec files, print their resolved plans and their JSON schemas."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import typer
 
 from llmplatform import specs
 from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit, emit_json
+from llmplatform.cli.resolve import resolve_command
 
-app = typer.Typer(help="Validate fine-tune and serve specs; print their JSON schemas.", no_args_is_help=True)
+app = typer.Typer(help="Validate fine-tune and serve specs, print their resolved plans and JSON schemas.", no_args_is_help=True)
 
 
 @app.command("validate")
@@ -37,6 +38,9 @@ def validate(
                 typer.echo(f"{r['file']}: valid {r['kind']} spec '{r['name']}'")
     if failed:
         raise typer.Exit(1)
+
+
+app.command("resolve")(resolve_command)
 
 
 @app.command("schema")

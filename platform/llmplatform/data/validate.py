@@ -217,21 +217,10 @@ def load_tokenizer(name_or_dir: str | Path):
     """
     from transformers import AutoTokenizer
 
+    from llmplatform.basemodels import tokenizer_location
+
     name = str(name_or_dir)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
-    from llmplatform.tiny.resolve import TINY_NAMES
-
-    if name in TINY_NAMES:
-        from llmplatform.tiny import ensure_tiny_model
-
-        # every tiny kind shares the random checkpoint's tokenizer (seconds to build), so the
-        # pretrained "base" (minutes) is not built just to validate data
-        return AutoTokenizer.from_pretrained(str(ensure_tiny_model("random")))
-    from llmplatform.tiny import resolve_base
-
-    resolved = resolve_base(name)
+    resolved = tokenizer_location(name)
     if Path(resolved).is_dir():
         return AutoTokenizer.from_pretrained(resolved)
     try:

@@ -11,9 +11,9 @@ from llmplatform.registry.listing import list_models, show_model
 from llmplatform.registry.promote import PromotionRefused, promote, rollback
 from llmplatform.registry.refs import ModelRef, parse_ref
 from llmplatform.registry.register import register_adapter
-from llmplatform.registry.resolve import ResolvedAdapter, resolve
+from llmplatform.registry.resolve import ResolvedAdapter, lookup, resolve
 
 __all__ = [
     "ModelRef", "PromotionRecord", "PromotionRefused", "ResolvedAdapter", "check_compatibility", "compatibility_facts",
-    "list_models", "parse_ref", "promote", "register_adapter", "resolve", "rollback", "show_model",
+    "list_models", "lookup", "parse_ref", "promote", "register_adapter", "resolve", "rollback", "show_model",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmplatform.errors import PlatformError, RegistryError
+from llmplatform.errors import RegistryError
 
 TAG_PREFIX = "platform."            # every tag this package writes starts with it
 LINEAGE_PREFIX = "platform.lineage."    # version tags: lineage given at registration
@@ -34,20 +34,14 @@ def connect(tracking_uri: Any = None):
 
 
 def default_tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else the running local stack's server, else a RegistryError saying how to get one."""
+    """`$MLFLOW_TRACKING_URI`, else a RegistryError saying how to name a server. (The registry
+    never asks the local stack: `platformctl models` passes the stack's server explicitly.)"""
     import os
 
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    hint = "run `platformctl up`, or pass --tracking-uri / set MLFLOW_TRACKING_URI"
-    try:
-        from llmplatform.stack import tracking_uri
-    except ImportError as exc:
-        raise RegistryError(f"no MLflow tracking server given: {hint}") from exc
-    try:
-        return tracking_uri()
-    except PlatformError as exc:
-        raise RegistryError(f"{str(exc).rstrip('.')} (or pass --tracking-uri)") from exc
+    raise RegistryError("no MLflow tracking server given: pass a tracking URI (`--tracking-uri`), set MLFLOW_TRACKING_URI, "
+                        "or run `platformctl up` and use platformctl, which finds the local stack's server")
 
 
 def uri_of(client) -> str:

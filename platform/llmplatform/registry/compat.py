@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from llmplatform.basemodels import identity
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # Module names of the Llama-2 family (the architectures this platform fine-tunes and serves).
@@ -115,26 +116,7 @@ def _as_list(value: Any) -> list | str | None:
 def base_identity(name: str) -> str:
     """What a base id points at, without building or downloading anything: an existing
     directory (resolved), the tiny model's cache directory, a catalog name's HF id, else itself."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    try:  # optional packages of the platform; a missing one just means "compare as text"
-        from llmplatform.tiny.cache import checkpoint_dir
-        from llmplatform.tiny.resolve import TINY_NAMES
-
-        if name in TINY_NAMES:
-            return str(checkpoint_dir(TINY_NAMES[name]).resolve())
-    except ImportError:
-        pass
-    try:
-        from llmplatform.catalog import CATALOG
-
-        entry = CATALOG.get(name)
-        if entry is not None and entry.hf_id:
-            return entry.hf_id
-    except ImportError:
-        pass
-    return name.rstrip("/")
+    return identity(name).rstrip("/")
 
 
 def _same_base(adapter_id: str, wanted: str) -> bool:

@@ -48,22 +48,8 @@ def resolve(tracking_uri: Any, ref: str | None = None, cache_dir: str | Path | N
     """
     if ref is None and isinstance(tracking_uri, str) and tracking_uri.startswith("models:/"):
         tracking_uri, ref = None, tracking_uri
-    parsed = parse_ref(ref)
     client = mc.connect(tracking_uri)
-    if parsed.alias:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
-        except MlflowException as exc:
-            if not mc.is_not_found(exc) and "alias" not in str(exc).lower():
-                raise
-            rm = mc.get_registered_model(client, parsed.name)
-            held = ", ".join(f"{a}=v{v}" for a, v in sorted((rm.aliases or {}).items())) or "none"
-            raise RegistryError(f"{ref}: {parsed.name} has no alias {parsed.alias!r} (aliases: {held}); "
-                                f"promote a version first: platformctl models promote {parsed.name} --version V --to {parsed.alias}") from exc
-    else:
-        mv = mc.get_version(client, parsed.name, parsed.version)
+    parsed, mv = _version(client, ref)
     tags = mv.tags or {}
     lineage = {k[len(mc.LINEAGE_PREFIX):]: mc.untag_value(v) for k, v in tags.items() if k.startswith(mc.LINEAGE_PREFIX)}
     compat = {k[len(mc.COMPAT_PREFIX):]: mc.decode_fact(v) for k, v in tags.items() if k.startswith(mc.COMPAT_PREFIX)}
@@ -72,6 +58,35 @@ def resolve(tracking_uri: Any, ref: str | None = None, cache_dir: str | Path | N
     return ResolvedAdapter(name=parsed.name, version=int(mv.version), alias=parsed.alias, local_path=local,
                            base_model=lineage.get("base_model"), lineage=lineage, run_id=mv.run_id,
                            adapter_sha256=sha, compatibility=compat)
+
+
+def lookup(tracking_uri: Any, ref: str) -> dict:
+    """What the registry holds for `ref`, metadata only (nothing downloaded): version, base
+    model and LoRA rank. The CLI and the operator look these up before resolving a serve spec."""
+    _, mv = _version(mc.connect(tracking_uri), ref)
+    tags = mv.tags or {}
+    rank = mc.decode_fact(tags[mc.COMPAT_PREFIX + "r"]) if mc.COMPAT_PREFIX + "r" in tags else None
+    base = tags.get(mc.LINEAGE_PREFIX + "base_model")
+    return {"ref": ref, "version": int(mv.version), "base_model": mc.untag_value(base) if base is not None else None,
+            "lora_rank": rank if isinstance(rank, int) else None}
+
+
+def _version(client, ref: str):
+    """(parsed ref, the MLflow ModelVersion it names); a clear RegistryError when there is none."""
+    parsed = parse_ref(ref)
+    if parsed.alias:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return parsed, client.get_model_version_by_alias(parsed.name, parsed.alias)
+        except MlflowException as exc:
+            if not mc.is_not_found(exc) and "alias" not in str(exc).lower():
+                raise
+            rm = mc.get_registered_model(client, parsed.name)
+            held = ", ".join(f"{a}=v{v}" for a, v in sorted((rm.aliases or {}).items())) or "none"
+            raise RegistryError(f"{ref}: {parsed.name} has no alias {parsed.alias!r} (aliases: {held}); "
+                                f"promote a version first: platformctl models promote {parsed.name} --version V --to {parsed.alias}") from exc
+    return parsed, mc.get_version(client, parsed.name, parsed.version)
 
 
 def _download(client, name: str, version: int, sha: str | None, cache_dir: str | Path | None) -> Path:

@@ -8,6 +8,12 @@ alias (`NAME@ALIAS`, e.g. `support-bot@production`); the deployment name itself 
 (a new multiplexed adapter id, loaded lazily) while requests already running finish on the old one.
 A version whose adapter does not fit the base is refused, and a moved alias that points at one
 keeps serving the previous version.
+
+The registry never holds up the request path: a name not yet loaded is resolved on the table's own
+small executor (one lookup per name at a time, at most MAX_PENDING waiting), the request waits for
+it no longer than `limits.registry_lookup_timeout_s` (and its own deadline), and then gets 503 with
+Retry-After. A name the registry does not know is remembered only as a bounded, expiring miss
+(negative cache): it is never listed, never polled, and named in messages only truncated.
 """
 
 from __future__ import annotations
@@ -15,14 +21,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llmplatform.errors import PlatformError, ServeError
+from llmplatform.errors import PlatformError
 from llmplatform.specs import REGISTRY_URI, ServeSpec
 
 log = logging.getLogger(__name__)
+LOOKUP_WORKERS = 2  # registry lookups running at once per replica
+MAX_PENDING = 16  # distinct names waiting for the registry; more get 503 at once
+MAX_MISSES = 1024  # unknown or failed names remembered (oldest forgotten first)
+OUTAGE_RETRY_S = 5  # Retry-After (s) when the registry is unreachable; such failures are remembered this long
+MAX_NAME_CHARS = 256  # longer model names are never sent to the registry
+SHOWN_CHARS = 64  # characters of a client's model name that error messages repeat
+# MLflow error codes that mean "the registry answered: no such name", not "the registry is down"
+CLIENT_ERROR_CODES = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
+
+
+def shown(name: str) -> str:
+    """A client-sent name as error messages repeat it: at most SHOWN_CHARS characters."""
+    return name if len(name) <= SHOWN_CHARS else f"{name[:SHOWN_CHARS]}... ({len(name)} chars)"
 
 
 @dataclass(frozen=True)
@@ -33,15 +55,17 @@ class Target:
     adapter_id: str | None = None  # multiplexed id: "NAME/VERSION" or "local:NAME"
     adapter_path: str | None = None
     version: int | None = None
+    served_as: str | None = None  # the /v1/models id it is served under (the metrics label)
 
 
 class TargetError(PlatformError):
-    """A request names a model we can't serve. status 404 unknown, 400 incompatible."""
+    """A request names a model we can't serve. status 404 unknown, 400 incompatible, 503 registry down."""
 
-    def __init__(self, message: str, status: int = 404, code: str = "model_not_found"):
+    def __init__(self, message: str, status: int = 404, code: str = "model_not_found", retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -51,7 +75,7 @@ class _Followed:
     ref: str  # models:/NAME@ALIAS or models:/NAME/VERSION
     target: Target | None = None
     refused: dict[int, str] = field(default_factory=dict)  # version -> why it was refused
-    checked_at: float = 0.0
+    dynamic: bool = False  # named by a request, not the spec: followed only once it resolved
 
 
 def registry_ref(name: str) -> str | None:
@@ -73,20 +97,14 @@ def default_resolver(tracking_uri: str | None) -> Callable[[str], object]:
 
 
 def default_base_resolver(name: str) -> str:
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
 
-    return resolve_base(name)
+    return locate(name)
 
 
-def resolve_base_dir(spec: ServeSpec, resolver: Callable[[str], object] | None = None) -> tuple[str, str]:
-    """(base display name, path or HF id to load) from `model.base` or the registry lineage."""
-    name = spec.model.base
-    if not name:
-        resolved = (resolver or default_resolver(spec.tracking_uri))(spec.model.registry)
-        name = getattr(resolved, "base_model", None) or (getattr(resolved, "lineage", {}) or {}).get("base_model")
-        if not name:
-            raise ServeError(f"{spec.model.registry} has no base_model in its lineage; set model.base in the spec")
-    return str(name), default_base_resolver(str(name))
+def locate_base(name: str) -> str:
+    """Where the resolved base model's weights are (a directory or an HF id) on this node."""
+    return default_base_resolver(str(name))
 
 
 class AdapterTable:
@@ -109,6 +127,10 @@ class AdapterTable:
                 self.static[a.name] = Target(a.name, f"local:{a.name}", str(Path(a.source).expanduser()))
         self.default = _Followed(spec.model.registry) if spec.model.registry else None
         self.dynamic: dict[str, _Followed] = {}
+        self._pool = ThreadPoolExecutor(LOOKUP_WORKERS, thread_name_prefix="registry-lookup")
+        self._pending: dict[str, Future] = {}  # ref -> the one lookup running for it
+        self._misses: OrderedDict[str, tuple[float, TargetError]] = OrderedDict()  # ref -> (expires, error)
+        self._outage: tuple[float, str] | None = None  # (since, why) while the registry fails
 
     # ------------------------------------------------------------------ lookups
 
@@ -135,34 +157,138 @@ class AdapterTable:
         out.update(self.dynamic)
         return out
 
-    def lookup(self, model: str) -> Target:
-        """The Target for a request's `model`; raises TargetError (404 unknown, 400 incompatible)."""
+    def lookup(self, model: str, timeout: float | None = None) -> Target:
+        """The Target for a request's `model`, waiting at most `timeout` s for the registry;
+        raises TargetError (404 unknown, 400 incompatible, 503 registry unavailable)."""
+        return self.settle(self.lookup_future(model), model, timeout)
+
+    def lookup_future(self, model: str) -> Future:
+        """A future of the Target (or of the followed entry); already done unless the registry must be asked."""
+        done: Future = Future()
+        try:
+            entry = self._entry(model)
+        except TargetError as exc:
+            done.set_exception(exc)
+            return done
+        if isinstance(entry, Target) or entry.target is not None:
+            done.set_result(entry)
+            return done
+        return self._first_lookup(entry)
+
+    def settle(self, fut: Future, model: str, timeout: float | None, waited: float | None = None) -> Target:
+        """The Target of a `lookup_future`, or 503 when the registry hasn't answered within `timeout` s
+        (`waited`: how long the caller already waited elsewhere, for the message)."""
+        try:
+            entry = fut.result(timeout)
+        except FutureTimeout:
+            waited = timeout if waited is None else waited
+            self._note_outage(f"no answer within {waited:g} s")
+            raise TargetError(f"The model registry did not answer within {waited:g} s for '{shown(model)}'; "
+                              f"models already loaded keep serving. Retry after {OUTAGE_RETRY_S} s.",
+                              503, "registry_unavailable", OUTAGE_RETRY_S) from None
+        if isinstance(entry, Target):
+            return Target(model, entry.adapter_id, entry.adapter_path, entry.version, entry.served_as)
+        tgt = entry.target
+        return Target(model, tgt.adapter_id, tgt.adapter_path, tgt.version, self._served_as(entry))
+
+    def _entry(self, model: str) -> Target | _Followed:
+        """What `model` names, without I/O: a Target, a followed entry (maybe not resolved yet), or TargetError."""
         name = model.strip()
         if name == self.base_name or (name == self.spec.name and not self.default):
-            return Target(model)
+            return Target(model, served_as=name)
         if name == self.spec.name and self.default:
-            return self._current(self.default, model)
+            return self.default
         short = name.split(":", 1)[1] if name.startswith(self.base_name + ":") else name
         if short in self.static:
             entry = self.static[short]
-            return self._current(entry, model) if isinstance(entry, _Followed) else Target(model, entry.adapter_id, entry.adapter_path)
-        ref = registry_ref(short)
-        if ref:
-            with self._lock:
-                entry = self.followed().get(ref)
-                if entry is None:
-                    if not self.spec.model.allow_dynamic_adapters:
-                        raise TargetError(f"model {model!r} is not served here and model.allow_dynamic_adapters is off")
-                    entry = self.dynamic.setdefault(ref, _Followed(ref))
-            return self._current(entry, model)
-        raise TargetError(f"The model '{model}' does not exist on this deployment. Available: "
-                          + ", ".join(r["id"] for r in self.names()))
+            return entry if isinstance(entry, _Followed) else Target(model, entry.adapter_id, entry.adapter_path,
+                                                                     served_as=f"{self.base_name}:{short}")
+        ref = registry_ref(short) if len(short) <= MAX_NAME_CHARS else None
+        if not ref:
+            raise TargetError(f"The model '{shown(model)}' does not exist on this deployment. Available: "
+                              + ", ".join(r["id"] for r in self.names()[:20])
+                              + ". Use BASE:ADAPTER, NAME@ALIAS or NAME/VERSION for registered adapters.")
+        with self._lock:
+            entry = self.followed().get(ref)
+            if entry is not None:
+                return entry
+            if not self.spec.model.allow_dynamic_adapters:
+                raise TargetError(f"model '{shown(model)}' is not served here and model.allow_dynamic_adapters is off")
+            miss = self._misses.get(ref)
+            if miss and miss[0] > time.monotonic():
+                raise miss[1]
+            self._misses.pop(ref, None)
+        return _Followed(ref, dynamic=True)
 
-    def _current(self, entry: _Followed, model: str) -> Target:
-        if entry.target is None:
+    def _served_as(self, entry: _Followed) -> str:
+        if entry is self.default:
+            return self.spec.name
+        for name, static in self.static.items():
+            if static is entry:
+                return f"{self.base_name}:{name}"
+        return entry.ref.removeprefix("models:/")
+
+    def _first_lookup(self, entry: _Followed) -> Future:
+        """The one lookup of `entry.ref` in flight, on the table's own executor (started if needed)."""
+        with self._lock:
+            fut = self._pending.get(entry.ref)
+            if fut is not None:
+                return fut
+            if len(self._pending) >= MAX_PENDING:
+                failed: Future = Future()
+                failed.set_exception(TargetError(f"{len(self._pending)} registry lookups are already waiting; "
+                                                 f"retry after {OUTAGE_RETRY_S} s", 503, "registry_unavailable", OUTAGE_RETRY_S))
+                return failed
+            fut = self._pending[entry.ref] = self._pool.submit(self._resolve_first, entry)
+            return fut
+
+    def _resolve_first(self, entry: _Followed) -> _Followed:
+        """Runs on the lookup executor. A dynamic name is followed only once it resolved; a failure is a miss."""
+        try:
             self._refresh_one(entry, raise_errors=True)
-        tgt = entry.target
-        return Target(model, tgt.adapter_id, tgt.adapter_path, tgt.version)
+        except TargetError as exc:  # the registry answered: unknown name or a misfit version
+            self._registry_answered()
+            self._remember_miss(entry.ref, exc, self.spec.registry_poll_s)
+            raise
+        except Exception as exc:  # unreachable or failing registry
+            self._note_outage(f"{type(exc).__name__}: {exc}")
+            err = TargetError(f"The model registry failed resolving '{shown(entry.ref.removeprefix('models:/'))}' "
+                              f"({type(exc).__name__}); models already loaded keep serving. Retry after {OUTAGE_RETRY_S} s.",
+                              503, "registry_unavailable", OUTAGE_RETRY_S)
+            self._remember_miss(entry.ref, err, OUTAGE_RETRY_S)
+            raise err from exc
+        finally:
+            with self._lock:
+                self._pending.pop(entry.ref, None)
+        self._registry_answered()
+        if entry.dynamic:
+            with self._lock:
+                entry = self.dynamic.setdefault(entry.ref, entry)
+        return entry
+
+    def _remember_miss(self, ref: str, err: TargetError, ttl_s: float) -> None:
+        if not ref.startswith("models:/") or ref in self.followed():
+            return  # names from the spec are retried by the poll, not cached as misses
+        with self._lock:
+            self._misses[ref] = (time.monotonic() + ttl_s, err)
+            self._misses.move_to_end(ref)
+            while len(self._misses) > MAX_MISSES:
+                self._misses.popitem(last=False)
+
+    # ------------------------------------------------------------------ registry health
+
+    def _note_outage(self, why: str) -> None:
+        with self._lock:
+            self._outage = (self._outage or (time.time(), ""))[0], why[:300]
+
+    def _registry_answered(self) -> None:
+        with self._lock:
+            self._outage = None
+
+    def registry_health(self) -> dict | None:
+        """None while the registry answers; else {"since": unix time, "error": why} of the current outage."""
+        outage = self._outage
+        return {"since": round(outage[0], 1), "error": outage[1]} if outage else None
 
     # ------------------------------------------------------------------ following
 
@@ -175,7 +301,10 @@ class AdapterTable:
                 self._refresh_one(entry, raise_errors=False)
             except Exception as exc:  # registry down: keep serving what we have
                 log.warning("registry poll of %s failed: %s", entry.ref, exc)
+                if not isinstance(exc, PlatformError) and not _is_client_error(exc):
+                    self._note_outage(f"{type(exc).__name__}: {exc}")
                 continue
+            self._registry_answered()
             new = entry.target.version if entry.target else None
             if new != old:
                 moved.append((entry.ref, old, new))
@@ -184,12 +313,11 @@ class AdapterTable:
     def _refresh_one(self, entry: _Followed, raise_errors: bool) -> None:
         try:
             resolved = self._resolve(entry.ref)
-        except PlatformError as exc:
-            if raise_errors:
-                raise TargetError(f"{entry.ref.removeprefix('models:/')}: {exc}", 404) from exc
+        except Exception as exc:
+            if raise_errors and (isinstance(exc, PlatformError) or _is_client_error(exc)):
+                raise TargetError(f"{shown(entry.ref.removeprefix('models:/'))}: {str(exc)[:300]}", 404) from exc
             raise
         version = int(getattr(resolved, "version"))
-        entry.checked_at = time.time()
         if entry.target is not None and entry.target.version == version:
             return
         if version in entry.refused:
@@ -213,6 +341,11 @@ class AdapterTable:
 
     def refused(self) -> dict[str, dict[int, str]]:
         return {ref: dict(e.refused) for ref, e in self.followed().items() if e.refused}
+
+
+def _is_client_error(exc: Exception) -> bool:
+    """The registry refused the name itself (unknown, malformed), as opposed to being unreachable."""
+    return getattr(exc, "error_code", None) in CLIENT_ERROR_CODES
 
 
 def _check_fit(adapter_dir: str, base_dir: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Build, deploy and manage serving applications on Ray Serve.
 
 `build_app(args)` is the import path KubeRay's RayService uses
-(`import_path: llmplatform.serving.app:build_app`, `args:` = the ServeSpec as a dict): an
+(`import_path: llmplatform.serving.app:build_app`, `args:` = the resolved serve plan): an
 OpenAI ingress bound to an engine deployment whose replicas reserve a tensor-parallel placement
 group, or (topology `colocated`) one ingress deployment that holds the engine and the group.
 `deploy`, `status`, `list_deployments`, `delete` drive a running Ray cluster (the local stack
@@ -14,79 +14,56 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
 from typing import Iterator
 
 from llmplatform.errors import ServeError
-from llmplatform.serving.adapters import check_local_adapters, resolve_base_dir
-from llmplatform.serving.engines import pick_engine
-from llmplatform.serving.placement import (colocated_options, engine_options, ingress_options, plan_placement, resolve_tensor_parallel,
-                                           resolve_topology)
-from llmplatform.specs import ServeSpec, parse_spec
-from llmplatform.stack.ray_head import SERVE_FAST_PATH_ENV
+from llmplatform.resolve import Resolved
+from llmplatform.serving.adapters import check_local_adapters, locate_base
+from llmplatform.serving.environment import replica_env
+from llmplatform.serving.placement import colocated_options, engine_options, ingress_options
+from llmplatform.specs import ServeSpec
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
-# Where replicas find the model cache and the registry: forwarded from the deploying process.
-FORWARDED_ENV = ("PLATFORM_HOME", "PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "PLATFORM_ENGINE_THREADS", "HF_HUB_OFFLINE")
 
 
-def _as_spec(spec: ServeSpec | dict) -> ServeSpec:
-    return spec if isinstance(spec, ServeSpec) else parse_spec("serve", dict(spec), "<serve args>")
-
-
-def _gpus_per_node(accelerator: str | None) -> int | None:
-    """Most `accelerator` units on one alive node of the connected cluster (None if unknown)."""
+def cluster_accelerators(accelerator: str | None) -> tuple[int | None, int | None]:
+    """(most `accelerator` units on one alive node, units in all) of the connected cluster; None if unknown."""
     if not accelerator:
-        return None
+        return None, None
     import ray
 
     if not ray.is_initialized():
-        return None
+        return None, None
     counts = [n["Resources"].get(accelerator, 0) for n in ray.nodes() if n.get("Alive")]
-    return int(max(counts)) if counts and max(counts) > 0 else None
-
-
-# The hf engine has its own decode thread; its replicas keep Serve's default of user code on a
-# separate thread. Measured on 2 cores, 32 prompts at 16 streams: before the engine stopped
-# taking its model lock on the event loop, 106 tok/s with user code on the replica loop vs 167 on
-# the separate thread; after that fix the two are equal (280 vs 265, within noise).
-HF_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
-
-
-def replica_env(environ, engine: str = "vllm") -> dict[str, str]:
-    """Environment variables for the replicas: forwarded platform settings plus Serve's fast path
-    (for the hf engine, with user code on Serve's own thread). The caller's own setting wins."""
-    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
-    fast = {**SERVE_FAST_PATH_ENV, **(HF_REPLICA_ENV if engine == "hf" else {})}
-    env.update({k: environ.get(k, v) for k, v in fast.items()})
-    return env
+    if not counts or max(counts) <= 0:
+        return None, int(sum(counts)) if counts else None
+    return int(max(counts)), int(sum(counts))
 
 
 def build_app(args: dict):
-    """The Serve application for a ServeSpec dict (RayService `import_path` target)."""
+    """The Serve application for a resolved serve plan (RayService `import_path` target; `args` is
+    the document `platformctl spec resolve --output json` prints). Nothing is planned here."""
     from llmplatform.serving.ingress import OpenAIIngress, load_key_hashes
     from llmplatform.serving.replica import EngineReplica
 
-    spec = _as_spec(args)
-    engine = pick_engine(spec.engine)
-    base_name, base_dir = resolve_base_dir(spec)
-    tp = resolve_tensor_parallel(spec, base_name)
-    accel = spec.resources.accelerator_resource or ("GPU" if spec.resources.gpus_per_shard > 0 else None)
-    placement = plan_placement(spec, engine, tp, _gpus_per_node(accel))
-    spec_dict = spec.model_dump(mode="json")
-    env = replica_env(os.environ, engine)
-    hashes = sorted(load_key_hashes(spec.auth)) if spec.auth.enabled else []
+    plan = Resolved.from_dict(args, "serve application args")
+    base_dir = locate_base(plan["base_model"])
+    env = replica_env(os.environ, plan["engine"])
+    hashes = sorted(load_key_hashes(plan.spec.auth)) if plan.spec.auth.enabled else []
+    doc = plan.to_dict()
 
     def with_env(opts: dict) -> dict:
         return {**opts, "ray_actor_options": {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}}
 
-    if resolve_topology(spec, engine) == "colocated":  # the ingress builds the engine itself (engine=None)
-        return OpenAIIngress.options(**with_env(colocated_options(spec, placement))).bind(spec_dict, None, base_name, base_dir, hashes, tp)
-    engine_app = EngineReplica.options(**with_env(engine_options(spec, placement))).bind(spec_dict, base_dir, tp)
-    return OpenAIIngress.options(**with_env(ingress_options(spec))).bind(spec_dict, engine_app, base_name, base_dir, hashes)
+    if plan["topology"] == "colocated":  # the ingress builds the engine itself (engine=None)
+        return OpenAIIngress.options(**with_env(colocated_options(plan))).bind(doc, None, base_dir, hashes)
+    engine_app = EngineReplica.options(**with_env(engine_options(plan))).bind(doc, base_dir)
+    return OpenAIIngress.options(**with_env(ingress_options(plan.spec))).bind(doc, engine_app, base_dir, hashes)
 
 
 # ---------------------------------------------------------------------------- cluster side
@@ -103,8 +80,6 @@ def ensure_serve(http_port: int | None = None) -> str:
     """Start Serve's HTTP proxy on 127.0.0.1 if it isn't running; return its base URL."""
     from ray import serve
 
-    from llmplatform.stack import free_port
-
     try:
         from ray.serve.context import _get_global_client
 
@@ -113,9 +88,16 @@ def ensure_serve(http_port: int | None = None) -> str:
             return _proxy_url()
     except Exception:
         pass
-    port = http_port or int(os.environ.get("PLATFORM_SERVE_PORT", 0)) or free_port()
+    port = http_port or int(os.environ.get("PLATFORM_SERVE_PORT", 0)) or _free_local_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return _proxy_url()
+
+
+def _free_local_port() -> int:
+    """A port free on 127.0.0.1 right now (bind port 0); Serve binds it at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _proxy_url() -> str:
@@ -148,9 +130,9 @@ def _route_prefixes() -> dict[str, str | None]:
     return {name: app.get("route_prefix") for name, app in (details.get("applications") or {}).items()}
 
 
-def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port: int | None = None,
-           timeout_s: float = READY_TIMEOUT_S, keep_failed: bool = False) -> dict:
-    """Deploy (or update) the application and wait until it is RUNNING; returns its status dict.
+def deploy(plan: Resolved, *, http_port: int | None = None, timeout_s: float = READY_TIMEOUT_S, keep_failed: bool = False) -> dict:
+    """Deploy (or update) a resolved serve plan on the connected Ray cluster and wait until it is
+    RUNNING; returns its status dict. `llmplatform.backends.serving.deploy_spec` resolves a spec first.
 
     A replica whose constructor raises fails the deploy at once with that exception (Serve would
     retry it until the timeout). A new application that fails or times out is deleted again
@@ -158,24 +140,14 @@ def deploy(spec: ServeSpec | dict, ray_address: str | None = None, *, http_port:
     from ray import serve
     from ray.serve.api import RunTarget
 
-    spec = _as_spec(spec)
-    if not spec.tracking_uri and _uses_registry(spec):
-        from llmplatform.errors import StackError
-        from llmplatform.stack import tracking_uri
-
-        try:
-            spec = spec.model_copy(update={"tracking_uri": tracking_uri()})
-        except StackError:
-            if spec.model.registry or any(a.source.startswith("models:/") for a in spec.model.adapters):
-                raise  # registry references need a registry; dynamic names just won't resolve
-    _, base_dir = resolve_base_dir(spec)
+    spec = plan.require().spec
+    base_dir = locate_base(plan["base_model"])
     problems = check_local_adapters(spec, base_dir)
     if problems:
         raise ServeError(f"deployment {spec.name!r} refused; adapters that don't fit:\n  - " + "\n  - ".join(problems))
-    connect(ray_address)
     ensure_serve(http_port)
     is_new = spec.name not in serve.status().applications
-    app = build_app(spec.model_dump(mode="json"))
+    app = build_app(plan.to_dict())
     serve.run_many([RunTarget(target=app, name=spec.name, route_prefix=_route_prefix(spec))],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     deadline = time.time() + timeout_s
@@ -216,11 +188,6 @@ def _any_key(spec: ServeSpec) -> str | None:
         keys = [k for k in os.environ.get(spec.auth.api_keys_env, "").split(",") if k and not k.startswith("sha256:")]
         return keys[0] if keys else None
     return None
-
-
-def _uses_registry(spec: ServeSpec) -> bool:
-    return bool(spec.model.registry or spec.model.allow_dynamic_adapters
-                or any(a.source.startswith("models:/") for a in spec.model.adapters))
 
 
 REPLICA_START_FAILED = "A replica failed to start"  # Serve's deployment message, the traceback follows

@@ -31,13 +31,6 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, "invalid_request_error", param, code)
 
 
-def unknown_model(name: str, available: list[str]) -> ApiError:
-    shown = ", ".join(available[:20]) or "(none)"
-    return ApiError(404, f"The model '{name}' does not exist on this deployment. Available: {shown}. "
-                         "Use BASE:ADAPTER, NAME@ALIAS or NAME/VERSION for registered adapters.",
-                    "invalid_request_error", "model", "model_not_found")
-
-
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, "invalid_request_error", None, "invalid_api_key",
                     {"WWW-Authenticate": "Bearer"})
@@ -52,6 +45,17 @@ def unavailable(message: str, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, message, "server_error", None, "unavailable", {"Retry-After": str(retry_after_s)})
 
 
+def replica_failed(message: str, retry_after_s: int = 1) -> ApiError:
+    """The engine replica serving the request died or became unreachable (it is being replaced)."""
+    return ApiError(503, message, "server_error", None, "replica_unavailable", {"Retry-After": str(retry_after_s)})
+
+
+def too_large(size: int | None, limit: int) -> ApiError:
+    got = f"{size} bytes" if size is not None else "more"
+    return ApiError(413, f"Request body is too large: {got}, the limit is {limit} bytes (limits.max_request_bytes).",
+                    "invalid_request_error", None, "request_too_large")
+
+
 def timed_out(seconds: float) -> ApiError:
     return ApiError(504, f"Request exceeded the deployment's request_timeout_s ({seconds:g} s).", "server_error", None, "timeout")
 
@@ -61,6 +65,14 @@ def context_too_long(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "
         f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
         "Please reduce the length of the messages or max_tokens.", "max_tokens", "context_length_exceeded")
+
+
+def prompt_too_long(min_prompt_tokens: int, chars: int, max_model_len: int) -> ApiError:
+    """For a prompt so long that it is refused without tokenizing it (a lower bound on its tokens)."""
+    return bad_request(
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt of {chars} characters "
+        f"has at least {min_prompt_tokens} tokens. Please reduce the length of the messages or prompt.",
+        "messages", "context_length_exceeded")
 
 
 def from_validation(exc: ValidationError) -> ApiError:

@@ -1,11 +1,16 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve), the same whichever engine runs.
 
-Per request: API key (SHA-256 hashes, constant-time compare) -> body validation (400 naming the
-field) -> model lookup (404 unknown, 400 incompatible adapter) -> Llama 2 chat template and token
+Per request: API key (SHA-256 hashes, constant-time compare) -> body size (413 above
+`limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; large
+bodies are parsed and tokenized on a worker thread, never on the event loop) -> model lookup (404
+unknown, 400 incompatible adapter, 503 + Retry-After when the registry does not answer within
+`limits.registry_lookup_timeout_s`) -> Llama 2 chat template and token
 count (400 when prompt + max_tokens exceed max_model_len, with both numbers) -> admission against
 the bounded queue (429 + Retry-After) -> the engine deployment, routed by adapter id (Serve model
 multiplexing), or the engine in this replica (topology `colocated`) -> JSON or SSE ending in
-`data: [DONE]`. A deadline (`request_timeout_s`) bounds every request. Prometheus metrics at `/metrics`.
+`data: [DONE]`. A deadline (`request_timeout_s`) bounds every request. When the engine replica dies,
+a request that has no token yet is retried on a healthy replica until its deadline; one that has
+gets a JSON 503, or (streaming) an SSE error event and `data: [DONE]`. Prometheus metrics at `/metrics`.
 """
 
 
@@ -15,12 +20,14 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
@@ -28,10 +35,14 @@ from llmplatform.serving import errors as E
 from llmplatform.serving import openai_schema as S
 from llmplatform.serving.adapters import AdapterTable, Target, TargetError
 from llmplatform.serving.metrics import ServeMetrics
-from llmplatform.specs import ServeSpec
+from llmplatform.resolve import Resolved, served_spec
 
 log = logging.getLogger(__name__)
-api = FastAPI(title="llm-platform OpenAI-compatible API")
+# /docs and /openapi.json are routes of the deployment, so they follow `auth` like /v1 does
+api = FastAPI(title="llm-platform OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+INLINE_BODY_BYTES = 64 * 1024  # bodies up to this are parsed and tokenized on the event loop (~1 ms)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
+REPLICA_GONE_BACKOFF_S = (0.2, 0.5, 1.0)  # waits between retries of a request whose replica died before its first token
 
 
 @api.exception_handler(E.ApiError)
@@ -73,21 +84,21 @@ def load_key_hashes(auth) -> set[str]:
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, spec: dict, engine, base_name: str, base_dir: str, key_hashes: list[str] | None = None,
-                 tensor_parallel: int = 1):
+    def __init__(self, plan: dict, engine, base_dir: str, key_hashes: list[str] | None = None):
         from transformers import AutoTokenizer
 
-        self.spec = ServeSpec.model_validate(spec)
+        self.plan = Resolved.from_dict(plan, "ingress args")
+        self.spec = self.plan.spec
         self.local_engine = None
         if engine is None:  # topology colocated: the engine lives in this replica
             from llmplatform.serving.replica import EngineCore, LocalEngine
 
-            self.local_engine = EngineCore(spec, base_dir, tensor_parallel)
+            self.local_engine = EngineCore(plan, base_dir)
             engine = LocalEngine(self.local_engine)
         self.engine = engine
-        self.base_name = base_name
+        self.base_name = self.plan["base_model"]
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.table = AdapterTable(self.spec, base_name, base_dir)
+        self.table = AdapterTable(served_spec(self.plan), self.base_name, base_dir)
         self.metrics = ServeMetrics()
         self.key_hashes = set(key_hashes or []) | load_key_hashes(self.spec.auth)
         self.inflight = 0
@@ -105,7 +116,7 @@ class OpenAIIngress:
             self.local_engine.check_health()
 
     def _poll_registry(self) -> None:
-        while not self._stop.wait(self.spec.registry_poll_s):
+        while not self._stop.wait(self.plan["registry_poll_s"]):
             for ref, old, new in self.table.refresh():
                 log.warning("registry: %s moved from version %s to %s", ref, old, new)
                 self.promotions.append({"ref": ref, "from": old, "to": new, "at": time.time()})
@@ -114,11 +125,27 @@ class OpenAIIngress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok"}
+        """Always 200 while the replica serves: a registry outage is `degraded` (loaded models keep serving)."""
+        outage = self.table.registry_health()
+        if outage is None:
+            return {"status": "ok"}
+        return {"status": "degraded", "registry": {"status": "unavailable", **outage}}
 
     @api.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        if not self.spec.auth.public_metrics:
+            self._auth(request)
         return PlainTextResponse(self.metrics.render().decode(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._auth(request)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._auth(request)
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=api.title)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -160,49 +187,99 @@ class OpenAIIngress:
         if not any(hmac.compare_digest(given, h) for h in self.key_hashes):
             raise E.unauthorized("Incorrect API key provided.")
 
-    async def _parse(self, request: Request, chat: bool):
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed `limits.max_request_bytes`."""
+        limit = self.spec.limits.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise E.too_large(int(declared), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise E.too_large(None, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _parse(raw: bytes, chat: bool):
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise E.bad_request(f"Request body is not valid JSON: {exc}", None, "invalid_json") from None
+            raise E.bad_request(f"Request body is not valid JSON: {str(exc)[:200]}", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise E.bad_request("Request body must be a JSON object.", None, "invalid_json")
+        if SURROGATE_ESCAPE.search(raw):  # a lone surrogate is valid JSON but not text: the tokenizer can't encode it
+            try:
+                json.dumps(body, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise E.bad_request("Request body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
+                                    "send valid Unicode text.", None, "invalid_value") from None
         try:
             return (S.ChatCompletionRequest if chat else S.CompletionRequest).model_validate(body)
         except ValidationError as exc:
             raise E.from_validation(exc) from None
 
+    @staticmethod
+    async def _cpu(off_loop: bool, fn, *args):
+        """`fn(*args)` on a worker thread when `off_loop`, else right here (a thread hop costs more than small work)."""
+        return await asyncio.to_thread(fn, *args) if off_loop else fn(*args)
+
     def _prompt_ids(self, req, chat: bool) -> list[int]:
+        max_len = self.spec.max_model_len
         if not chat:
             ids = req.prompt_token_ids()
             if ids is not None:
+                if len(ids) > max_len:
+                    raise E.context_too_long(len(ids), 1, max_len)
                 if min(ids) < 0 or max(ids) >= len(self.tokenizer):
                     raise E.bad_request(f"prompt token ids must be in 0..{len(self.tokenizer) - 1}", "prompt", "invalid_value")
                 return ids
+            self._refuse_overlong(len(req.prompt_text()))
             return self.tokenizer(req.prompt_text()).input_ids
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self._refuse_overlong(sum(len(m["content"]) for m in messages))
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja raises for e.g. roles out of order
             raise E.bad_request(f"messages: {exc}", "messages", "invalid_messages") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _target(self, model: str) -> Target:
+    def _refuse_overlong(self, chars: int) -> None:
+        """400 without tokenizing when `chars` of text must be more tokens than max_model_len
+        (no token covers more than `longest_token` characters), so a huge prompt costs no tokenizer time."""
+        if not hasattr(self, "longest_token"):
+            self.longest_token = max(len(t) for t in self.tokenizer.get_vocab()) + 1  # +1: the leading-space marker
+        at_least = chars // self.longest_token
+        if at_least > self.spec.max_model_len:
+            raise E.prompt_too_long(at_least, chars, self.spec.max_model_len)
+
+    async def _target(self, model: str, deadline: float) -> Target:
+        """The model's Target; waits for the registry (off this loop, on the table's executor) at most
+        `registry_lookup_timeout_s` and never past the request's deadline."""
+        fut = self.table.lookup_future(model)
+        wait = max(0.0, min(self.spec.limits.registry_lookup_timeout_s, deadline - time.monotonic()))
+        if not fut.done():
+            await asyncio.wait([asyncio.wrap_future(fut)], timeout=wait)
         try:
-            return self.table.lookup(model)
+            return self.table.settle(fut, model, 0, waited=wait)  # done, or 503: never blocks this loop
         except TargetError as exc:
-            raise E.ApiError(exc.status, str(exc), "invalid_request_error", "model", exc.code) from None
+            retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+            raise E.ApiError(exc.status, str(exc), "invalid_request_error" if exc.status < 500 else "server_error", "model",
+                             exc.code, retry) from None
 
     async def _handle(self, request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
         t0 = time.monotonic()
-        model_label = "?"
+        model_label = "unknown"  # only names this deployment serves become label values
         try:
             self._auth(request)
-            req = await self._parse(request, chat)
-            model_label = req.model
-            target = await asyncio.to_thread(self._target, req.model)  # may download an adapter version
-            prompt_ids = self._prompt_ids(req, chat)
+            raw = await self._read_body(request)
+            off_loop = len(raw) > INLINE_BODY_BYTES  # JSON and tokenizer work on a large body would stall every stream
+            req = await self._cpu(off_loop, self._parse, raw, chat)
+            target = await self._target(req.model, t0 + self.spec.limits.request_timeout_s)
+            model_label = self.metrics.label(target.served_as)
+            prompt_ids = await self._cpu(off_loop, self._prompt_ids, req, chat)
             max_tokens = req.wanted_tokens(min(self.spec.limits.default_max_tokens, self.spec.max_model_len - len(prompt_ids)))
             if max_tokens < 1 or len(prompt_ids) + max_tokens > self.spec.max_model_len:
                 raise E.context_too_long(len(prompt_ids), max(max_tokens, 1), self.spec.max_model_len)
@@ -212,26 +289,40 @@ class OpenAIIngress:
             payload = {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                        "stop": req.stop_list(), "seed": req.seed, "adapter_id": target.adapter_id,
                        "adapter_path": target.adapter_path, "ignore_eos": req.ignore_eos}
-            response = await self._run(req, target, payload, chat, t0)
+            response = await self._run(req, target, payload, chat, t0, model_label)
             self.metrics.requests.labels(model_label, endpoint, "200").inc()
             return response
         except E.ApiError as exc:
             self.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
             raise
 
-    async def _run(self, req, target: Target, payload: dict, chat: bool, t0: float):
+    async def _run(self, req, target: Target, payload: dict, chat: bool, t0: float, label: str):
         deadline = t0 + self.spec.limits.request_timeout_s
         self.inflight += 1
         self.metrics.in_flight.set(self.inflight)
         self.metrics.queue_depth.set(max(0, self.inflight - self.spec.limits.max_batch_size))
-        stream = self.engine.options(stream=True, multiplexed_model_id=target.adapter_id or "").generate.remote(payload)
+
+        def start():
+            return self.engine.options(stream=True, multiplexed_model_id=target.adapter_id or "").generate.remote(payload)
+
+        stream = start()
         done = False
 
         async def next_event():
             if time.monotonic() >= deadline:
                 raise asyncio.TimeoutError
-            async with asyncio.timeout_at(deadline):  # a timer, not a task per token (the loop's clock is monotonic)
-                event = await stream.__anext__()
+            try:
+                async with asyncio.timeout_at(deadline):  # a timer, not a task per token (the loop's clock is monotonic)
+                    event = await stream.__anext__()
+            except (asyncio.TimeoutError, StopAsyncIteration):
+                raise
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():  # this request is being cancelled (client gone)
+                    raise
+                raise E.replica_failed("The engine replica cancelled this request (it died or is stopping). Retry the request.") from None
+            except Exception as exc:  # the engine replica died, or the engine raised
+                raise engine_failure(exc) from exc
             if "error" in event:
                 raise E.ApiError(event.get("status", 500) if event.get("status", 500) < 500 else 503, event["error"],
                                  "invalid_request_error" if event.get("status", 500) < 500 else "server_error", "model", event.get("code"))
@@ -244,10 +335,25 @@ class OpenAIIngress:
                 self.inflight -= 1
                 self.metrics.in_flight.set(self.inflight)
                 self.metrics.queue_depth.set(max(0, self.inflight - self.spec.limits.max_batch_size))
-                stream.cancel()
+                try:
+                    stream.cancel()
+                except Exception as exc:  # the replica is gone already: nothing left to cancel
+                    log.info("cancelling the engine stream failed: %s", exc)
 
         try:
-            first = await next_event()  # errors before the first token become HTTP statuses
+            retries = 0
+            while True:
+                try:
+                    first = await next_event()  # errors before the first token become HTTP statuses
+                    break
+                except E.ApiError as exc:  # no token sent yet: a dead replica's request runs again on a healthy one
+                    wait = REPLICA_GONE_BACKOFF_S[min(retries, len(REPLICA_GONE_BACKOFF_S) - 1)]
+                    if exc.code != "replica_unavailable" or time.monotonic() + wait >= deadline:
+                        raise
+                    retries += 1
+                    stream.cancel()
+                    await asyncio.sleep(wait)
+                    stream = start()
         except asyncio.TimeoutError:
             finish()
             raise E.timed_out(self.spec.limits.request_timeout_s) from None
@@ -258,9 +364,9 @@ class OpenAIIngress:
             finish()
             raise
         ttft = time.monotonic() - t0
-        self.metrics.ttft.labels(req.model).observe(ttft)
+        self.metrics.ttft.labels(label).observe(ttft)
         prompt_tokens = len(payload["prompt_ids"])
-        self.metrics.tokens_in.labels(req.model).inc(prompt_tokens)
+        self.metrics.tokens_in.labels(label).inc(prompt_tokens)
 
         async def events():
             event = first
@@ -269,10 +375,10 @@ class OpenAIIngress:
                     yield event
                     if "finish_reason" in event:
                         n = event["completion_tokens"]
-                        self.metrics.tokens_out.labels(req.model).inc(n)
+                        self.metrics.tokens_out.labels(label).inc(n)
                         if n > 1:
-                            self.metrics.tpot.labels(req.model).observe((time.monotonic() - t0 - ttft) / (n - 1))
-                        self.metrics.e2e.labels(req.model).observe(time.monotonic() - t0)
+                            self.metrics.tpot.labels(label).observe((time.monotonic() - t0 - ttft) / (n - 1))
+                        self.metrics.e2e.labels(label).observe(time.monotonic() - t0)
                         return
                     event = await next_event()
             finally:
@@ -295,7 +401,7 @@ class OpenAIIngress:
         except asyncio.TimeoutError:
             raise E.timed_out(self.spec.limits.request_timeout_s) from None
         except StopAsyncIteration:
-            raise E.unavailable("engine closed the stream before finishing") from None
+            raise E.replica_failed("engine closed the stream before finishing") from None
         build = S.chat_response if chat else S.completion_response
         text = "".join(parts)
         if not chat and req.echo:
@@ -331,6 +437,25 @@ class OpenAIIngress:
                 elif ev.get("text"):
                     yield text(ev["text"])
         except (asyncio.TimeoutError, E.ApiError, StopAsyncIteration) as exc:
-            err = exc if isinstance(exc, E.ApiError) else E.timed_out(self.spec.limits.request_timeout_s)
+            err = exc if isinstance(exc, E.ApiError) else (
+                E.timed_out(self.spec.limits.request_timeout_s) if isinstance(exc, asyncio.TimeoutError)
+                else E.replica_failed("engine closed the stream before finishing"))
             yield data(err.body())
+        except Exception as exc:  # whatever failed, the client gets an error event and [DONE], not a cut stream
+            yield data(engine_failure(exc).body())
         yield "data: [DONE]\n\n"
+
+
+# What a failing engine call raises when the replica process is gone (or being replaced).
+REPLICA_GONE = ("RayActorError", "ReplicaUnavailableError", "DeploymentUnavailableError", "ActorUnavailableError",
+                "TaskCancelledError", "RequestCancelledError")
+
+
+def engine_failure(exc: Exception) -> E.ApiError:
+    """The JSON error for an exception from the engine stream: 503 (retryable) when its replica died,
+    else 500 in OpenAI's shape, logged with its traceback (an engine bug, not the client's)."""
+    if any(cls.__name__ in REPLICA_GONE for cls in type(exc).__mro__):
+        log.warning("engine replica failed mid-request: %s: %s", type(exc).__name__, str(exc)[:300])
+        return E.replica_failed(f"The engine replica serving this request failed ({type(exc).__name__}); it is being replaced. Retry the request.")
+    log.error("engine raised during a request", exc_info=exc)
+    return E.ApiError(500, f"The engine failed: {type(exc).__name__}", "server_error", None, "engine_error")

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MIN_TEMPERATURE = 1e-4  # lower temperatures are greedy decoding (they pick the argmax anyway)
+
 
 class ChatMessage(BaseModel):
     """One chat turn. `content` may be a string or OpenAI's list of text parts."""
@@ -38,12 +40,17 @@ class SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # engines seed a 64-bit generator
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past EOS (benchmarks)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_min(cls, value: float) -> float:
+        return 0.0 if value < MIN_TEMPERATURE else value  # logits / 1e-300 overflow to inf and poison the batch's sampling
 
     @field_validator("stop")
     @classmethod
@@ -80,8 +87,8 @@ class CompletionRequest(SamplingFields):
             return value  # token ids, as OpenAI allows
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt per request (a string, a list of token ids, or a list of one of those)")
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and value[0] == []:
+            raise ValueError("prompt must not be an empty list of token ids")
         return value
 
     def prompt_token_ids(self) -> list[int] | None:

@@ -15,7 +15,8 @@ import time
 
 from ray import serve
 
-from llmplatform.serving.engines import EngineError, GenerationRequest, pick_engine
+from llmplatform.resolve import Resolved
+from llmplatform.serving.engines import EngineError, GenerationRequest
 from llmplatform.specs import ServeSpec
 
 log = logging.getLogger(__name__)
@@ -34,36 +35,32 @@ class _LoadedAdapter:
             pass
 
 
-def serves_adapters(spec: ServeSpec) -> bool:
-    """Whether any request could name an adapter (listed, registry-served, or dynamic)."""
-    return bool(spec.model.adapters or spec.model.registry or spec.model.allow_dynamic_adapters)
-
-
-def build_engine(spec: ServeSpec, base_dir: str, tensor_parallel: int):
-    """The engine object for this replica (imports vllm only when chosen)."""
-    engine = pick_engine(spec.engine)
-    if engine == "vllm":
+def build_engine(plan: Resolved, base_dir: str):
+    """The engine object for this replica, as the plan says (imports vllm only when chosen)."""
+    spec: ServeSpec = plan.spec  # type: ignore[assignment]
+    if plan["engine"] == "vllm":
         from llmplatform.serving.engines.vllm import VLLMEngine
 
-        return VLLMEngine(base_dir, dtype=spec.dtype, max_model_len=spec.max_model_len, tensor_parallel=tensor_parallel,
+        return VLLMEngine(base_dir, dtype=spec.dtype, max_model_len=plan["max_model_len"], tensor_parallel=plan["tensor_parallel"],
                           max_batch_size=spec.limits.max_batch_size, max_loaded_adapters=spec.max_loaded_adapters,
-                          enable_lora=serves_adapters(spec))
+                          enable_lora=plan["enable_lora"], max_lora_rank=plan["max_lora_rank"] or 16)
     from llmplatform.serving.engines.hf import HFEngine
 
     threads = int(os.environ.get("PLATFORM_ENGINE_THREADS", "1"))
-    return HFEngine(base_dir, dtype=spec.dtype, max_batch_size=spec.limits.max_batch_size, max_model_len=spec.max_model_len,
-                    tensor_parallel=tensor_parallel, threads=threads, max_loaded_adapters=spec.max_loaded_adapters)
+    return HFEngine(base_dir, dtype=spec.dtype, max_batch_size=spec.limits.max_batch_size, max_model_len=plan["max_model_len"],
+                    tensor_parallel=plan["tensor_parallel"], threads=threads, max_loaded_adapters=spec.max_loaded_adapters)
 
 
 class EngineCore:
     """Holds one engine; `generate` streams events for one request. Runs as the `engine`
     deployment (`EngineReplica`), or inside the ingress replica behind `LocalEngine`."""
 
-    def __init__(self, spec: dict, base_dir: str, tensor_parallel: int):
-        self.spec = ServeSpec.model_validate(spec)
+    def __init__(self, plan: dict, base_dir: str):
+        self.plan = Resolved.from_dict(plan, "engine replica args")
+        self.spec = self.plan.spec
         self.base_dir = base_dir
         self.started = time.time()
-        self.engine = build_engine(self.spec, base_dir, tensor_parallel)
+        self.engine = build_engine(self.plan, base_dir)
         self._paths: dict[str, str] = {}
 
         async def load(adapter_id: str) -> _LoadedAdapter:  # a plain function: the multiplexer caches on it

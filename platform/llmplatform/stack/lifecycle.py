@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from llmplatform import cpus
 from llmplatform.errors import StackError
 from llmplatform.paths import platform_home
-from llmplatform.stack import cpus, mlflow_server, ray_head
+from llmplatform.stack import mlflow_server, ray_head
 from llmplatform.stack.ports import check_ports_free
 from llmplatform.stack.processes import group_is_ours, is_ours, stop_groups, wait_healthy
 from llmplatform.stack.state import ComponentState, read_state, remove_state, state_path, write_state
@@ -161,7 +162,7 @@ def up(
 
     Idempotent: running components are left alone (their recorded ports and CPU partition win
     over the arguments); a dead one is restarted. `cpu_partition` is `auto`, `off` or the
-    front-end CPUs (see llmplatform.stack.cpus). Raises StackError for a bad `cpu_partition` and
+    front-end CPUs (see llmplatform.cpus). Raises StackError for a bad `cpu_partition` and
     PortInUseError for a taken port before starting anything, and StackError (with the log tail)
     when a component fails to start.
     """

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from llmplatform.errors import StackError
-from llmplatform.stack.cpus import pin_child
+from llmplatform.cpus import pin_child
 
 
 @dataclass(frozen=True)

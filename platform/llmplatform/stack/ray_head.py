@@ -28,8 +28,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmplatform.cpus import FRONT_ENV, MODEL_ENV, CpuPartition
 from llmplatform.errors import StackError
-from llmplatform.stack.cpus import FRONT_ENV, MODEL_ENV, CpuPartition
+from llmplatform.serving.environment import SERVE_FAST_PATH_ENV  # the head's env reaches the Serve proxy
 from llmplatform.stack.ports import HOST, free_port
 from llmplatform.stack.processes import ProcessRecord, http_ok, start_process
 
@@ -39,12 +40,6 @@ from llmplatform.stack.processes import ProcessRecord, http_ok, start_process
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray keep 127.0.0.1 as the node address instead of
 # resolving it to the host's (ray._private.services.get_node_ip_address), so every listener binds
 # 127.0.0.1 (tests/faults/test_listeners.py). The cost: no other node can join; a laptop stack never wants one.
-# Ray Serve's throughput-optimized settings (user code and router on the replica's event loop,
-# gRPC between deployments, buffered request logs, no replica logs on stderr), without direct
-# ingress so clients keep the one proxy URL. Every streamed token crosses the proxy and two
-# replicas; on 2 CPU cores with the vllm engine at 16 streams this took 310 -> 406 output tok/s.
-# The head's env reaches the proxy; serving.app also sets it on the replicas of any cluster.
-SERVE_FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # head and clients alike: both resolve the node address
 RAY_ENV: dict[str, str | None] = {
     **LOOPBACK_ENV,
@@ -163,7 +158,7 @@ def start_ray_head(home: Path, ports: RayPorts, log_path: Path, num_cpus: int = 
                    partition: CpuPartition | None = None) -> ProcessRecord:
     """Start the head in its own process group; returns at once (see `ray_healthy`).
 
-    With a CPU partition (see llmplatform.stack.cpus) the head, and so every Ray process, starts
+    With a CPU partition (see llmplatform.cpus) the head, and so every Ray process, starts
     on the partition's front-end CPUs."""
     temp_dir = ray_temp_dir(home)
     temp_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,16 +126,6 @@ def write_task_dataset(task: str, out_dir: Path | str, n_train: int = 2000, n_ev
         lines = (json.dumps(to_record(i, shape), ensure_ascii=False) for i in items)
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
-
-
-def normalize(answer: str) -> str:
-    """Collapse runs of whitespace and strip: the comparison exact match uses."""
-    return re.sub(r"\s+", " ", answer).strip()
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """True when prediction and reference are equal after whitespace normalisation."""
-    return normalize(prediction) == normalize(reference)
 
 
 def _task(task: str):

@@ -1,8 +1,10 @@
 """The Ray job entrypoint for a fine-tuning job (also the command of the Kubernetes RayJob).
 
-    python -m llmplatform.training.entrypoint --spec-json '{...}' --job-id ID [--run-id RUN]
+    python -m llmplatform.training.entrypoint --resolved-json '{...}' --job-id ID [--run-id RUN]
 
-It validates the data, makes sure the job's MLflow run exists, runs the `TorchTrainer`, then
+`--resolved-json` is the job's resolved plan (`llmplatform.resolve`, what `platformctl spec
+resolve --output json` prints): the spec plus every derived value. Nothing is planned here. It
+validates the data, makes sure the job's MLflow run exists, runs the `TorchTrainer`, then
 uploads the final adapter, tokenizer, spec and data stats and registers the adapter. Progress,
 the run, the result and a failure reason are printed as `PLATFORM_PROGRESS {json}` lines that the
 backends read from the job log. SIGTERM (a cancel) marks the run KILLED and registers nothing.
@@ -12,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from llmplatform.errors import PlatformError
-from llmplatform.specs import FineTuneSpec, parse_spec
-from llmplatform.stack import cpus
+from llmplatform import cpus
+from llmplatform.errors import JobError, PlatformError, Problem
+from llmplatform.resolve import Resolved, ResolveError
+from llmplatform.specs import FineTuneSpec
 from llmplatform.training.loop import emit
 
 
@@ -42,18 +46,19 @@ def data_stats(spec: FineTuneSpec, tokenizer) -> tuple[dict, str]:
 
 
 def resolve_tracking_uri(spec: FineTuneSpec, given: str | None) -> str:
-    if given:
-        return given
-    if spec.mlflow.tracking_uri:
-        return spec.mlflow.tracking_uri
-    from llmplatform import stack
+    """--tracking-uri, else the spec's mlflow.tracking_uri, else $MLFLOW_TRACKING_URI (cluster
+    code never asks the local stack: its backends pass --tracking-uri)."""
+    found = given or spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not found:
+        raise JobError("no MLflow tracking server for this job: pass --tracking-uri, set mlflow.tracking_uri in the spec, "
+                       "or set MLFLOW_TRACKING_URI in the job's environment")
+    return found
 
-    return stack.tracking_uri()
 
-
-def run_job(spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: str, base_dir: str | None = None) -> dict:
+def run_job(plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str, base_dir: str | None = None) -> dict:
     """Train, log and register; returns the result (run id, adapter URI, registered version)."""
-    from llmplatform.tiny import resolve_base
+    spec: FineTuneSpec = plan.spec  # type: ignore[assignment]
+    from llmplatform.basemodels import locate
     from llmplatform.training import mlflow_logging as ml
     from llmplatform.training import trainer
     from llmplatform.training.model_setup import load_tokenizer
@@ -67,12 +72,13 @@ def run_job(spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: s
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        base_dir = base_dir or resolve_base(spec.base_model)
+        base_dir = base_dir or locate(spec.base_model)
         tokenizer = load_tokenizer(base_dir)
         stats, sha = data_stats(spec, tokenizer)
         ml.set_tags(tracking_uri, run_id, {"dataset_sha256": sha, "base_model": spec.base_model, "platform.job_id": job_id})
-        loop_config = {"spec": spec.model_dump(mode="json"), "base_dir": base_dir, "run_id": run_id, "tracking_uri": tracking_uri, "job_id": job_id}
-        result = trainer.fit(spec, job_id, loop_config)
+        ml.log_resolved(tracking_uri, run_id, plan.to_dict())
+        loop_config = {"base_dir": base_dir, "run_id": run_id, "tracking_uri": tracking_uri, "job_id": job_id}
+        result = trainer.fit(plan, job_id, loop_config)
         if result.checkpoint is None:
             raise RuntimeError("training ended without a checkpoint")
         with tempfile.TemporaryDirectory() as tmp:
@@ -97,18 +103,27 @@ def run_job(spec: FineTuneSpec, job_id: str, run_id: str | None, tracking_uri: s
     return out
 
 
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ResolveError("--resolved-json", [Problem("(json)", f"not valid JSON: {exc}")]) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmplatform.training.entrypoint", description=__doc__.splitlines()[0])
-    parser.add_argument("--spec-json", required=True, help="the FineTuneSpec as JSON")
+    parser.add_argument("--resolved-json", required=True, help="the job's resolved plan as JSON (platformctl spec resolve --output json)")
     parser.add_argument("--job-id", required=True, help="unique job id (also the Ray Train run name)")
     parser.add_argument("--run-id", default=None, help="existing MLflow run to log into")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: spec, env, or local stack)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: the spec's, else $MLFLOW_TRACKING_URI)")
     parser.add_argument("--base-dir", default=None, help="already-resolved base model directory")
     args = parser.parse_args(argv)
     cpus.use_all_cpus()  # data checks and tokenizing run here; a partitioned stack started us on its front CPUs
     try:
-        spec = parse_spec("finetune", json.loads(args.spec_json), "--spec-json")
-        run_job(spec, args.job_id, args.run_id, resolve_tracking_uri(spec, args.tracking_uri), args.base_dir)
+        plan = Resolved.from_dict(_json_arg(args.resolved_json), "--resolved-json")
+        if plan.kind != "finetune":
+            raise ResolveError("--resolved-json", [Problem("kind", "this is a serve plan; the training entrypoint needs a fine-tune plan", plan.kind, "finetune")])
+        run_job(plan, args.job_id, args.run_id, resolve_tracking_uri(plan.spec, args.tracking_uri), args.base_dir)
     except PlatformError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -7,6 +7,7 @@ batches (the fastest CPU path) up to EOS, and compared after whitespace normalis
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -52,10 +53,19 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     return out
 
 
+def normalize(answer: str) -> str:
+    """Collapse runs of whitespace and strip: the comparison exact match uses."""
+    return re.sub(r"\s+", " ", answer).strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """True when prediction and reference are equal after whitespace normalisation."""
+    return normalize(prediction) == normalize(reference)
+
+
 def exact_match_accuracy(base_dir: str | Path, eval_path: str | Path, adapter_dir: str | Path | None = None, limit: int | None = None) -> float:
     """Share of held-out records whose greedy answer matches the reference exactly."""
     from llmplatform.data import load_records
-    from llmplatform.tiny.tasks import exact_match
     from llmplatform.training.model_setup import load_tokenizer
 
     tokenizer = load_tokenizer(base_dir)

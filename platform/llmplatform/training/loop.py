@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from llmplatform import cpus
+from llmplatform.resolve import Resolved
 from llmplatform.specs import FineTuneSpec
-from llmplatform.stack import cpus
 from llmplatform.training import batches, model_setup, optimizer as optim, sharding
 
 PROGRESS_PREFIX = "PLATFORM_PROGRESS "
@@ -160,39 +161,20 @@ def load_checkpoint(checkpoint, model, opt, sched) -> tuple[int, int]:
     return int(state["step"]), int(state["data_position"])
 
 
-def resolve_strategy(spec: FineTuneSpec) -> str:
-    """`ddp` or `fsdp`. `auto` is FSDP when the planner says one `resources.gpu_type` can't hold
-    the catalog model for this method (it needs both to know) and the optimizer can step sharded
-    parameters (`adamw`; bitsandbytes optimizers can't); DDP otherwise."""
-    res = spec.resources
-    if res.strategy != "auto":
-        return res.strategy
-    if not res.gpu_type or not res.gpus_per_worker or spec.hyperparameters.optimizer != "adamw":
-        return "ddp"
-    from llmplatform import catalog, planner
-
-    try:
-        shape = catalog.get_model(spec.base_model)
-    except catalog.UnknownModelError:  # a local directory or hub id: no catalog shape to plan with
-        return "ddp"
-    plan = planner.plan_training(shape, spec.method, res.gpu_type, spec.data.max_seq_length, spec.hyperparameters.micro_batch_size,
-                                 spec.lora.rank, spec.hyperparameters.gradient_checkpointing, spec.lora.target_modules)
-    return "fsdp" if plan.placement.fsdp else "ddp"
-
-
 def setup(config: dict) -> dict:
     """Everything a worker needs before the first step: model, data, optimizer, resume point."""
     import ray.train
     import ray.train.torch
 
-    spec = FineTuneSpec.model_validate(config["spec"])
+    plan = Resolved.from_dict(config["plan"], "training plan")  # every derived value; nothing is planned here
+    spec = plan.spec
     hp = spec.hyperparameters
     cpus.use_all_cpus()  # a partitioned local stack starts Ray workers on its front-end CPUs only
     torch.set_num_threads(int(config.get("torch_threads") or 1))
     torch.manual_seed(hp.seed)
     tctx = ray.train.get_context()
     world, rank = tctx.get_world_size(), tctx.get_world_rank()
-    device = ray.train.torch.get_device() if spec.resources.gpus_per_worker else torch.device("cpu")
+    device = ray.train.torch.get_device() if plan["use_gpu"] else torch.device("cpu")
 
     tokenizer = model_setup.load_tokenizer(config["base_dir"])
     train = batches.tokenized_examples(spec, tokenizer, "train")
@@ -202,8 +184,8 @@ def setup(config: dict) -> dict:
         raise ValueError(f"{len(train)} training sequences are too few for {world} worker(s) x micro_batch_size {hp.micro_batch_size}")
     steps = total_steps(spec, shard.per_epoch)
 
-    model = model_setup.load_for_training(spec, config["base_dir"], device)
-    if world > 1 and resolve_strategy(spec) == "fsdp":  # Ray's prepare_model refuses FSDP on CPU (see sharding)
+    model = model_setup.load_for_training(spec, config["base_dir"], device, plan["quantization"], plan["precision"])
+    if world > 1 and plan["strategy"] == "fsdp":  # Ray's prepare_model refuses FSDP on CPU (see sharding)
         model = sharding.shard_model(model, device, world)
     elif world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
@@ -214,10 +196,10 @@ def setup(config: dict) -> dict:
     if checkpoint is not None:
         step, position = load_checkpoint(checkpoint, model, opt, sched)
     return dict(
-        spec=spec, world=world, rank=rank, device=device, tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
+        spec=spec, plan=plan, world=world, rank=rank, device=device, tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
         train=train, val=val, shard=shard, steps=steps, model=model, opt=opt, sched=sched,
         step=step, position=position, resumed=checkpoint is not None, progress_file=config.get("progress_file"),
-        amp_dtype=model_setup.autocast_dtype(spec, device.type), logger=config.get("logger"), sharded=sharding.is_sharded(model),
+        amp_dtype=model_setup.autocast_dtype(plan["precision"]), logger=config.get("logger"), sharded=sharding.is_sharded(model),
     )
 
 
@@ -277,7 +259,7 @@ def train_loop_per_worker(config: dict) -> None:
     from llmplatform.training.mlflow_logging import StepLogger
 
     ctx = setup(config)
-    spec = ctx["spec"]
+    plan = ctx["plan"]
     rank0 = ctx["rank"] == 0
     logger = StepLogger(config["tracking_uri"], config["run_id"]) if rank0 and config.get("run_id") else None
     emit("worker_start", ctx["progress_file"], rank=ctx["rank"], pid=os.getpid(), step=ctx["step"], total=ctx["steps"], resumed=ctx["resumed"])
@@ -289,8 +271,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
         step = ctx["step"]
         final = step == ctx["steps"]
-        ckpt_due = final or step % spec.checkpoint.every_n_steps == 0
-        if final or step % spec.eval.every_n_steps == 0 or (ckpt_due and ctx["val"]):
+        ckpt_due = final or step % plan["checkpoint_every_n_steps"] == 0
+        if final or (plan["eval_every_n_steps"] and step % plan["eval_every_n_steps"] == 0) or (ckpt_due and ctx["val"]):
             last_eval = evaluate(ctx["model"], ctx["val"], ctx)
             metrics.update(last_eval)
         if rank0:

@@ -125,6 +125,11 @@ def log_outputs(tracking_uri: str, run_id: str, adapter_dir: Path, tokenizer_dir
         c.log_artifact(run_id, str(Path(tmp) / "data_stats.json"))
 
 
+def log_resolved(tracking_uri: str, run_id: str, plan: dict) -> None:
+    """The job's resolved plan as the run's `resolved.json` (what every worker ran with)."""
+    client(tracking_uri).log_dict(run_id, plan, "resolved.json")
+
+
 def register(tracking_uri: str, spec: FineTuneSpec, adapter_dir: Path, run_id: str, lineage: dict, base_dir: str | None) -> str | None:
     """Register the adapter as a new version of `spec.mlflow.registered_model_name`."""
     if not spec.mlflow.registered_model_name:

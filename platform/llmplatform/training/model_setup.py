@@ -21,13 +21,8 @@ from llmplatform.specs import FineTuneSpec
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def autocast_dtype(spec: FineTuneSpec, device_type: str) -> torch.dtype | None:
-    """The autocast dtype for this spec on this device; None means plain fp32."""
-    precision = spec.hyperparameters.precision
-    if precision == "auto":
-        if device_type == "cuda" or spec.method == "qlora":
-            return torch.bfloat16
-        return None
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for the resolved precision (bf16/fp16/fp32); None means plain fp32."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
@@ -56,14 +51,17 @@ def lora_config(spec: FineTuneSpec):
     )
 
 
-def load_base(spec: FineTuneSpec, base_dir: str | Path, device: torch.device):
-    """The frozen base model: full precision for LoRA, 4-bit NF4 (double quant) for QLoRA."""
+def load_base(spec: FineTuneSpec, base_dir: str | Path, device: torch.device, quantization: dict | None = None, precision: str = "bf16"):
+    """The frozen base model: 16-bit on GPUs (the resolved precision), fp32 on CPU for LoRA; 4-bit
+    NF4 (double quant) for QLoRA, with the resolved quantisation settings."""
     from transformers import AutoModelForCausalLM
 
     if spec.method == "qlora":
+        from types import SimpleNamespace
+
         from transformers import BitsAndBytesConfig
 
-        q = spec.quantization
+        q = SimpleNamespace(**(quantization or spec.quantization.model_dump(mode="json")))
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=q.quant_type,
@@ -73,17 +71,18 @@ def load_base(spec: FineTuneSpec, base_dir: str | Path, device: torch.device):
         device_map = {"": (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else "cpu"}
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=bnb, device_map=device_map, dtype=_DTYPES[q.compute_dtype])
     else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).to(device)
     model.config.use_cache = False
     return model
 
 
-def load_for_training(spec: FineTuneSpec, base_dir: str | Path, device: torch.device):
+def load_for_training(spec: FineTuneSpec, base_dir: str | Path, device: torch.device, quantization: dict | None = None,
+                      precision: str = "bf16"):
     """Base + fresh LoRA adapters, in train mode from the start (never an eval forward first)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base(spec, base_dir, device)
+    model = load_base(spec, base_dir, device, quantization, precision)
     checkpointing = spec.hyperparameters.gradient_checkpointing
     model.train()
     if spec.method == "qlora":

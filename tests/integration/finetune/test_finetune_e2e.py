@@ -104,7 +104,9 @@ def test_run_and_version_carry_the_lineage_and_no_base_weights(jobs, local_stack
         assert len(client.get_metric_history(run.info.run_id, metric)) == STEPS["lora"], metric
     assert {"eval_loss", "eval_perplexity", "eval_token_accuracy"} <= set(run.data.metrics)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "tokenizer", "spec.yaml", "data_stats.json"} <= top
+    assert {"adapter", "tokenizer", "spec.yaml", "data_stats.json", "resolved.json"} <= top
+    plan = json.loads(open(client.download_artifacts(run.info.run_id, "resolved.json")).read())  # what every worker ran with
+    assert plan["kind"] == "ResolvedFineTune" and plan["values"]["workers"]["value"] == 2 and plan["values"]["use_gpu"]["value"] is False
     files = [a for d in ("adapter", "tokenizer") for a in client.list_artifacts(run.info.run_id, d)]
     assert not any(a.path.endswith("model.safetensors") and not a.path.endswith("adapter_model.safetensors") for a in files)
     assert all((a.file_size or 0) < 5 * 2**20 for a in files)  # adapters and tokenizer only, never base weights

@@ -82,9 +82,9 @@ def serving_env(local_stack, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_dir(serving_env) -> str:
-    from llmplatform.tiny import resolve_base
+    from llmplatform.basemodels import locate
 
-    return resolve_base(BASE)
+    return locate(BASE)
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +125,7 @@ def keys_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_app(serving_env, adapter_dirs, registry_versions, keys_file) -> dict:
     """The shared deployment: base + local adapter `a` + registry `support-bot@production`."""
+    from llmplatform.backends.serving import deploy_spec
     from llmplatform.serving import app
 
     spec = {
@@ -135,6 +136,6 @@ def tiny_app(serving_env, adapter_dirs, registry_versions, keys_file) -> dict:
         "auth": {"enabled": True, "api_keys_file": str(keys_file), "api_keys_env": None},
         "registry_poll_s": 1.0, "max_loaded_adapters": 4,
     }
-    status = app.deploy(spec, serving_env["ray_address"])
+    status = deploy_spec(spec, serving_env["ray_address"])
     yield {"url": status["url"], "spec": spec, "status": status, "key": API_KEY, "cpu_partition": serving_env["cpu_partition"]}
     app.delete("tiny-chat")

@@ -32,37 +32,54 @@ def test_unknown_deployment_is_a_clean_error(tiny_app, capsys):
     assert "no serving deployment named 'no-such-app'" in capsys.readouterr().err
 
 
-def test_deploy_that_fails_in_its_replicas_says_why(serving_env, base_dir, tmp_path, capsys):
-    """A replica constructor that raises (here: engine vllm where vLLM isn't installed) fails the
-    deploy with the replica's exception in the message, not only Serve's 'Failed to update'; with
-    --keep-failed the failed application stays for inspection."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here, so the engine would start")
-    spec = tmp_path / "bad.yaml"
-    spec.write_text(f"name: no-vllm\nengine: vllm\nmax_model_len: 256\nmodel:\n  base: {base_dir}\n")
-    try:
-        assert main(["serve", "deploy", str(spec), "--target", "ray", "--ray-address", serving_env["ray_address"],
-                     "--timeout", "120", "--keep-failed"]) == 1
-        err = capsys.readouterr().err
-        assert "deployment 'no-vllm' failed" in err and "No module named 'vllm'" in err
-        assert "platformctl serve delete no-vllm" in err
-        assert main(["serve", "list"]) == 0 and "no-vllm" in capsys.readouterr().out
-    finally:
-        main(["serve", "delete", "no-vllm"])
-
-
-def test_a_base_model_that_cannot_load_fails_the_deploy_at_once_and_is_removed(serving_env, base_dir, tmp_path, capsys):
-    """The replica's own exception is reported as soon as its constructor raises (not after the
-    whole timeout, blaming a slow __init__), and the new application is removed again."""
+def _broken_base(base_dir, tmp_path):
     import shutil
-    import time
 
     broken = tmp_path / "broken-base"
     shutil.copytree(base_dir, broken)
     for weights in broken.glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
+    return broken
+
+
+def test_deploy_that_fails_in_its_replicas_says_why(serving_env, base_dir, tmp_path, capsys):
+    """A replica constructor that raises (here: weights that cannot load) fails the deploy with the
+    replica's exception in the message, not only Serve's 'Failed to update'; with --keep-failed the
+    failed application stays for inspection."""
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(f"name: kept-failed\nmax_model_len: 256\nmodel:\n  base: {_broken_base(base_dir, tmp_path)}\n")
+    try:
+        assert main(["serve", "deploy", str(spec), "--target", "ray", "--ray-address", serving_env["ray_address"],
+                     "--timeout", "120", "--keep-failed"]) == 1
+        err = capsys.readouterr().err
+        assert "deployment 'kept-failed' failed" in err and "Error" in err.split("failed:", 1)[1]
+        assert "platformctl serve delete kept-failed" in err
+        assert main(["serve", "list"]) == 0 and "kept-failed" in capsys.readouterr().out
+    finally:
+        main(["serve", "delete", "kept-failed"])
+
+
+def test_engine_vllm_where_vllm_is_missing_is_refused_before_anything_is_deployed(serving_env, base_dir, tmp_path, capsys):
+    """The resolve step knows vLLM is not installed: the spec is refused naming `engine`, and no
+    application is created (it used to fail in the replicas with ModuleNotFoundError)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here, so the engine would start")
+    spec = tmp_path / "novllm.yaml"
+    spec.write_text(f"name: no-vllm\nengine: vllm\nmax_model_len: 256\nmodel:\n  base: {base_dir}\n")
+    assert main(["serve", "deploy", str(spec), "--target", "ray", "--ray-address", serving_env["ray_address"], "--timeout", "120"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be satisfied" in err and "engine: vllm is not installed" in err
+    assert main(["serve", "list"]) == 0 and "no-vllm" not in capsys.readouterr().out
+
+
+def test_a_base_model_that_cannot_load_fails_the_deploy_at_once_and_is_removed(serving_env, base_dir, tmp_path, capsys):
+    """The replica's own exception is reported as soon as its constructor raises (not after the
+    whole timeout, blaming a slow __init__), and the new application is removed again."""
+    import time
+
+    broken = _broken_base(base_dir, tmp_path)
     spec = tmp_path / "broken.yaml"
     spec.write_text(f"name: broken-base\nmodel:\n  base: {broken}\n")
     started = time.monotonic()

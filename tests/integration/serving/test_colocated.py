@@ -13,11 +13,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def colocated(serving_env, adapter_dirs):
+    from llmplatform.backends.serving import deploy_spec
     from llmplatform.serving import app
 
     spec = {"name": "tiny-colocated", "engine": "hf", "topology": "colocated", "max_model_len": 512, "route_prefix": "/colocated",
             "model": {"base": BASE, "adapters": [{"name": "a", "source": str(adapter_dirs["a"])}], "allow_dynamic_adapters": False}}
-    status = app.deploy(spec, serving_env["ray_address"])
+    status = deploy_spec(spec, serving_env["ray_address"])
     yield status, openai.OpenAI(base_url=status["url"], api_key="none", max_retries=0, timeout=60)
     app.delete("tiny-colocated")
 

@@ -65,11 +65,11 @@ def _group(pg_hex: str) -> dict:
 
 
 def _deploy(name: str, tp: int) -> dict:
-    from llmplatform.serving import app
+    from llmplatform.backends.serving import deploy_spec
 
     spec = {"name": name, "engine": "hf", "model": {"base": "llama2-tiny-random"}, "tensor_parallel": tp, "max_model_len": 256,
             "resources": {"accelerator_resource": RESOURCE, "cpus_per_shard": 0.5}, "limits": {"max_batch_size": 4}}
-    return app.deploy(spec, timeout_s=180)
+    return deploy_spec(spec, timeout_s=180)
 
 
 def test_tp2_group_is_strict_pack_on_one_node_and_engine_gets_tp2(two_gpu_nodes):

@@ -16,12 +16,13 @@ TIMEOUT_S = 1.0
 
 @pytest.fixture(scope="module")
 def short_app(serving_env):
+    from llmplatform.backends.serving import deploy_spec
     from llmplatform.serving import app
 
     spec = {"name": "tiny-deadline", "engine": "hf", "max_model_len": 512, "route_prefix": "/deadline",
             "model": {"base": BASE, "allow_dynamic_adapters": False},
             "limits": {"request_timeout_s": TIMEOUT_S, "max_batch_size": 4}}
-    status = app.deploy(spec, serving_env["ray_address"])
+    status = deploy_spec(spec, serving_env["ray_address"])
     yield openai.OpenAI(base_url=status["url"], api_key="none", max_retries=0, timeout=60)
     app.delete("tiny-deadline")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmplatform.stack import cpus
+from llmplatform import cpus
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[3]
@@ -27,6 +27,7 @@ if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray, openai
+    from llmplatform.backends.serving import deploy_spec
     from llmplatform.serving import app
     from llmplatform.tiny import ensure_tiny_model
     base = str(ensure_tiny_model("random", sys.argv[1]))
@@ -36,7 +37,7 @@ if __name__ == "__main__":
 SCRIPT = PRELUDE + r'''
     spec = {"name": "vt", "engine": "vllm", "model": {"base": base, "adapters": [{"name": "a", "source": sys.argv[2]}]},
             "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}, "topology": sys.argv[3]}
-    st = app.deploy(spec, timeout_s=400)
+    st = deploy_spec(spec, timeout_s=400)
     c = openai.OpenAI(base_url=st["url"], api_key="x", max_retries=0, timeout=120)
     out = {"engine": st["engine"]}
     r = c.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}],
@@ -49,7 +50,7 @@ SCRIPT = PRELUDE + r'''
     chunks = list(c.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
                                             extra_body={"ignore_eos": True}))
     out["stream_chunks"] = len(chunks)
-    from llmplatform.stack import cpus
+    from llmplatform import cpus
     procs = [(pid, comm) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
     out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in procs}
     out["nice"] = {comm: os.getpriority(os.PRIO_PROCESS, pid) for pid, comm in procs}
@@ -124,7 +125,7 @@ TP_SCRIPT = PRELUDE + r'''
     for name, tp in (("one", 1), ("two", 2)):
         spec = {"name": name, "engine": "vllm", "model": {"base": base, "allow_dynamic_adapters": False}, "tensor_parallel": tp,
                 "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}}
-        st = app.deploy(spec, timeout_s=400)
+        st = deploy_spec(spec, timeout_s=400)
         c = openai.OpenAI(base_url=st["url"], api_key="x", max_retries=0, timeout=120)
         texts = [c.completions.create(model=base, prompt=p, max_tokens=16, temperature=0,
                                       extra_body={"ignore_eos": True}).choices[0].text for p in ("Hello there", "def main():")]

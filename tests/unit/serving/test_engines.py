@@ -10,18 +10,23 @@ import sys
 
 import pytest
 
-from llmplatform.serving.engines import pick_engine, vllm_usable
+from llmplatform.serving.engines import vllm_usable
 from llmplatform.serving.engines import vllm as vllm_engine
 from llmplatform.serving.engines.vllm import cpu_shard_binding, engine_args, shard_cpus
-from llmplatform.stack.cpus import CpuPartition
+from llmplatform.cpus import CpuPartition
 
 
 def test_auto_picks_vllm_only_when_importable():
+    from llmplatform.backends.facts import serve_facts
+    from llmplatform.resolve import resolve
+    from llmplatform.specs import parse_spec
+
     ok, why = vllm_usable()
     assert ok == (importlib.util.find_spec("vllm") is not None)
-    assert pick_engine("auto") == ("vllm" if ok else "hf")
     assert not ok or why
-    assert pick_engine("hf") == "hf" and pick_engine("vllm") == "vllm"
+    spec = parse_spec("serve", {"name": "s", "model": {"base": "llama2-tiny"}, "engine": "auto"})
+    plan = resolve(spec, serve_facts(spec, "local"))
+    assert plan["engine"] == ("vllm" if ok else "hf") and plan.source("engine") == "target"
 
 
 def test_vllm_tp_uses_the_ray_executor_on_gpus_and_local_shards_on_cpu():
@@ -55,23 +60,24 @@ def test_cpu_shards_run_on_the_model_cpus_of_a_partitioned_stack():
 
 
 def test_base_only_deployments_run_vllm_without_lora_layers():
-    from llmplatform.serving.replica import serves_adapters
+    from llmplatform.resolve import Facts, resolve
     from llmplatform.specs import parse_spec
 
-    def spec(**model):
-        return parse_spec("serve", {"name": "s", "engine": "vllm", "model": {"base": "llama2-7b", **model}})
+    def serves_adapters(**model) -> bool:
+        spec = parse_spec("serve", {"name": "s", "engine": "vllm", "model": {"base": "llama2-7b", **model}})
+        return resolve(spec, Facts(vllm_available=True))["enable_lora"]
 
-    assert not serves_adapters(spec(allow_dynamic_adapters=False))
-    assert serves_adapters(spec())  # dynamic adapters are on by default
-    assert serves_adapters(spec(allow_dynamic_adapters=False, adapters=[{"name": "a", "source": "/tmp/a"}]))
-    assert serves_adapters(spec(base=None, registry="models:/bot@production", allow_dynamic_adapters=False))
+    assert not serves_adapters(allow_dynamic_adapters=False)
+    assert serves_adapters()  # dynamic adapters are on by default
+    assert serves_adapters(allow_dynamic_adapters=False, adapters=[{"name": "a", "source": "/tmp/a"}])
+    assert serves_adapters(base=None, registry="models:/bot@production", allow_dynamic_adapters=False)
     args = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2,
                        enable_lora=False)
     assert args["enable_lora"] is False and "max_loras" not in args and "max_lora_rank" not in args
 
 
 def test_replicas_get_serves_fast_path_and_hf_keeps_user_code_off_the_replica_loop():
-    from llmplatform.serving.app import replica_env
+    from llmplatform.serving.environment import replica_env
 
     vllm = replica_env({"PLATFORM_HOME": "/h", "UNRELATED": "x"}, "vllm")
     assert vllm["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and vllm["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmplatform.tiny import ensure_tiny_model, pretrain, tasks
+from llmplatform.training.evaluate import exact_match
 
 pytestmark = pytest.mark.integration
 
@@ -45,5 +46,5 @@ def test_base_scores_near_zero_on_chat_tasks_before_fine_tuning(tiny_base):
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=14, do_sample=False, pad_token_id=tok.pad_token_id)
     preds = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    hits = sum(tasks.exact_match(p, i.answer) for p, i in zip(preds, held))
+    hits = sum(exact_match(p, i.answer) for p, i in zip(preds, held))
     assert hits <= 3, f"{hits}/50 held-out reversals right before any fine-tuning"

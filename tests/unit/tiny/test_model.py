@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmplatform import catalog
+from llmplatform import basemodels, catalog
 from llmplatform.errors import PlatformError
-from llmplatform.tiny import cache, ensure_tiny_model, resolve_base
+from llmplatform.tiny import cache, ensure_tiny_model
 from llmplatform.tiny.model import weights_digest
 
 
@@ -77,12 +77,14 @@ def test_unknown_kind_is_refused(tmp_path):
         ensure_tiny_model("huge", tmp_path)
 
 
-def test_resolve_base(tiny_random, tiny_cache, tmp_path, monkeypatch):
+def test_basemodels_locate_maps_tiny_names_directories_and_catalog_names(tiny_random, tiny_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("PLATFORM_MODEL_CACHE", str(tiny_cache))
-    assert resolve_base("llama2-tiny-random") == str(tiny_random)
-    assert resolve_base(str(tmp_path)) == str(tmp_path.resolve())
-    assert resolve_base("llama2-7b") == catalog.get_model("llama2-7b").hf_id
-    assert resolve_base("someorg/some-llama") == "someorg/some-llama"
+    assert basemodels.locate("llama2-tiny-random") == str(tiny_random)
+    assert basemodels.identity("llama2-tiny-random") == str(tiny_random.resolve())  # nothing built
+    assert basemodels.tokenizer_location("llama2-tiny") == str(tiny_random)  # every tiny kind shares it
+    assert basemodels.locate(str(tmp_path)) == str(tmp_path.resolve())
+    assert basemodels.locate("llama2-7b") == catalog.get_model("llama2-7b").hf_id
+    assert basemodels.locate("someorg/some-llama") == "someorg/some-llama"
 
 
 def test_a_killed_builds_temp_dir_is_cleaned_up(tmp_path):

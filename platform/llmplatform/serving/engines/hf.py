@@ -7,7 +7,7 @@ decodes one token for every running sequence in a single forward pass, samples p
 while others are decoding joins at the next step instead of waiting for the batch to drain.
 LoRA adapters are peft adapters loaded into one `PeftModel`; a mixed batch runs with peft's
 per-row `adapter_names`, so requests for different adapters (and the base) share each step.
-In a partitioned local stack (llmplatform.stack.cpus) the decode thread, and the OpenMP threads
+In a partitioned local stack (llmplatform.cpus) the decode thread, and the OpenMP threads
 it starts, run on the model CPUs while the replica's event loop stays on the front-end CPUs.
 """
 
@@ -24,8 +24,8 @@ from typing import AsyncIterator
 
 import torch
 
+from llmplatform import cpus
 from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
-from llmplatform.stack import cpus
 
 BASE = "__base__"
 

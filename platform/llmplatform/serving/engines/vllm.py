@@ -17,8 +17,8 @@ import os
 import uuid
 from typing import AsyncIterator
 
+from llmplatform import cpus
 from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
-from llmplatform.stack import cpus
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,21 @@ def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parall
     return args
 
 
+def check_rank(adapter_id: str, path: str, max_lora_rank: int | None) -> None:
+    """Refuse an adapter whose LoRA rank is above the rank this engine was started with (the
+    resolved plan's `max_lora_rank`), with a 400 naming both, before vLLM fails mid-request."""
+    import json
+    from pathlib import Path
+
+    try:
+        rank = json.loads((Path(path) / "adapter_config.json").read_text()).get("r")
+    except (OSError, ValueError):
+        return  # vLLM reports unreadable adapters itself
+    if max_lora_rank and isinstance(rank, int) and rank > max_lora_rank:
+        raise EngineError(f"adapter {adapter_id!r} has LoRA rank {rank}, above this deployment's max_lora_rank {max_lora_rank}; "
+                          f"redeploy with max_lora_rank >= {rank}", 400, "adapter_incompatible")
+
+
 def cpu_shard_binding(allowed: list[int], tensor_parallel: int) -> str | None:
     """`VLLM_CPU_OMP_THREADS_BIND` for CPU shards: the CPUs split into `tensor_parallel` contiguous
     groups ("0,1,2,3|4,5,6,7"; one shard gets them all). vLLM's own `auto` wants one NUMA node per
@@ -65,7 +80,7 @@ def cpu_shard_binding(allowed: list[int], tensor_parallel: int) -> str | None:
 def shard_cpus(tensor_parallel: int, partition: cpus.CpuPartition | None, allowed: list[int], numa_nodes: int) -> list[int] | None:
     """The CPUs to split among vLLM's CPU shards, or None to leave vLLM's own binding alone.
 
-    In a partitioned stack (see llmplatform.stack.cpus): the model CPUs, or every CPU of the
+    In a partitioned stack (see llmplatform.cpus): the model CPUs, or every CPU of the
     partition when there are fewer model CPUs than shards. Otherwise only when vLLM's `auto`
     would fail (fewer NUMA nodes than shards): the CPUs this process may use."""
     if partition:
@@ -133,7 +148,7 @@ class VLLMEngine:
     """vLLM AsyncLLM behind the engine interface (generate / load_adapter / unload_adapter / info)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", max_model_len: int = 4096, tensor_parallel: int = 1,
-                 max_batch_size: int = 32, max_loaded_adapters: int = 8, enable_lora: bool = True):
+                 max_batch_size: int = 32, max_loaded_adapters: int = 8, enable_lora: bool = True, max_lora_rank: int = 64):
         from vllm import AsyncEngineArgs
 
         try:
@@ -148,7 +163,7 @@ class VLLMEngine:
         cuda = _has_cuda()
         self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
                                 max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora,
-                                cuda=cuda)
+                                max_lora_rank=max_lora_rank, cuda=cuda)
         partition = None if cuda else cpus.from_env()
         binding = None
         if not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -171,10 +186,11 @@ class VLLMEngine:
         return {"engine": "vllm", "model_dir": self.model_dir, "tensor_parallel": self.tensor_parallel,
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters), "requests": self.requests,
                 "executor": self.args.get("distributed_executor_backend", "uni"), "lora_enabled": self.args["enable_lora"],
-                "cpu_binding": self.cpu_binding, "scheduler_nice": self.scheduler_nice}
+                "cpu_binding": self.cpu_binding, "scheduler_nice": self.scheduler_nice, "max_lora_rank": self.args.get("max_lora_rank")}
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         if adapter_id not in self.adapters:
+            check_rank(adapter_id, path, self.args.get("max_lora_rank"))
             self.adapters[adapter_id] = (next(self._ids), path)
 
     def unload_adapter(self, adapter_id: str) -> None:

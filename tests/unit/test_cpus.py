@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from llmplatform import cpus
 from llmplatform.errors import StackError
-from llmplatform.stack import cpus
 from llmplatform.stack.ray_head import head_env
 
 
@@ -65,7 +65,7 @@ needs_two = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2
 
 CHILD = r"""
 import json, os, subprocess, sys
-from llmplatform.stack import cpus
+from llmplatform import cpus
 before = os.sched_getaffinity(0)
 grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
 found = cpus.descendants(os.getpid())
@@ -125,7 +125,7 @@ def test_set_process_nice_sets_every_thread(four_threads):
 
 REFUSED_NICE = r'''
 import os, resource
-from llmplatform.stack import cpus
+from llmplatform import cpus
 os.nice(5)
 resource.setrlimit(resource.RLIMIT_NICE, (0, 0))  # no nice below the current one...
 if os.getuid() == 0:

@@ -15,6 +15,9 @@ environment variables. Model work then moves itself:
 - the hf engine's decode thread moves onto the model CPUs;
 - fine-tuning workers and job entrypoints use every CPU of the partition (`use_all_cpus`).
 Hosts with a GPU, or fewer than 2 CPUs, get no partition from `auto`.
+
+It lives beside, not inside, stack/: the stack plans and pins the partition, while engines and
+training workers (cluster code, which never imports stack/) only read it from the environment.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from llmplatform.errors import StackError
 
 FRONT_ENV = "PLATFORM_FRONT_CPUS"
 MODEL_ENV = "PLATFORM_MODEL_CPUS"
-MODES = ("auto", "off")
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
