@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from llmplatform.backends.k8s import KINDS
+from llmplatform.kube import KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR = REPO / "operators" / "llmoperator"
@@ -24,7 +24,7 @@ RBAC = REPO / "manifests" / "base" / "operator" / "rbac.yaml"
 API_VERBS = {"get": ("", "get"), "list": ("", "list"), "create": ("", "create"), "patch": ("", "patch"),
              "patch_status": ("/status", "patch"), "delete": ("", "delete")}
 WRAPPERS = {"_set_status": "patch_status", "_permanent": "patch_status"}  # operator functions (deps, kind, ...) that call deps.api
-BUILDERS = {"rayjob_for": "RayJob", "rayservice_for": "RayService"}  # what `create(obj)` creates
+BUILDERS = {"rayjob_for": "RayJob", "rayservice_for": "RayService", "rayservice_of": "RayService"}  # what `create(obj)` creates
 KOPF_STATEFUL = {"create", "update", "resume", "delete", "timer", "daemon"}  # kopf patches progress annotations
 
 
