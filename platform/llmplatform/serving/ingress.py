@@ -78,7 +78,27 @@ def load_key_hashes(auth) -> set[str]:
     return hashes
 
 
+# ---------------------------------------------------------------------------- engine failures
+
+# What a failing engine call raises when the replica process is gone (or being replaced).
+REPLICA_GONE = ("RayActorError", "ReplicaUnavailableError", "DeploymentUnavailableError", "ActorUnavailableError",
+                "TaskCancelledError", "RequestCancelledError")
+
+
+def engine_failure(exc: Exception) -> E.ApiError:
+    """The JSON error for an exception from the engine stream: 503 (retryable) when its replica died,
+    else 500 in OpenAI's shape, logged with its traceback (an engine bug, not the client's)."""
+    if any(cls.__name__ in REPLICA_GONE for cls in type(exc).__mro__):
+        log.warning("engine replica failed mid-request: %s: %s", type(exc).__name__, str(exc)[:300])
+        return E.replica_failed(f"The engine replica serving this request failed ({type(exc).__name__}); it is being replaced. Retry the request.")
+    log.error("engine raised during a request", exc_info=exc)
+    return E.ApiError(500, f"The engine failed: {type(exc).__name__}", "server_error", None, "engine_error")
+
+
 # ---------------------------------------------------------------------------- the deployment
+# `@serve.deployment` pickles the class by value when it is decorated (ray/serve/api.py ->
+# ReplicaConfig.create): the replica sees only the module globals defined above this line. Anything the
+# class uses must be defined before it (tests/unit/serving/test_api_surface.py checks).
 
 
 @serve.deployment(name="ingress")
@@ -444,18 +464,3 @@ class OpenAIIngress:
         except Exception as exc:  # whatever failed, the client gets an error event and [DONE], not a cut stream
             yield data(engine_failure(exc).body())
         yield "data: [DONE]\n\n"
-
-
-# What a failing engine call raises when the replica process is gone (or being replaced).
-REPLICA_GONE = ("RayActorError", "ReplicaUnavailableError", "DeploymentUnavailableError", "ActorUnavailableError",
-                "TaskCancelledError", "RequestCancelledError")
-
-
-def engine_failure(exc: Exception) -> E.ApiError:
-    """The JSON error for an exception from the engine stream: 503 (retryable) when its replica died,
-    else 500 in OpenAI's shape, logged with its traceback (an engine bug, not the client's)."""
-    if any(cls.__name__ in REPLICA_GONE for cls in type(exc).__mro__):
-        log.warning("engine replica failed mid-request: %s: %s", type(exc).__name__, str(exc)[:300])
-        return E.replica_failed(f"The engine replica serving this request failed ({type(exc).__name__}); it is being replaced. Retry the request.")
-    log.error("engine raised during a request", exc_info=exc)
-    return E.ApiError(500, f"The engine failed: {type(exc).__name__}", "server_error", None, "engine_error")

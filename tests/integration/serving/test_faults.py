@@ -58,7 +58,7 @@ def faults_app(serving_env, adapter_dirs, keys_file):
     from llmplatform.serving import app
 
     registry = SilentServer()
-    spec = {"name": "tiny-faults", "engine": "hf", "max_model_len": 512, "route_prefix": "/faults",
+    spec = {"name": "tiny-faults", "engine": "hf", "max_model_len": 1024, "route_prefix": "/faults",
             "model": {"base": BASE, "adapters": [{"name": "a", "source": str(adapter_dirs["a"])}]},
             "tracking_uri": registry.url, "registry_poll_s": 1.0,
             "limits": {"request_timeout_s": 60, "registry_lookup_timeout_s": LOOKUP_TIMEOUT_S, "default_max_tokens": 8,
@@ -328,32 +328,46 @@ def engine_pid(app_name: str, dashboard_url: str) -> int:
     return actors[0]["pid"]
 
 
-@pytest.mark.xfail(strict=False, reason="open: after SIGKILL of the engine replica the client still sees a truncated "
-                   "chunked body; the ingress maps engine-stream exceptions to an SSE error + [DONE] / JSON 503, but "
-                   "where the cut happens (Serve proxy or ingress) is not yet found")
+async def first_tokens_seen(client: httpx.AsyncClient) -> float:
+    """How many requests the ingress has had a first token for (its TTFT histogram's count)."""
+    text = (await client.get("/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("llm_time_to_first_token_seconds_count"))
+
+
 def test_killed_engine_replica_ends_streams_with_error_and_done_and_new_requests_are_held(faults_app, local_stack):
+    """SIGKILL of the engine replica while a plain request and a stream are generating (1000 tokens each).
+    The stream starts once the plain request has its first token (else the ingress rightly retries it on
+    the replacement and it answers 200); the kill comes at the stream's first chunk."""
     root, auth = faults_app["root"], {"Authorization": f"Bearer {API_KEY}"}
-    long = {"model": BASE, "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    long = {"model": BASE, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     pid = engine_pid("tiny-faults", local_stack.dashboard_url)
 
     async def main():
         async with httpx.AsyncClient(base_url=root, headers=auth, timeout=90) as c:
+            seen = await first_tokens_seen(c)
             plain = asyncio.ensure_future(c.post("/v1/completions", json=long))
+            for _ in range(300):  # <= 30 s
+                await asyncio.sleep(0.1)
+                if await first_tokens_seen(c) > seen or plain.done():
+                    break
+            assert not plain.done(), f"the plain request ended before the kill: {plain.result().status_code}"
             lines = []
             async with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
                 assert r.status_code == 200
-                async for line in r.aiter_lines():
+                async for line in r.aiter_lines():  # a cut chunked body raises here (httpx.RemoteProtocolError)
                     if line:
                         lines.append(line)
-                    if len(lines) == 3:
+                    if len(lines) == 1:
                         os.kill(pid, signal.SIGKILL)
             return lines, await plain
 
     lines, plain = asyncio.run(main())
+    assert not any('"finish_reason": "length"' in line for line in lines), \
+        f"the stream finished before the kill took effect ({len(lines)} chunks): the test did not kill mid-stream"
     assert lines[-1] == "data: [DONE]", lines[-3:]
     error = json.loads(lines[-2].removeprefix("data: "))
-    assert error["error"]["code"] == "replica_unavailable" and error["error"]["type"] == "server_error"
-    assert plain.status_code == 503 and plain.headers["content-type"].startswith("application/json")
+    assert error.get("error", {}).get("code") == "replica_unavailable" and error["error"]["type"] == "server_error", lines[-3:]
+    assert plain.status_code == 503 and plain.headers["content-type"].startswith("application/json"), (plain.status_code, plain.text[:300])
     assert openai_error(plain)["code"] == "replica_unavailable"
     # a new request is held / retried until the replacement replica serves it
     t0 = time.monotonic()
