@@ -17,15 +17,29 @@ pytestmark = pytest.mark.integration
 RESOURCE = "srv_gpu"
 
 
+# `ray start` for a worker node that stays on 127.0.0.1 like the stack's head: with the stack's
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray keeps every address on loopback but refuses to start a
+# worker node; with 1 it resolves 127.0.0.1 to the host's address, where the head does not listen.
+# So the check is lifted in this process only, and node addresses stay on loopback.
+JOIN_ON_LOOPBACK = """
+import sys
+import ray._private.ray_constants as constants
+import ray._private.services as services
+constants.ENABLE_RAY_CLUSTER = True
+services.get_node_ip_address = lambda address=None: "127.0.0.1"
+from ray.scripts.scripts import main
+sys.argv = ["ray", *sys.argv[1:]]
+main()
+"""
+
+
 def _join_command(address: str, gpus: int) -> list[str]:
     import sys
-    from pathlib import Path
 
     from llmplatform.stack import free_port
 
-    ray = str(Path(sys.executable).parent / "ray")
     ports = [free_port() for _ in range(6)]
-    return [ray, "start", "--address", address, "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "3",
+    return [sys.executable, "-c", JOIN_ON_LOOPBACK, "start", "--address", address, "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "3",
             "--resources", json.dumps({RESOURCE: gpus}), "--object-store-memory", str(200 * 1024 * 1024),
             "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
             "--metrics-export-port", str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
@@ -34,14 +48,16 @@ def _join_command(address: str, gpus: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_gpu_nodes(serving_env, tmp_path_factory):
-    """Two raylets with 2 `srv_gpu` each, in their own process groups; stopped by process group."""
+def two_gpu_nodes(serving_env, local_stack, tmp_path_factory):
+    """Two raylets with 2 `srv_gpu` each, in their own process groups; stopped by process group.
+
+    They join with the stack's Ray token, on 127.0.0.1 (see JOIN_ON_LOOPBACK)."""
     import ray
 
     from llmplatform.stack.processes import start_process, stop_group
 
     logs = tmp_path_factory.mktemp("raylets")
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**local_stack.client_env, "RAY_USAGE_STATS_ENABLED": "0"}
     records = []
     try:
         for i in range(2):  # one at a time: two raylets registering at once on one IP can time out
