@@ -4,7 +4,6 @@ and a state file carrying a pickled object is refused without running it."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,11 @@ import torch
 from llmplatform.training import loop, model_setup, optimizer as optim
 
 
-class _Dir:
-    """What `loop.load_checkpoint` uses of a `ray.train.Checkpoint`."""
+def _Dir(path: Path):
+    """A real `ray.train.Checkpoint` over a local directory (what `loop.load_checkpoint` is given)."""
+    from ray.train import Checkpoint
 
-    def __init__(self, path: Path):
-        self.path = path
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield str(self.path)
+    return Checkpoint.from_directory(str(path))
 
 
 class _RunsCode:
