@@ -4,7 +4,9 @@
 patch_status / delete / list for our kinds and KubeRay's, and pod logs, with API errors mapped
 to `JobError` (permanent, message names the object and the fix) or `TransientApiError` (retry).
 `connect(kubeconfig, context, host)` builds one: an explicit host (tests), a kubeconfig/context
-(flags, or KUBECONFIG / PLATFORM_K8S_CONTEXT), or the in-cluster config. Nothing connects at import.
+(flags, or KUBECONFIG / PLATFORM_K8S_CONTEXT), or the in-cluster config; `context_namespace` reads
+the namespace that same choice implies (the context's `namespace`, in-cluster the service
+account's). Nothing connects at import.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ KINDS: dict[str, tuple[str, str, str]] = {  # kind -> (group, version, plural)
     "RayCluster": ("ray.io", "v1", "rayclusters"),
 }
 
+# In a pod, the namespace of its service account (what kubectl uses there too).
+SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
 class TransientApiError(JobError):
     """The API server was unreachable, overloaded or timed out: retry later."""
 
@@ -37,7 +43,7 @@ def api_client(kubeconfig: str | None = None, context: str | None = None, host: 
         return client.ApiClient(cfg)
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     context = context or os.environ.get("PLATFORM_K8S_CONTEXT")
-    if not kubeconfig and not context and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if _in_cluster(kubeconfig, context):
         cfg = client.Configuration()
         config.load_incluster_config(client_configuration=cfg)
         return client.ApiClient(cfg)
@@ -46,6 +52,34 @@ def api_client(kubeconfig: str | None = None, context: str | None = None, host: 
     except (config.ConfigException, OSError) as exc:
         raise JobError(f"cannot load kubeconfig {kubeconfig or '~/.kube/config'} (context {context or 'current'}): {exc}; "
                        "pass --kubeconfig/--context or set KUBECONFIG / PLATFORM_K8S_CONTEXT") from exc
+
+
+def _in_cluster(kubeconfig: str | None, context: str | None) -> bool:
+    return not kubeconfig and not context and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def context_namespace(kubeconfig: str | None = None, context: str | None = None) -> str | None:
+    """The namespace the kubeconfig context in use names (kubectl's default), None when it names none.
+
+    Same choice of config as `api_client`: --kubeconfig or $KUBECONFIG (a `:`-separated list is
+    merged), --context or $PLATFORM_K8S_CONTEXT or the current context; in a pod, the service
+    account's namespace. An unreadable kubeconfig gives None: connecting reports it, with the fix.
+    """
+    from kubernetes import config
+
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
+    context = context or os.environ.get("PLATFORM_K8S_CONTEXT")
+    if _in_cluster(kubeconfig, context):
+        try:
+            return open(SERVICE_ACCOUNT_NAMESPACE_FILE, encoding="utf-8").read().strip() or None
+        except OSError:
+            return None
+    try:
+        contexts, current = config.list_kube_config_contexts(config_file=kubeconfig or os.path.expanduser("~/.kube/config"))
+    except (config.ConfigException, OSError):
+        return None
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context else current
+    return ((chosen or {}).get("context") or {}).get("namespace") or None
 
 
 class KubeApi:

@@ -6,7 +6,7 @@ import pytest
 
 from llmplatform import kube
 from llmplatform.backends import k8s
-from llmplatform.errors import JobError
+from llmplatform.errors import JobError, ServeError
 from llmplatform.specs import load_spec, parse_spec
 
 from k8s_harness import REPO
@@ -77,3 +77,75 @@ def test_kubeconfig_errors_name_the_fix(tmp_path, monkeypatch) -> None:
         kube.connect(kubeconfig=str(tmp_path / "missing"))
     monkeypatch.setenv("PLATFORM_K8S_NAMESPACE", "from-env")
     assert k8s.default_namespace() == "from-env" and k8s.default_namespace("flag") == "flag"
+
+
+def _write_kubeconfig(path, server: str, current: str | None, contexts: dict[str, str | None]) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", **({"current-context": current} if current else {}),
+        "clusters": [{"name": "c", "cluster": {"server": server}}], "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": n, "context": {"cluster": "c", "user": "u", **({"namespace": ns} if ns else {})}} for n, ns in contexts.items()],
+    }))
+    return str(path)
+
+
+def test_namespace_defaults_to_the_kubeconfig_contexts_like_kubectl(tmp_path, monkeypatch, cluster) -> None:
+    for var in ("PLATFORM_K8S_NAMESPACE", "PLATFORM_K8S_CONTEXT", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    first = _write_kubeconfig(tmp_path / "a", cluster.url, "ctx-a", {"ctx-a": "team-a", "bare": None})
+    second = _write_kubeconfig(tmp_path / "b", cluster.url, None, {"ctx-b": "team-b"})
+    assert k8s.default_namespace(kubeconfig=first) == "team-a"
+    assert k8s.default_namespace(kubeconfig=first, context="bare") == "default"  # a context without a namespace
+    assert k8s.default_namespace("flag", kubeconfig=first) == "flag"
+    monkeypatch.setenv("KUBECONFIG", f"{first}:{second}")  # a list is merged, as the client that connects merges it
+    assert k8s.default_namespace() == "team-a"
+    assert kube.api_client().configuration.host == cluster.url
+    monkeypatch.setenv("PLATFORM_K8S_CONTEXT", "ctx-b")
+    assert k8s.default_namespace() == "team-b"
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("PLATFORM_K8S_CONTEXT")
+    assert k8s.default_namespace() == "default"  # connecting reports the missing file with the fix
+
+    sa = tmp_path / "namespace"  # in a pod: the service account's namespace
+    sa.write_text("team-pod\n")
+    monkeypatch.delenv("KUBECONFIG")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT_NAMESPACE_FILE", str(sa))
+    assert k8s.default_namespace() == "team-pod"
+
+
+def test_submit_waits_for_the_operator_and_says_when_none_watches(api: kube.KubeApi) -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(k8s.NoOperatorError) as err:  # no operator runs in this module
+        k8s.submit_finetune(spec("job-orphan"), namespace=NS, api=api, operator_timeout_s=1.0)
+    assert 1.0 <= time.monotonic() - started < 5
+    assert "no llm-platform operator has picked up FineTuneJob team-b/job-orphan (no status after 1s)" in str(err.value)
+    assert "`kubectl delete finetunejob job-orphan -n team-b`" in str(err.value)
+    # What the operator writes first is enough (a job it refused, too): the same call returns at once.
+    k8s.submit_finetune(spec("job-seen"), namespace=NS, api=api)
+    api.patch_status("FineTuneJob", NS, "job-seen", {"phase": "Failed", "reason": "InvalidSpec", "message": "x"})
+    assert k8s.wait_for_operator(api, "FineTuneJob", NS, "job-seen", 1.0)["status"]["phase"] == "Failed"
+
+
+def test_picked_up_follows_observed_generation() -> None:
+    cr = {"metadata": {"generation": 2}, "status": {"phase": "Ready", "observedGeneration": 1}}
+    assert not k8s.picked_up(cr, before={"phase": "Ready", "observedGeneration": 1})  # an update not seen yet
+    assert k8s.picked_up({**cr, "status": {"phase": "Ready", "observedGeneration": 2}}, before={"phase": "Ready", "observedGeneration": 1})
+    assert not k8s.picked_up({"metadata": {"generation": 1}})
+    assert k8s.picked_up({"metadata": {"generation": 1}, "status": {"phase": "Pending", "observedGeneration": 1}})
+
+
+def test_chat_url_is_the_endpoint_or_the_port_forward_override() -> None:
+    row = k8s.deployment_row({"metadata": {"name": "bot", "namespace": NS}, "spec": {},
+                              "status": {"phase": "Ready", "endpoint": "http://bot-serve-svc.team-b.svc:8000", "rayServiceName": "bot"}})
+    assert k8s.chat_base_url(row) == "http://bot-serve-svc.team-b.svc:8000/v1"
+    assert k8s.chat_base_url(row, "http://127.0.0.1:8000/") == "http://127.0.0.1:8000/v1"
+    assert k8s.chat_base_url(row, "http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    prefixed = {**row, "route_prefix": "/bot"}
+    assert k8s.chat_base_url(prefixed, "http://127.0.0.1:9000") == "http://127.0.0.1:9000/bot/v1"
+    assert "kubectl port-forward -n team-b svc/bot-serve-svc 8000:8000" in k8s.port_forward_hint(row)
+    with pytest.raises(ServeError, match="has no endpoint yet .*pass --url"):
+        k8s.chat_base_url({**row, "endpoint": None, "phase": "Pending"})

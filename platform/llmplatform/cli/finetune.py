@@ -3,7 +3,8 @@
 `submit` validates the spec and the data first (bad records are refused with line numbers
 before any worker starts), records the job, hands it to a backend (`local` stack, any `ray`
 cluster, or `k8s`), prints the job id and MLflow run URL, and with `--wait`/`--follow` stays
-until the job ends (non-zero exit unless it succeeded).
+until the job ends (non-zero exit unless it succeeded). On k8s it follows the FineTuneJob's
+status (a line per change) and says so when no operator picks the job up.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import typer
 
 from llmplatform.backends import records
 from llmplatform.backends.base import TARGETS, JobRecord
-from llmplatform.cli.output import CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OUTPUT_OPTION, OutputFormat, emit, emit_json
+from llmplatform.cli.output import (CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat, emit,
+                                    emit_json)
 from llmplatform.errors import JobError, PlatformError
 
 app = typer.Typer(help="Submit and manage LoRA/QLoRA fine-tuning jobs.", no_args_is_help=True)
@@ -132,14 +134,17 @@ def wait_for(record: JobRecord, follow: bool, poll_s: float = 1.0) -> JobRecord:
 def submit(
     spec_path: str = typer.Argument(..., metavar="SPEC.yaml", help="Fine-tuning spec (YAML or JSON)."),
     target: str = TARGET_OPTION,
-    wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit non-zero unless it succeeded."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Like --wait, with a live progress bar (step/total, loss, tokens/s, ETA)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit non-zero unless it succeeded (k8s: Failed or Cancelled, with the message)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Like --wait, with a live progress bar (step/total, loss, tokens/s, ETA); k8s: a line per "
+                                                               "change of the FineTuneJob's phase, progress, MLflow run. Ctrl-C stops following only."),
     output: OutputFormat = OUTPUT_OPTION,
     namespace: str = NAMESPACE_OPTION,
     kubeconfig: str = KUBECONFIG_OPTION,
     context: str = CONTEXT_OPTION,
+    operator_timeout: float = OPERATOR_TIMEOUT_OPTION,
 ) -> None:
-    """Validate SPEC and its data, then start the job. Prints the job id and the MLflow run URL."""
+    """Validate SPEC and its data, then start the job. Prints the job id and the MLflow run URL
+    (k8s: the FineTuneJob's namespace/name once the operator has picked it up)."""
     from llmplatform.backends.facts import finetune_facts
     from llmplatform.resolve import resolve
     from llmplatform.specs import load_spec, resolve_local_paths
@@ -151,7 +156,7 @@ def submit(
     if target == "k8s":
         resolve(spec, finetune_facts(spec, target)).require()  # the operator resolves again with its own facts
         validate_before_submit(spec, target)
-        _submit_k8s(spec, output, _kube(namespace, kubeconfig, context))
+        _submit_k8s(spec, output, _kube(namespace, kubeconfig, context), wait=wait or follow, follow=follow, operator_timeout_s=operator_timeout)
         return
     spec = resolve_local_paths(spec)  # Ray workers don't share this shell's working directory
     plan = resolve(spec, finetune_facts(spec, target)).require()  # refused before any record or run exists
@@ -176,12 +181,36 @@ def submit(
             raise JobError(f"job {record.id} {record.state}: {record.reason or 'see `platformctl finetune logs ' + record.id + '`'}")
 
 
-def _submit_k8s(spec, output: OutputFormat, kube: dict) -> None:
+K8S_POLL_S = 2.0  # FineTuneJob status changes at most every few seconds (the operator's checks)
+
+
+def _submit_k8s(spec, output: OutputFormat, kube: dict, *, wait: bool, follow: bool, operator_timeout_s: float) -> None:
     from llmplatform.backends import k8s
 
-    row = k8s.submit_finetune(spec, **kube)
-    emit(row, output, text=f"FineTuneJob {row['namespace']}/{row['name']} created ({row['phase']}); "
-                           f"follow it with `platformctl finetune status {row['name']} --target k8s`")
+    if not wait:
+        row = k8s.submit_finetune(spec, **kube, operator_timeout_s=operator_timeout_s)
+        emit(row, output, text=f"FineTuneJob {row['namespace']}/{row['name']} created ({row['phase']}); "
+                               f"follow it with `platformctl finetune status {row['name']} --target k8s -n {row['namespace']}`")
+        return
+    api = k8s.cli_connect(kube["kubeconfig"], kube["context"])
+    row = k8s.submit_finetune(spec, **kube, api=api)  # the follower below reports a missing operator
+    ns, name = row["namespace"], row["name"]
+    if output != OutputFormat.json:
+        typer.echo(f"FineTuneJob {ns}/{name} created; following its status (Ctrl-C stops following, the job keeps running)")
+    try:
+        for row in k8s.watch_finetune(name, ns, api, operator_timeout_s=operator_timeout_s, poll_s=K8S_POLL_S):
+            if follow and output != OutputFormat.json:
+                typer.echo(k8s.change_line(row))
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; FineTuneJob {ns}/{name} keeps running. Check it with `platformctl finetune status {name} "
+                   f"--target k8s -n {ns}`, cancel it with `platformctl finetune cancel {name} --target k8s -n {ns}`", err=True)
+        raise typer.Exit(130) from None
+    if output == OutputFormat.json:
+        emit_json(row)
+    elif not follow:  # --follow printed the final state already
+        typer.echo(f"FineTuneJob {ns}/{name}: {k8s.change_line(row)}")
+    if row["phase"] != "Succeeded":
+        raise JobError(f"FineTuneJob {ns}/{name} {row['phase']}: {row.get('message') or row.get('reason') or 'no message'}")
 
 
 @app.command("list")

@@ -16,9 +16,13 @@ class OutputFormat(str, Enum):
 
 
 # Kubernetes flags shared by `finetune` and `serve` (`--target k8s`).
-NAMESPACE_OPTION = typer.Option(None, "--namespace", "-n", envvar="PLATFORM_K8S_NAMESPACE", help="k8s: namespace (default: `default`).")
+NAMESPACE_OPTION = typer.Option(None, "--namespace", "-n", envvar="PLATFORM_K8S_NAMESPACE",
+                                help="k8s: namespace (default: the kubeconfig context's namespace; in a pod its service account's; else `default`).")
 KUBECONFIG_OPTION = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG", help="k8s: kubeconfig file (default: in-cluster or ~/.kube/config).")
 CONTEXT_OPTION = typer.Option(None, "--context", envvar="PLATFORM_K8S_CONTEXT", help="k8s: kubeconfig context.")
+OPERATOR_TIMEOUT_OPTION = typer.Option(15.0, "--operator-timeout", envvar="PLATFORM_K8S_OPERATOR_TIMEOUT", min=0,
+                                       help="k8s: seconds to wait for the operator to pick up a new or changed resource before "
+                                            "reporting that none watches the namespace; 0: don't check.")
 OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", help="table for people, json for scripts.")
 
 

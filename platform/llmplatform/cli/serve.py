@@ -1,7 +1,8 @@
 """`platformctl serve`: OpenAI-compatible deployments on Ray Serve.
 
 Each command parses its flags, calls one function in `llmplatform.serving.app` (or the k8s
-backend for `--target k8s`), and prints a table or `--output json`.
+backend for `--target k8s`: ModelDeployment CRs, and for `chat` the RayService's serve Service
+URL from the CR's status or `--url`), and prints a table or `--output json`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from enum import Enum
 
 import typer
 
-from llmplatform.cli.output import CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OUTPUT_OPTION, OutputFormat, emit
+from llmplatform.cli.output import CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat, emit
 from llmplatform.errors import ServeError
 
 app = typer.Typer(help="Deploy and manage OpenAI-compatible endpoints.", no_args_is_help=True)
@@ -22,6 +23,8 @@ class Target(str, Enum):
     k8s = "k8s"
 
 
+TARGET_OPTION = typer.Option(Target.local, "--target", "-t", help="local/ray: Ray Serve on the local stack or --ray-address; k8s: ModelDeployment resources.")
+K8S_COLUMNS = ["name", "namespace", "phase", "served", "endpoint", "message"]
 RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                   help="Ray cluster: a GCS address HOST:6379, a Jobs API URL http://HOST:8265 (same host, "
                                        "default GCS port) or ray://HOST:10001; default: the local stack's.")
@@ -54,6 +57,7 @@ def deploy(
     namespace: str = NAMESPACE_OPTION,
     kubeconfig: str = KUBECONFIG_OPTION,
     context: str = CONTEXT_OPTION,
+    operator_timeout: float = OPERATOR_TIMEOUT_OPTION,
 ) -> None:
     """Build a Ray Serve application from SPEC_FILE and wait until it serves (k8s: create or update
     its ModelDeployment; the operator rolls it out)."""
@@ -63,9 +67,9 @@ def deploy(
     if target == Target.k8s:
         from llmplatform.backends import k8s
 
-        row = k8s.apply_deployment(spec, namespace=namespace, kubeconfig=kubeconfig, context=context)
-        emit(row, output, text=f"ModelDeployment {k8s.default_namespace(namespace)}/{row['name']} {row['action']} "
-                              f"(phase {row['phase']}); the operator rolls it out")
+        row = k8s.apply_deployment(spec, namespace=namespace, kubeconfig=kubeconfig, context=context, operator_timeout_s=operator_timeout)
+        emit(row, output, text=f"ModelDeployment {row['namespace']}/{row['name']} {row['action']} (phase {row['phase']}); the operator "
+                              f"rolls it out: `platformctl serve status {row['name']} --target k8s -n {row['namespace']}`")
         return
     if target == Target.ray and not ray_address:
         raise ServeError("--target ray needs --ray-address (or $RAY_ADDRESS)")
@@ -77,14 +81,33 @@ def deploy(
                               f"try: platformctl serve chat {spec.name} \"Hello\"")
 
 
+def _kube(namespace: str | None, kubeconfig: str | None, context: str | None) -> dict:
+    return {"namespace": namespace, "kubeconfig": kubeconfig, "context": context}
+
+
 @app.command("status")
 def status(
     name: str | None = typer.Argument(None, help="Deployment name; all when omitted."),
+    target: Target = TARGET_OPTION,
     ray_address: str | None = RAY_ADDRESS_OPTION,
     api_key: str | None = typer.Option(None, "--api-key", envvar="PLATFORM_API_KEY", help="Bearer key when auth is on (engine details)."),
     output: OutputFormat = OUTPUT_OPTION,
+    namespace: str = NAMESPACE_OPTION,
+    kubeconfig: str = KUBECONFIG_OPTION,
+    context: str = CONTEXT_OPTION,
 ) -> None:
-    """Replicas and health, engine, base model, adapters loaded, registry versions, URL."""
+    """Replicas and health, engine, base model, adapters loaded, registry versions, URL
+    (k8s: the ModelDeployment's phase, served version, endpoint, RayService)."""
+    if target == Target.k8s:
+        from llmplatform.backends import k8s
+
+        kube = _kube(namespace, kubeconfig, context)
+        if name is None:
+            emit(k8s.list_deployments(**kube), output, columns=K8S_COLUMNS)
+            return
+        row = k8s.get_deployment(name, **kube)
+        emit(row, output, text="\n".join(f"{k:<14} {v}" for k, v in row.items() if v is not None))
+        return
     from llmplatform.serving import app as serving
 
     _connect(ray_address)
@@ -105,8 +128,14 @@ def status(
 
 
 @app.command("list")
-def list_(ray_address: str | None = RAY_ADDRESS_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
-    """Deployments on the cluster."""
+def list_(target: Target = TARGET_OPTION, ray_address: str | None = RAY_ADDRESS_OPTION, output: OutputFormat = OUTPUT_OPTION,
+          namespace: str = NAMESPACE_OPTION, kubeconfig: str = KUBECONFIG_OPTION, context: str = CONTEXT_OPTION) -> None:
+    """Deployments on the cluster (k8s: the ModelDeployments of a namespace)."""
+    if target == Target.k8s:
+        from llmplatform.backends import k8s
+
+        emit(k8s.list_deployments(**_kube(namespace, kubeconfig, context)), output, columns=K8S_COLUMNS)
+        return
     from llmplatform.serving.app import list_deployments
 
     _connect(ray_address)
@@ -114,13 +143,37 @@ def list_(ray_address: str | None = RAY_ADDRESS_OPTION, output: OutputFormat = O
 
 
 @app.command("delete")
-def delete(name: str = typer.Argument(...), ray_address: str | None = RAY_ADDRESS_OPTION) -> None:
-    """Remove a deployment (its replicas and placement groups)."""
+def delete(name: str = typer.Argument(...), target: Target = TARGET_OPTION, ray_address: str | None = RAY_ADDRESS_OPTION,
+           output: OutputFormat = OUTPUT_OPTION, namespace: str = NAMESPACE_OPTION, kubeconfig: str = KUBECONFIG_OPTION,
+           context: str = CONTEXT_OPTION, operator_timeout: float = OPERATOR_TIMEOUT_OPTION) -> None:
+    """Remove a deployment (its replicas and placement groups; k8s: the ModelDeployment, and with it
+    its RayService and Ray cluster)."""
+    if target == Target.k8s:
+        from llmplatform.backends import k8s
+
+        row = k8s.delete_deployment(name, **_kube(namespace, kubeconfig, context), wait_s=operator_timeout)
+        ref = f"ModelDeployment {row['namespace']}/{name}"
+        emit(row, output, text=f"deleted {ref} (its RayService and Ray cluster follow)" if row["gone"] else
+             f"deleting {ref}: still there after {operator_timeout:g}s, waiting for the operator's finalizer; "
+             f"`kubectl get modeldeployment {name} -n {row['namespace']}` shows it")
+        return
     from llmplatform.serving.app import delete as run_delete
 
     _connect(ray_address)
     run_delete(name)
-    typer.echo(f"deleted {name}")
+    emit({"name": name, "gone": True}, output, text=f"deleted {name}")
+
+
+def _chat_url_k8s(name: str, url: str | None, kube: dict) -> str:
+    """The k8s chat base URL: the CR's endpoint (or --url), checked reachable with the port-forward fix."""
+    from llmplatform.backends import k8s
+    from llmplatform.reach import require_reachable
+
+    row = k8s.get_deployment(name, **kube)
+    base = k8s.chat_base_url(row, url)
+    if url is None:
+        require_reachable(base, f"ModelDeployment {row['namespace']}/{name}'s endpoint (cluster DNS)", k8s.port_forward_hint(row), ServeError)
+    return base
 
 
 @app.command("chat")
@@ -131,14 +184,24 @@ def chat(
     model: str | None = typer.Option(None, "--model", help="Model id (default: the deployment's default model); e.g. BASE:ADAPTER, NAME@ALIAS."),
     max_tokens: int = typer.Option(256, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature"),
+    target: Target = TARGET_OPTION,
     ray_address: str | None = RAY_ADDRESS_OPTION,
     api_key: str | None = typer.Option(None, "--api-key", envvar="PLATFORM_API_KEY", help="Bearer key when auth is on."),
+    url: str | None = typer.Option(None, "--url", help="k8s: the serve Service's address from here, e.g. http://127.0.0.1:8000 after "
+                                                       "`kubectl port-forward svc/NAME-serve-svc 8000:8000` (default: the CR's status.endpoint, "
+                                                       "cluster DNS)."),
+    namespace: str = NAMESPACE_OPTION,
+    kubeconfig: str = KUBECONFIG_OPTION,
+    context: str = CONTEXT_OPTION,
 ) -> None:
     """Stream one chat answer to the terminal."""
     from llmplatform.serving import app as serving
 
-    _connect(ray_address)
-    url = serving.status(name, api_key)["url"]
+    if target == Target.k8s:
+        url = _chat_url_k8s(name, url, _kube(namespace, kubeconfig, context))
+    else:
+        _connect(ray_address)
+        url = serving.status(name, api_key)["url"]
     try:
         for delta in serving.chat_stream(url, model or name, message, system, max_tokens, temperature, api_key):
             typer.echo(delta, nl=False)
