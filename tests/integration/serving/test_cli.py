@@ -94,3 +94,52 @@ def test_a_base_model_that_cannot_load_fails_the_deploy_at_once_and_is_removed(s
         assert main(["serve", "list"]) == 0 and "broken-base" not in capsys.readouterr().out
     finally:
         main(["serve", "delete", "broken-base"])
+
+
+def _in_memory_cluster():
+    """tests/k8s's kmock API server (on sys.path when the k8s tests are collected; not when only these run)."""
+    import sys
+    from pathlib import Path
+
+    k8s_tests = str(Path(__file__).resolve().parents[2] / "k8s")
+    if k8s_tests not in sys.path:
+        sys.path.insert(0, k8s_tests)
+    from k8s_harness import InMemoryCluster
+
+    return InMemoryCluster()
+
+
+def test_chat_target_k8s_goes_to_the_model_deployments_endpoint_or_url(tiny_app, tmp_path, capsys, monkeypatch):
+    """`serve chat --target k8s` takes the URL from the ModelDeployment's status.endpoint (what the
+    operator writes: the RayService's serve Service), or from --url (a `kubectl port-forward`);
+    both point here at the real shared deployment, and the key comes from --api-key or $PLATFORM_API_KEY."""
+    import yaml
+
+    from llmplatform.backends.k8s import model_deployment_cr
+    from llmplatform.kube import connect
+    from llmplatform.specs import parse_spec
+
+    local = tiny_app["url"].removesuffix("/v1")  # http://127.0.0.1:PORT, the Serve proxy (route prefix "/")
+    monkeypatch.delenv("PLATFORM_API_KEY", raising=False)
+    with _in_memory_cluster() as cluster:
+        api = connect(host=cluster.url)
+        api.create(model_deployment_cr(parse_spec("serve", tiny_app["spec"]), "team-a"))
+        api.patch_status("ModelDeployment", "team-a", "tiny-chat", {"phase": "Ready", "endpoint": local, "rayServiceName": "tiny-chat"})
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock", "users": [{"name": "u", "user": {}}],
+            "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u", "namespace": "team-a"}}]}))
+        kube = ["--target", "k8s", "--kubeconfig", str(kubeconfig)]
+
+        assert main(["serve", "chat", "tiny-chat", "Hello there", "--max-tokens", "6", "--api-key", tiny_app["key"], *kube]) == 0
+        assert capsys.readouterr().out.strip()
+
+        # The operator's endpoint is cluster DNS, unreachable from here: --url wins, the key from the env.
+        api.patch_status("ModelDeployment", "team-a", "tiny-chat", {"endpoint": "http://tiny-chat-serve-svc.team-a.svc:8000"})
+        monkeypatch.setenv("PLATFORM_API_KEY", tiny_app["key"])
+        assert main(["serve", "chat", "tiny-chat", "Hello there", "--max-tokens", "6", "--url", local, *kube]) == 0
+        assert capsys.readouterr().out.strip()
+
+        assert main(["serve", "chat", "tiny-chat", "Hello", "--url", local + "/v1", "--api-key", "wrong", *kube]) == 1
+        assert "401" in capsys.readouterr().err
