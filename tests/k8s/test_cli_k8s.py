@@ -10,6 +10,7 @@ import json
 import pytest
 import yaml
 
+from llmplatform.backends.k8s import CANCEL_ANNOTATION
 from llmplatform.cli.main import main
 from llmplatform.kube import KubeApi, connect
 
@@ -129,6 +130,34 @@ def test_wait_exits_non_zero_with_the_message_on_failed(kube, api, tmp_path, cap
     final = json.loads(captured.out)
     assert (final["namespace"], final["phase"], final["reason"]) == (NS, "Failed", "AppFailed")
     assert "FineTuneJob team-a/follow-bad Failed: the training job failed: ValueError: dataset is empty" in captured.err
+
+
+def test_ctrl_c_stops_following_and_leaves_the_job_running(kube, api, tmp_path):
+    """A real `platformctl` process, interrupted as a user would (SIGINT) while it follows."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "llmplatform.cli.main", "finetune", "submit", _finetune_spec(tmp_path, "follow-int"),
+                             *kube, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        while not any(line.startswith("Pending") for line in lines):  # the operator's first status, printed
+            line = proc.stdout.readline()
+            assert line, f"platformctl ended early: {proc.wait()} {proc.stderr.read()}"
+            lines.append(line)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "FineTuneJob team-a/follow-int keeps running" in err
+    assert "`platformctl finetune cancel follow-int --target k8s -n team-a`" in err
+    cr = api.get("FineTuneJob", NS, "follow-int")
+    assert cr is not None and CANCEL_ANNOTATION not in (cr["metadata"].get("annotations") or {})
 
 
 def test_serve_deploy_target_k8s_creates_then_updates_the_model_deployment(kube, api, tmp_path, capsys, fake_registry):
