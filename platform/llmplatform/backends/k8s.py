@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 from llmplatform.errors import JobError, ServeError
 from llmplatform.kube import GROUP, VERSION, KubeApi, api_client, connect  # noqa: F401 (connect: re-exported for callers)
@@ -161,8 +161,7 @@ def change_line(row: dict) -> str:
     return "  ".join([head, *tail])
 
 
-def watch_finetune(name: str, namespace: str, api: KubeApi, *, operator_timeout_s: float, poll_s: float = 2.0,
-                   sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
+def watch_finetune(name: str, namespace: str, api: KubeApi, *, operator_timeout_s: float, poll_s: float = 2.0) -> Iterator[dict]:
     """Yield the FineTuneJob's `finetune_row` each time a WATCHED_FIELDS value changes, until it
     is Succeeded, Failed or Cancelled. NoOperatorError when no operator gives it a status within
     `operator_timeout_s` (a job already reconciled is not held to that bound)."""
@@ -175,7 +174,7 @@ def watch_finetune(name: str, namespace: str, api: KubeApi, *, operator_timeout_
             last = seen
         if row["phase"] in FINETUNE_TERMINAL:
             return
-        sleep(poll_s)
+        time.sleep(poll_s)
         row = get_finetune(name, namespace=namespace, api=api)
 
 

@@ -196,7 +196,8 @@ def _submit_k8s(spec, output: OutputFormat, kube: dict, *, wait: bool, follow: b
     row = k8s.submit_finetune(spec, **kube, api=api)  # the follower below reports a missing operator
     ns, name = row["namespace"], row["name"]
     if output != OutputFormat.json:
-        typer.echo(f"FineTuneJob {ns}/{name} created; following its status (Ctrl-C stops following, the job keeps running)")
+        typer.echo(f"FineTuneJob {ns}/{name} created; following its status (Ctrl-C stops following, the job keeps running; "
+                   f"its log: `platformctl finetune logs {name} --target k8s -n {ns} -f`)")
     try:
         for row in k8s.watch_finetune(name, ns, api, operator_timeout_s=operator_timeout_s, poll_s=K8S_POLL_S):
             if follow and output != OutputFormat.json:
