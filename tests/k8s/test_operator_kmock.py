@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
+import shutil
+import subprocess
 import time
 
 import pytest
+import yaml
 
 from llmplatform.backends.k8s import cancel_finetune, finetune_job_cr, model_deployment_cr
 from llmplatform.kube import KubeApi, connect
@@ -73,6 +77,31 @@ def api(cluster, operator) -> KubeApi:
     return connect(host=cluster.url)
 
 
+@pytest.fixture(scope="module")
+def kubeconfig(cluster, tmp_path_factory) -> str:
+    """A kubeconfig for the real `kubectl` against the in-memory API server."""
+    path = tmp_path_factory.mktemp("kube") / "config"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+                                    "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
+                                    "users": [{"name": "test", "user": {"token": "test"}}],
+                                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NS}}]}))
+    return str(path)
+
+
+def kubectl_wait(kubeconfig: str, target: str, condition: str, timeout_s: int) -> subprocess.Popen:
+    """`kubectl wait --for=condition=CONDITION TARGET`, started in the background (kubectl >= 1.27)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: these tests run the real `kubectl wait`; install kubectl >= 1.27")
+    return subprocess.Popen([kubectl, "wait", f"--for=condition={condition}", target, f"--timeout={timeout_s}s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": kubeconfig})
+
+
+def finished(proc: subprocess.Popen, timeout_s: float = 30) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout_s)
+    return proc.returncode, out + err
+
+
 @pytest.fixture()
 def running_job(api: KubeApi, request: pytest.FixtureRequest) -> str:
     """A FineTuneJob whose RayJob KubeRay reports as running on cluster `<name>-raycluster-abc`."""
@@ -118,14 +147,18 @@ def test_finetunejob_creates_the_expected_rayjob(api: KubeApi, manifest_validato
     assert condition(st, "Running")["reason"] == st["reason"] and condition(st, "Running")["observedGeneration"] == 1
 
 
-def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job: str) -> None:
+def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job: str, kubeconfig: str) -> None:
+    waiter = kubectl_wait(kubeconfig, f"finetunejob/{running_job}", "Succeeded", 60)
     st = eventually(lambda: (s := status_of(api, "FineTuneJob", running_job)).get("mlflowRunId") and s, what="MLflow run in status")
     assert st["rayJobId"] == f"{running_job}-x1" and st["dashboardURL"].endswith(":8265")
     assert st["mlflowRunId"].startswith(f"run-{running_job}-") and st["progress"] == "5/20 steps (25%)"
+    assert waiter.poll() is None, "kubectl wait returned while the job was still running"
     kuberay_writes(api, running_job, jobStatus="SUCCEEDED", jobDeploymentStatus="Complete", endTime="2026-11-27T11:00:00Z")
     st = eventually(phase_is(api, running_job, "Succeeded"), what="Succeeded")
     assert st["completionTime"] == "2026-11-27T11:00:00Z"
-    assert waitable(st) == {"Succeeded"}  # `kubectl wait --for=condition=Succeeded finetunejob/NAME` returns
+    assert waitable(st) == {"Succeeded"}
+    code, out = finished(waiter)  # the real `kubectl wait`, started while the job was running, returns
+    assert code == 0 and f"finetunejob.llmplatform.io/{running_job} condition met" in out
     assert condition(st, "Succeeded")["reason"] == "JobSucceeded" and condition(st, "Succeeded")["lastTransitionTime"]
     # KubeRay then shuts the cluster down and the TTL deletes the RayJob: still Succeeded.
     api.delete("RayCluster", NS, f"{running_job}-raycluster-abc")
@@ -141,12 +174,16 @@ def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job:
     ({"jobStatus": "FAILED", "jobDeploymentStatus": "Running", "message": "Job entrypoint command failed with exit code 1"}, "AppFailed", "exit code 1"),
     ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "The RayJob has passed the activeDeadlineSeconds."}, "DeadlineExceeded", "activeDeadlineSeconds="),
 ], ids=["submitter-pod-failed", "job-failed-deployment-running", "deadline-exceeded"])
-def test_kuberay_failure_modes_end_failed(api: KubeApi, running_job: str, kuberay_status: dict, reason: str, words: str) -> None:
+def test_kuberay_failure_modes_end_failed(api: KubeApi, running_job: str, kuberay_status: dict, reason: str, words: str, kubeconfig: str) -> None:
+    waiter = kubectl_wait(kubeconfig, f"finetunejob/{running_job}", "Failed", 60)
     kuberay_writes(api, running_job, **kuberay_status)
     st = eventually(phase_is(api, running_job, "Failed"), what=f"Failed/{reason}")
     assert st["reason"] == reason and words in st["message"]
     assert st["completionTime"]
     assert waitable(st) == {"Failed"} and condition(st, "Failed")["reason"] == reason and words in condition(st, "Failed")["message"]
+    assert finished(waiter)[0] == 0
+    code, out = finished(kubectl_wait(kubeconfig, f"finetunejob/{running_job}", "Succeeded", 2))
+    assert code != 0 and "timed out waiting for the condition" in out  # a failed job never satisfies Succeeded
 
 
 def test_cluster_disappearing_mid_run_fails_the_job(api: KubeApi, running_job: str) -> None:
@@ -248,14 +285,19 @@ def test_each_deployment_follows_its_alias_on_its_own_registry_poll_s(api: KubeA
     assert "models:/poll-bot/1" in api.get("RayService", NS, slow)["spec"]["serveConfigV2"], "the hourly deployment waits for its own interval"
 
 
-def test_rayservice_readiness_is_mirrored(api: KubeApi, fake_registry, request) -> None:
+def test_rayservice_readiness_is_mirrored(api: KubeApi, fake_registry, request, kubeconfig: str) -> None:
     name = unique(request, "md")
     api.create(mdep(name, "models:/support-bot/7"))
     eventually(lambda: api.get("RayService", NS, name), what="RayService created")
+    waiter = kubectl_wait(kubeconfig, f"modeldeployment/{name}", "Ready", 60)
+    time.sleep(1.0)
+    assert waiter.poll() is None, "kubectl wait returned before the deployment was ready"
     api.patch_status("RayService", NS, name, {"serviceStatus": "Running", "conditions": [{"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints"}]})
     st = eventually(lambda: (s := status_of(api, "ModelDeployment", name)).get("phase") == "Ready" and s, what="Ready")
     assert st["endpoint"] == f"http://{name}-serve-svc.team-a.svc:8000"
-    assert waitable(st) == {"Ready"}  # `kubectl wait --for=condition=Ready modeldeployment/NAME` returns
+    assert waitable(st) == {"Ready"}
+    code, out = finished(waiter)
+    assert code == 0 and f"modeldeployment.llmplatform.io/{name} condition met" in out
     assert [c["type"] for c in st["conditions"]] == ["Ready", "Progressing", "Degraded"]
     api.patch_status("RayService", NS, name, {"serviceStatus": "", "conditions": [{"type": "Ready", "status": "False", "reason": "ServeDeploymentUnhealthy", "message": "replica crashed"}]})
     st = eventually(lambda: (s := status_of(api, "ModelDeployment", name)).get("phase") == "Unhealthy" and s, what="Unhealthy")
