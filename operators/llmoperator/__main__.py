@@ -36,7 +36,7 @@ def registry_lookup(ref: str, tracking_uri: str | None) -> dict:
 
 
 def mlflow_job_progress(body: dict) -> dict | None:
-    """{mlflowRunId, progress} of a FineTuneJob's MLflow run (tag platform.job_id), or None."""
+    """{mlflowRunId, progress} of a FineTuneJob's newest MLflow run (tag platform.job_id), or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -49,7 +49,9 @@ def mlflow_job_progress(body: dict) -> dict | None:
         experiment = client.get_experiment_by_name(spec.mlflow.experiment)
         if experiment is None:
             return None
-        runs = client.search_runs([experiment.experiment_id], f"tags.`platform.job_id` = '{job_id(body)}'", max_results=1)
+        # A resubmitted job (same name and spec: same job id) logs into a new run: the newest is this one.
+        runs = client.search_runs([experiment.experiment_id], f"tags.`platform.job_id` = '{job_id(body)}'", max_results=1,
+                                  order_by=["attributes.start_time DESC"])
         if not runs:
             return None
         run = runs[0]

@@ -22,6 +22,8 @@ import yaml
 
 from llmplatform.specs import json_schema
 
+from llmoperator.reconcile.status import CONDITION_TYPES
+
 GROUP = "llmplatform.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -116,6 +118,30 @@ def spec_schema(spec_kind: str) -> dict:
     return schema
 
 
+def _conditions_schema(kind: str) -> dict:
+    """`status.conditions`: metav1.Condition, keyed by type (`kubectl wait --for=condition=TYPE`)."""
+    s = lambda d, **kw: {"type": "string", "description": d, **kw}  # noqa: E731
+    types = ", ".join(CONDITION_TYPES[kind])
+    return {
+        "type": "array",
+        "description": f"Current state as metav1.Conditions, one per type ({types}), always all present; derived from the phase.",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "reason", "message", "lastTransitionTime"],
+            "properties": {
+                "type": s(f"Condition type: {types}.", maxLength=316),
+                "status": s("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+                "reason": s("Machine-readable CamelCase cause of the last transition.", maxLength=1024, minLength=1),
+                "message": s("What happened, in words.", maxLength=32768),
+                "lastTransitionTime": s("When status last changed (RFC 3339).", format="date-time"),
+                "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0, "description": "metadata.generation the condition reflects."},
+            },
+        },
+    }
+
+
 def _status_schema(kind: str) -> dict:
     s = lambda d: {"type": "string", "description": d}  # noqa: E731
     common = {
@@ -124,6 +150,7 @@ def _status_schema(kind: str) -> dict:
         "message": s("What happened last, in words, with the fix where there is one."),
         "observedGeneration": {"type": "integer", "format": "int64", "description": "metadata.generation the status reflects."},
         "lastTransitionTime": s("When the phase last changed (RFC 3339)."),
+        "conditions": _conditions_schema(kind),
         "dashboardURL": s("Ray dashboard of the cluster running this object."),
         "rayClusterName": s("The KubeRay RayCluster in use."),
     }

@@ -47,15 +47,20 @@ class Deps:
     now: Callable[[], str] = utcnow
 
 
-def _set_status(deps: Deps, kind: str, ns: str, name: str, fields: dict) -> None:
-    if fields:
-        deps.api.patch_status(kind, ns, name, fields)
+def _set_status(deps: Deps, kind: str, obj: dict, fields: dict) -> None:
+    """Patch `obj`'s status with `fields` and the matching `conditions` (the full list, when they
+    change): every write of a phase goes through here, so conditions never lag the phase."""
+    meta = obj["metadata"]
+    patch = status.with_conditions(kind, obj.get("status"), fields, meta.get("generation", 1), deps.now())
+    if patch:
+        deps.api.patch_status(kind, meta["namespace"], meta["name"], patch)
 
 
-def _permanent(deps: Deps, kind: str, ns: str, name: str, exc: SpecError | ResolveError, current: dict) -> kopf.PermanentError:
+def _permanent(deps: Deps, kind: str, obj: dict, exc: SpecError | ResolveError) -> kopf.PermanentError:
+    current = obj.get("status") or {}
     fields = {"phase": "Failed", "reason": "InvalidSpec", "message": str(exc), "lastTransitionTime": deps.now()}
     if current.get("phase") != "Failed" or current.get("message") != str(exc):
-        _set_status(deps, kind, ns, name, fields)
+        _set_status(deps, kind, obj, fields)
     return kopf.PermanentError(str(exc))
 
 
@@ -68,7 +73,7 @@ def create_rayjob(deps: Deps, body: dict, logger: logging.Logger) -> None:
     try:
         rayjob = finetune.rayjob_for(body, deps.cfg)
     except (SpecError, ResolveError) as exc:
-        raise _permanent(deps, "FineTuneJob", ns, name, exc, current) from exc
+        raise _permanent(deps, "FineTuneJob", body, exc) from exc
     try:
         deps.api.create(rayjob)
         logger.info("created RayJob %s/%s", ns, name)
@@ -81,11 +86,11 @@ def create_rayjob(deps: Deps, body: dict, logger: logging.Logger) -> None:
         owners = [o.get("uid") for o in existing.get("metadata", {}).get("ownerReferences", [])]
         if body["metadata"].get("uid") not in owners:
             msg = f"a RayJob named {name} exists and is not owned by this FineTuneJob; delete it or rename the job"
-            _set_status(deps, "FineTuneJob", ns, name, {"phase": "Failed", "reason": "NameTaken", "message": msg, "lastTransitionTime": deps.now()})
+            _set_status(deps, "FineTuneJob", body, {"phase": "Failed", "reason": "NameTaken", "message": msg, "lastTransitionTime": deps.now()})
             raise kopf.PermanentError(msg) from exc
     fields = {"phase": "Pending", "reason": "Submitted", "message": "RayJob created; waiting for KubeRay",
               "rayJobName": name, "observedGeneration": body["metadata"].get("generation", 1), "lastTransitionTime": deps.now()}
-    _set_status(deps, "FineTuneJob", ns, name, {k: v for k, v in fields.items() if current.get(k) != v})
+    _set_status(deps, "FineTuneJob", body, {k: v for k, v in fields.items() if current.get(k) != v})
 
 
 def mirror_rayjob(deps: Deps, rayjob: dict | None, ns: str, job_name: str, cluster_gone: bool = False) -> dict:
@@ -93,9 +98,18 @@ def mirror_rayjob(deps: Deps, rayjob: dict | None, ns: str, job_name: str, clust
     ftj = deps.api.get("FineTuneJob", ns, job_name)
     if ftj is None or ftj["metadata"].get("deletionTimestamp"):
         return {}
-    fields = status.finetune_status(rayjob, ftj.get("status"), deps.now(), cluster_gone=cluster_gone)
-    _set_status(deps, "FineTuneJob", ns, job_name, fields)
+    lost = (cluster_gone or rayjob is None) and not status.is_terminal(ftj.get("status"))
+    resume = _resume_advice(deps, ftj) if lost else None
+    fields = status.finetune_status(rayjob, ftj.get("status"), deps.now(), cluster_gone=cluster_gone, resume=resume)
+    _set_status(deps, "FineTuneJob", ftj, fields)
     return fields
+
+
+def _resume_advice(deps: Deps, ftj: dict) -> str | None:
+    try:
+        return finetune.resume_advice(ftj, deps.cfg)
+    except (SpecError, ResolveError):  # never ran, so nothing to resume: the generic advice
+        return None
 
 
 def check_job(deps: Deps, body: dict) -> None:
@@ -111,7 +125,8 @@ def check_job(deps: Deps, body: dict) -> None:
         fields = mirror_rayjob(deps, rayjob, ns, name, cluster_gone=gone)
         if deps.job_progress and not status.is_terminal({**current, **fields}):
             found = deps.job_progress(body) or {}
-            _set_status(deps, "FineTuneJob", ns, name, {k: v for k, v in found.items() if v is not None and current.get(k) != v})
+            latest = {**body, "status": {**current, **fields}}  # with the phase mirror_rayjob just wrote
+            _set_status(deps, "FineTuneJob", latest, {k: v for k, v in found.items() if v is not None and current.get(k) != v})
     except (TransientApiError, RegistryError, OSError) as exc:  # API server or MLflow unreachable
         raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
 
@@ -121,7 +136,7 @@ def cancel_job(deps: Deps, body: dict, logger: logging.Logger) -> None:
     current = body.get("status") or {}
     if status.is_terminal(current):
         return
-    _set_status(deps, "FineTuneJob", ns, name, {"phase": "Cancelled", "reason": "Cancelled", "message": "cancelled by request; the Ray cluster is being removed",
+    _set_status(deps, "FineTuneJob", body, {"phase": "Cancelled", "reason": "Cancelled", "message": "cancelled by request; the Ray cluster is being removed",
                                                  "lastTransitionTime": deps.now(), "completionTime": deps.now()})
     try:
         deps.api.delete("RayJob", ns, current.get("rayJobName") or name)
@@ -161,7 +176,7 @@ def reconcile_deployment(deps: Deps, body: dict, logger: logging.Logger, create:
         plan = deployment.plan_for(body, deps.cfg, resolve_refs(deps, spec))
         desired = deployment.rayservice_of(plan, body, deps.cfg)
     except (SpecError, ResolveError) as exc:
-        raise _permanent(deps, "ModelDeployment", ns, name, exc, current) from exc
+        raise _permanent(deps, "ModelDeployment", body, exc) from exc
     _polled[_key(body)] = (time.monotonic(), float(plan["registry_poll_s"]))
     try:
         existing = deps.api.get("RayService", ns, name)
@@ -188,7 +203,7 @@ def reconcile_deployment(deps: Deps, body: dict, logger: logging.Logger, create:
             fields.update(phase="Deploying", reason="Created", message="RayService created; waiting for the Serve application", lastTransitionTime=deps.now())
         elif action != "none":
             fields["message"] = "Serve config updated in place (same Ray cluster)" if action == "serve-config" else "cluster changed: KubeRay is rolling out a new Ray cluster"
-        _set_status(deps, "ModelDeployment", ns, name, {k: v for k, v in fields.items() if v is not None and current.get(k) != v})
+        _set_status(deps, "ModelDeployment", body, {k: v for k, v in fields.items() if v is not None and current.get(k) != v})
     except TransientApiError as exc:
         raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
     if action != "none":
@@ -220,7 +235,7 @@ def mirror_rayservice(deps: Deps, rayservice: dict | None, ns: str, name: str) -
         fields = status._changes(md.get("status") or {}, {"phase": "Pending", "reason": "RayServiceDeleted", "message": "the RayService disappeared; recreating it"}, deps.now())
     else:
         fields = status.deployment_status(rayservice, md.get("status"), deps.now())
-    _set_status(deps, "ModelDeployment", ns, name, fields)
+    _set_status(deps, "ModelDeployment", md, fields)
 
 
 # ---------------------------------------------------------------------------- registration

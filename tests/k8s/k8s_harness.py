@@ -119,7 +119,11 @@ def stamping_emulator_class() -> type:
 
     - creates answer 201; writes stamp uid, creationTimestamp and a new resourceVersion (kopf tells its own patches
       from new changes by it); a JSON patch testing a stale resourceVersion gets 422;
-    - lists carry the current resourceVersion and a watch from it replays nothing older;
+    - lists carry the current resourceVersion and their kind (`FineTuneJobList`), and a watch from
+      it replays nothing older; a `metadata.name=` field selector narrows lists and watches (so
+      `kubectl get` / `kubectl wait` work against it; kmock streams watches as
+      application/octet-stream, which client-go can't decode, so kubectl relists about every
+      second instead: slower, same answers);
     - deleting an object deletes the objects whose ownerReferences name its uid (the garbage
       collector's background cascade).
     """
@@ -136,6 +140,11 @@ def stamping_emulator_class() -> type:
     def next_version() -> str:
         latest["rv"] = next(counter)
         return str(latest["rv"])
+
+    def named_by(request: Any) -> str | None:
+        """The name in a `fieldSelector=metadata.name=NAME` (what `kubectl wait` lists and watches with)."""
+        selector = request.params.get("fieldSelector") or ""
+        return selector.split("=", 1)[1] if selector.startswith("metadata.name=") and "," not in selector else None
 
     def rv_of(event: Any) -> int:
         try:
@@ -185,12 +194,22 @@ def stamping_emulator_class() -> type:
         async def _serve_list(self, request: Any) -> Any:
             result = await super()._serve_list(request)
             result["metadata"]["resourceVersion"] = str(latest["rv"])
+            res = request.resource
+            group_version = f"{res.group}/{res.version}" if res.group else res.version
+            if f"{group_version}/{res.plural}" in RESOURCES:  # client-go (kubectl) decodes a list by its kind
+                result["apiVersion"], result["kind"] = group_version, f"{RESOURCES[f'{group_version}/{res.plural}'][0]}List"
+            name = named_by(request)
+            if name is not None:
+                result["items"] = [o for o in result["items"] if o.get("metadata", {}).get("name") == name]
             return result
 
         async def _serve_watch(self, request: Any) -> Any:
             since = int(request.params.get("resourceVersion") or 0)
+            name = named_by(request)
             async for event in super()._serve_watch(request):
                 if isinstance(event, dict) and rv_of(event) <= since:
+                    continue
+                if name is not None and isinstance(event, dict) and (event.get("object") or {}).get("metadata", {}).get("name") != name:
                     continue
                 yield event
 
@@ -218,7 +237,7 @@ class InMemoryCluster:
         self._stop = asyncio.Event()
         async with stamping_emulator_class()() as emulator, kmock.Server(emulator) as server:
             for key, (kind, namespaced, subresources) in RESOURCES.items():
-                emulator.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, subresources=subresources, verbs=VERBS)
+                emulator.resources[key] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=namespaced, subresources=subresources, verbs=VERBS)
             self.emulator, self.url = emulator, str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()

@@ -90,7 +90,7 @@ def test_validator_rejects_unknown_fields_and_bad_values(manifest_validator, ren
 
 def test_kuberay_pin_and_server_side_apply(rendered) -> None:
     for env in ("dev", "prod"):
-        apps = {a["metadata"]["name"]: a for a in rendered[f"manifests/clusters/{env}"]}
+        apps = {a["metadata"]["name"]: a for a in rendered[f"manifests/clusters/{env}"] if a["kind"] == "Application"}
         kuberay = apps[f"kuberay-operator-{env}"]["spec"]
         assert kuberay["source"]["chart"] == "kuberay-operator" and kuberay["source"]["targetRevision"] == "1.7.0"
         waves = sorted((int(a["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]), name) for name, a in apps.items())

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
+import shutil
+import subprocess
 import time
 
 import pytest
+import yaml
 
 from llmplatform.backends.k8s import cancel_finetune, finetune_job_cr, model_deployment_cr
 from llmplatform.kube import KubeApi, connect
 from llmplatform.specs import parse_spec
 
 from k8s_harness import eventually
+
+from llmoperator.reconcile.finetune import job_id
 
 NS = "team-a"
 
@@ -52,6 +58,16 @@ def phase_is(api: KubeApi, name: str, phase: str):
     return lambda: status_of(api, "FineTuneJob", name) if status_of(api, "FineTuneJob", name).get("phase") == phase else None
 
 
+def condition(st: dict, ctype: str) -> dict:
+    [found] = [c for c in st.get("conditions") or [] if c["type"] == ctype]
+    return found
+
+
+def waitable(st: dict) -> set[str]:
+    """The condition types `kubectl wait --for=condition=TYPE` would return for: status "True"."""
+    return {c["type"] for c in st.get("conditions") or [] if c["status"] == "True"}
+
+
 def kuberay_writes(api: KubeApi, name: str, **status) -> None:
     api.patch_status("RayJob", NS, name, status)
 
@@ -59,6 +75,31 @@ def kuberay_writes(api: KubeApi, name: str, **status) -> None:
 @pytest.fixture()
 def api(cluster, operator) -> KubeApi:
     return connect(host=cluster.url)
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(cluster, tmp_path_factory) -> str:
+    """A kubeconfig for the real `kubectl` against the in-memory API server."""
+    path = tmp_path_factory.mktemp("kube") / "config"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+                                    "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
+                                    "users": [{"name": "test", "user": {"token": "test"}}],
+                                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NS}}]}))
+    return str(path)
+
+
+def kubectl_wait(kubeconfig: str, target: str, condition: str, timeout_s: int) -> subprocess.Popen:
+    """`kubectl wait --for=condition=CONDITION TARGET`, started in the background (kubectl >= 1.27)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: these tests run the real `kubectl wait`; install kubectl >= 1.27")
+    return subprocess.Popen([kubectl, "wait", f"--for=condition={condition}", target, f"--timeout={timeout_s}s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": kubeconfig})
+
+
+def finished(proc: subprocess.Popen, timeout_s: float = 30) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout_s)
+    return proc.returncode, out + err
 
 
 @pytest.fixture()
@@ -71,7 +112,8 @@ def running_job(api: KubeApi, request: pytest.FixtureRequest) -> str:
                    rayClusterName=f"{name}-raycluster-abc", dashboardURL=f"{name}-head-svc.team-a.svc:8265",
                    startTime="2026-11-27T10:00:00Z")
     api.create({"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": f"{name}-raycluster-abc", "namespace": NS}, "spec": {}})
-    eventually(phase_is(api, name, "Running"), what="phase Running")
+    st = eventually(phase_is(api, name, "Running"), what="phase Running")
+    assert waitable(st) == {"Running"}
     return name
 
 
@@ -90,7 +132,7 @@ def test_finetunejob_creates_the_expected_rayjob(api: KubeApi, manifest_validato
     plan = json.loads(argv[4])
     assert plan["spec"]["base_model"] == "llama2-7b" and plan["spec"]["name"] == "support-lora"
     assert plan["values"]["use_gpu"]["value"] is True and plan["values"]["workers"]["value"] == 2  # what the pods were sized for
-    assert argv[5:] == ["--job-id", "support-lora-uidftj1"]
+    assert argv[5:] == ["--job-id", job_id(ftj())]  # not the uid: a resubmit resumes (test_resubmit_...)
     [workers] = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == 2
     container = workers["template"]["spec"]["containers"][0]
@@ -101,21 +143,30 @@ def test_finetunejob_creates_the_expected_rayjob(api: KubeApi, manifest_validato
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
     st = eventually(phase_is(api, "support-lora", "Pending"), what="phase Pending")
     assert st["rayJobName"] == "support-lora"
+    assert [c["type"] for c in st["conditions"]] == ["Running", "Succeeded", "Failed"] and waitable(st) == set()
+    assert condition(st, "Running")["reason"] == st["reason"] and condition(st, "Running")["observedGeneration"] == 1
 
 
-def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job: str) -> None:
+def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job: str, kubeconfig: str) -> None:
+    waiter = kubectl_wait(kubeconfig, f"finetunejob/{running_job}", "Succeeded", 60)
     st = eventually(lambda: (s := status_of(api, "FineTuneJob", running_job)).get("mlflowRunId") and s, what="MLflow run in status")
     assert st["rayJobId"] == f"{running_job}-x1" and st["dashboardURL"].endswith(":8265")
     assert st["mlflowRunId"].startswith(f"run-{running_job}-") and st["progress"] == "5/20 steps (25%)"
+    assert waiter.poll() is None, "kubectl wait returned while the job was still running"
     kuberay_writes(api, running_job, jobStatus="SUCCEEDED", jobDeploymentStatus="Complete", endTime="2026-11-27T11:00:00Z")
     st = eventually(phase_is(api, running_job, "Succeeded"), what="Succeeded")
     assert st["completionTime"] == "2026-11-27T11:00:00Z"
+    assert waitable(st) == {"Succeeded"}
+    code, out = finished(waiter)  # the real `kubectl wait`, started while the job was running, returns
+    assert code == 0 and f"finetunejob.llmplatform.io/{running_job} condition met" in out
+    assert condition(st, "Succeeded")["reason"] == "JobSucceeded" and condition(st, "Succeeded")["lastTransitionTime"]
     # KubeRay then shuts the cluster down and the TTL deletes the RayJob: still Succeeded.
     api.delete("RayCluster", NS, f"{running_job}-raycluster-abc")
     api.delete("RayJob", NS, running_job)
     eventually(lambda: api.get("RayJob", NS, running_job) is None, what="RayJob gone")
     time.sleep(1.2)  # two health checks
-    assert status_of(api, "FineTuneJob", running_job)["phase"] == "Succeeded"
+    st = status_of(api, "FineTuneJob", running_job)
+    assert st["phase"] == "Succeeded" and waitable(st) == {"Succeeded"}
 
 
 @pytest.mark.parametrize("kuberay_status, reason, words", [
@@ -123,29 +174,55 @@ def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job:
     ({"jobStatus": "FAILED", "jobDeploymentStatus": "Running", "message": "Job entrypoint command failed with exit code 1"}, "AppFailed", "exit code 1"),
     ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "The RayJob has passed the activeDeadlineSeconds."}, "DeadlineExceeded", "activeDeadlineSeconds="),
 ], ids=["submitter-pod-failed", "job-failed-deployment-running", "deadline-exceeded"])
-def test_kuberay_failure_modes_end_failed(api: KubeApi, running_job: str, kuberay_status: dict, reason: str, words: str) -> None:
+def test_kuberay_failure_modes_end_failed(api: KubeApi, running_job: str, kuberay_status: dict, reason: str, words: str, kubeconfig: str) -> None:
+    waiter = kubectl_wait(kubeconfig, f"finetunejob/{running_job}", "Failed", 60)
     kuberay_writes(api, running_job, **kuberay_status)
     st = eventually(phase_is(api, running_job, "Failed"), what=f"Failed/{reason}")
     assert st["reason"] == reason and words in st["message"]
     assert st["completionTime"]
+    assert waitable(st) == {"Failed"} and condition(st, "Failed")["reason"] == reason and words in condition(st, "Failed")["message"]
+    assert finished(waiter)[0] == 0
+    code, out = finished(kubectl_wait(kubeconfig, f"finetunejob/{running_job}", "Succeeded", 2))
+    assert code != 0 and "timed out waiting for the condition" in out  # a failed job never satisfies Succeeded
 
 
 def test_cluster_disappearing_mid_run_fails_the_job(api: KubeApi, running_job: str) -> None:
     api.delete("RayCluster", NS, f"{running_job}-raycluster-abc")  # KubeRay still says Running
     st = eventually(phase_is(api, running_job, "Failed"), what="ClusterLost")
     assert st["reason"] == "ClusterLost" and f"{running_job}-raycluster-abc" in st["message"]
+    # how to resubmit, and that this job's checkpoints (pod-local by default) did not survive
+    assert f"kubectl delete finetunejob {running_job} -n {NS}" in st["message"] and "starts from step 0" in st["message"]
+    assert waitable(st) == {"Failed"} and condition(st, "Failed")["reason"] == "ClusterLost"
+
+
+def test_resubmit_after_cluster_loss_reuses_the_run_name(api: KubeApi, running_job: str) -> None:
+    """What the ClusterLost message tells the user to do (delete + apply the same manifest) gives the
+    new RayJob the old job id: the same Ray Train run name, so training resumes from its checkpoints."""
+    before = shlex.split(api.get("RayJob", NS, running_job)["spec"]["entrypoint"])
+    api.delete("RayCluster", NS, f"{running_job}-raycluster-abc")
+    eventually(phase_is(api, running_job, "Failed"), what="ClusterLost")
+    api.delete("FineTuneJob", NS, running_job)
+    eventually(lambda: api.get("FineTuneJob", NS, running_job) is None and api.get("RayJob", NS, running_job) is None, what="job and RayJob gone")
+    api.create(ftj(running_job, uid=f"uid-{running_job}-again"))
+    after = eventually(lambda: api.get("RayJob", NS, running_job), what="RayJob recreated")
+    assert after["metadata"]["ownerReferences"][0]["uid"] == f"uid-{running_job}-again"
+    job = shlex.split(after["spec"]["entrypoint"])[5:]
+    assert job == before[5:] and job[1] == job_id(ftj(running_job))
+    st = eventually(phase_is(api, running_job, "Pending"), what="the resubmitted job starts")
+    assert waitable(st) == set() and condition(st, "Failed")["status"] == "False"
 
 
 def test_rayjob_deleted_mid_run_fails_the_job(api: KubeApi, running_job: str) -> None:
     api.delete("RayJob", NS, running_job)
     st = eventually(phase_is(api, running_job, "Failed"), what="RayJobDeleted")
-    assert st["reason"] == "RayJobDeleted"
+    assert st["reason"] == "RayJobDeleted" and waitable(st) == {"Failed"}
 
 
 def test_cancel_marks_cancelled_and_removes_the_rayjob(api: KubeApi, running_job: str) -> None:
     row = cancel_finetune(running_job, namespace=NS, api=api)
     assert row["name"] == running_job
-    eventually(phase_is(api, running_job, "Cancelled"), what="Cancelled")
+    st = eventually(phase_is(api, running_job, "Cancelled"), what="Cancelled")
+    assert waitable(st) == set() and condition(st, "Running")["reason"] == "Cancelled"
     eventually(lambda: api.get("RayJob", NS, running_job) is None, what="RayJob deleted")
 
 
@@ -161,6 +238,7 @@ def test_invalid_spec_is_a_permanent_error_in_status(api: KubeApi, cluster) -> N
     api.create(bad)
     st = eventually(phase_is(api, "bad-job", "Failed"), what="InvalidSpec")
     assert st["reason"] == "InvalidSpec" and "lora.rank" in st["message"]
+    assert waitable(st) == {"Failed"} and "lora.rank" in condition(st, "Failed")["message"]
     assert api.get("RayJob", NS, "bad-job") is None
 
 
@@ -207,13 +285,23 @@ def test_each_deployment_follows_its_alias_on_its_own_registry_poll_s(api: KubeA
     assert "models:/poll-bot/1" in api.get("RayService", NS, slow)["spec"]["serveConfigV2"], "the hourly deployment waits for its own interval"
 
 
-def test_rayservice_readiness_is_mirrored(api: KubeApi, fake_registry, request) -> None:
+def test_rayservice_readiness_is_mirrored(api: KubeApi, fake_registry, request, kubeconfig: str) -> None:
     name = unique(request, "md")
     api.create(mdep(name, "models:/support-bot/7"))
     eventually(lambda: api.get("RayService", NS, name), what="RayService created")
+    waiter = kubectl_wait(kubeconfig, f"modeldeployment/{name}", "Ready", 60)
+    time.sleep(1.0)
+    assert waiter.poll() is None, "kubectl wait returned before the deployment was ready"
     api.patch_status("RayService", NS, name, {"serviceStatus": "Running", "conditions": [{"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints"}]})
     st = eventually(lambda: (s := status_of(api, "ModelDeployment", name)).get("phase") == "Ready" and s, what="Ready")
     assert st["endpoint"] == f"http://{name}-serve-svc.team-a.svc:8000"
+    assert waitable(st) == {"Ready"}
+    code, out = finished(waiter)
+    assert code == 0 and f"modeldeployment.llmplatform.io/{name} condition met" in out
+    assert [c["type"] for c in st["conditions"]] == ["Ready", "Progressing", "Degraded"]
+    api.patch_status("RayService", NS, name, {"serviceStatus": "", "conditions": [{"type": "Ready", "status": "False", "reason": "ServeDeploymentUnhealthy", "message": "replica crashed"}]})
+    st = eventually(lambda: (s := status_of(api, "ModelDeployment", name)).get("phase") == "Unhealthy" and s, what="Unhealthy")
+    assert waitable(st) == {"Degraded"} and condition(st, "Degraded")["message"] == "replica crashed"
 
 
 def test_registry_outage_retries_instead_of_failing(api: KubeApi, fake_registry, request) -> None:

@@ -85,9 +85,39 @@ def test_fractional_gpus_share_a_pod_and_cpu_jobs_ask_for_no_gpu() -> None:
 def test_entrypoint_carries_the_resolved_plan_safely_quoted() -> None:
     cr = ft_cr(data={"train": "s3://b/it's here.jsonl", "system_prompt": "Say \"hi\"; rm -rf /"})
     argv = shlex.split(finetune.rayjob_for(cr, CFG)["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--resolved-json"] and argv[5:] == ["--job-id", "job-a-u1"]
+    assert argv[:4] == ["python", "-m", "llmplatform.training.entrypoint", "--resolved-json"] and argv[5:] == ["--job-id", finetune.job_id(cr)]
     spec = Resolved.from_dict(yaml.safe_load(argv[4])).spec
     assert spec.data.train == "s3://b/it's here.jsonl" and spec.data.system_prompt == "Say \"hi\"; rm -rf /" and spec.name == "job-a"
+
+
+def test_job_id_is_stable_across_resubmits_and_changes_with_name_namespace_or_spec() -> None:
+    """The job id is the Ray Train run name: the same FineTuneJob resubmitted (a new uid) must get
+    the same id to resume its checkpoints; any other job must not share them."""
+    cr = ft_cr(lora={"rank": 8})
+    resubmitted = {**ft_cr(lora={"rank": 8}), "metadata": {**cr["metadata"], "uid": "u-2", "resourceVersion": "99", "generation": 1}}
+    resubmitted["spec"] = dict(reversed(list(cr["spec"].items())))  # key order is not part of the spec
+    assert finetune.job_id(cr) == finetune.job_id(resubmitted)
+    assert finetune.job_id(cr).startswith("job-a-") and len(finetune.job_id(cr).split("-")[-1]) == 8
+    other_ns = {**cr, "metadata": {**cr["metadata"], "namespace": "team-b"}}
+    other_spec = ft_cr(lora={"rank": 16})
+    renamed = ft_cr(name="job-b", lora={"rank": 8})
+    ids = {finetune.job_id(c) for c in (cr, other_ns, other_spec, renamed)}
+    assert len(ids) == 4
+    assert finetune.rayjob_for(resubmitted, CFG)["spec"]["entrypoint"] == finetune.rayjob_for(cr, CFG)["spec"]["entrypoint"]
+
+
+def test_resume_advice_says_how_to_resubmit_and_whether_checkpoints_survived() -> None:
+    shared = finetune.resume_advice(ft_cr(checkpoint={"storage_uri": "s3://ckpt/runs"}), CFG)
+    cr = ft_cr(checkpoint={"storage_uri": "s3://ckpt/runs"})
+    assert "kubectl delete finetunejob job-a -n ns" in shared and "kubectl apply -f" in shared
+    assert f"resumes from the last checkpoint in s3://ckpt/runs/{finetune.job_id(cr)}" in shared
+    local = finetune.resume_advice(ft_cr(), CFG)  # default: PLATFORM_HOME inside the pod
+    assert "/home/ray/.llm-platform/checkpoints" in local and "starts from step 0" in local and "checkpoint.storage_uri" in local
+    volume = finetune.resume_advice(ft_cr(checkpoint={"storage_uri": "/models/checkpoints"}), CFG)
+    assert "volume every Ray pod mounts" in volume
+    running = {"phase": "Running", "rayJobName": "job-a"}
+    out = status.finetune_status(rj(jobDeploymentStatus="Running", jobStatus="RUNNING", rayClusterName="rc-1"), running, NOW, cluster_gone=True, resume=shared)
+    assert out["reason"] == "ClusterLost" and shared in out["message"]
 
 
 def test_deadline_annotation_and_invalid_spec() -> None:

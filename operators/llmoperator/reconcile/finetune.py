@@ -13,6 +13,7 @@ by building a second cluster unless told to (`backoffLimit`), and kills it at th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from typing import Any, Mapping
@@ -47,10 +48,31 @@ def plan_for(cr: Mapping[str, Any], cfg: OperatorConfig) -> Resolved:
 
 
 def job_id(cr: Mapping[str, Any]) -> str:
-    """The platform job id: name + uid prefix. Unique per FineTuneJob object (a reused Ray Train run
-    name would silently resume an old run), stable across KubeRay retries of the same object (a
-    retry resumes from the last checkpoint). MLflow tags the run `platform.job_id` with it."""
-    return f"{cr['metadata']['name']}-{str(cr['metadata'].get('uid', 'nouid')).replace('-', '')[:8]}"
+    """The platform job id, `<name>-<8 hex>`: a hash of namespace/name and the canonical spec (sorted
+    JSON), never the uid. It is the Ray Train run name (with the checkpoint storage: the run's
+    checkpoint directory) and MLflow's `platform.job_id` tag, so a FineTuneJob deleted and
+    resubmitted with the same name and spec after its cluster died resumes from its last
+    checkpoint; a changed spec is a new run, and a new name always is."""
+    meta = cr["metadata"]
+    canonical = json.dumps({"namespace": meta.get("namespace", ""), "name": meta["name"], "spec": cr.get("spec") or {}},
+                           sort_keys=True, separators=(",", ":"))
+    return f"{meta['name']}-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
+
+
+def resume_advice(cr: Mapping[str, Any], cfg: OperatorConfig) -> str:
+    """How to resume a FineTuneJob whose cluster was lost, and whether its checkpoints survived:
+    only storage outside the pods (an object store, or a volume every pod mounts) outlives them."""
+    ns, name = cr["metadata"].get("namespace", "default"), cr["metadata"]["name"]
+    how = (f"resubmit it with the same name and spec: `kubectl delete finetunejob {name} -n {ns}`, then `kubectl apply -f` the same "
+           f"manifest (or `platformctl finetune submit` the same spec with `--target k8s`)")
+    storage = plan_for(cr, cfg)["checkpoint_storage"]
+    where = f"{storage.rstrip('/')}/{job_id(cr)}"
+    if "://" in storage:
+        return f"{how}; it resumes from the last checkpoint in {where}"
+    if storage.startswith(POD_PLATFORM_HOME):
+        return (f"its checkpoints were on the pods' own disk ({where}) and were lost with the cluster, so a resubmit starts from step 0; "
+                f"set checkpoint.storage_uri to an object store (s3://...) or a path on a shared volume to make jobs resumable, then {how}")
+    return f"{how}; it resumes from the last checkpoint in {where} if that path is on a volume every Ray pod mounts (else from step 0)"
 
 
 def entrypoint(plan: Resolved, job: str) -> str:

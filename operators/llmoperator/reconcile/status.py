@@ -33,7 +33,10 @@ def _failed(reason: str, message: str) -> dict:
     return {"phase": "Failed", "reason": reason, "message": message}
 
 
-def _classify(rayjob: Mapping[str, Any], cluster_gone: bool) -> dict:
+RESUBMIT = "resubmit the FineTuneJob with the same name and spec to resume from its last checkpoint"
+
+
+def _classify(rayjob: Mapping[str, Any], cluster_gone: bool, resume: str) -> dict:
     spec = rayjob.get("spec") or {}
     st = rayjob.get("status") or {}
     jds = st.get("jobDeploymentStatus") or ""
@@ -61,7 +64,7 @@ def _classify(rayjob: Mapping[str, Any], cluster_gone: bool) -> dict:
         return _failed("NoJobStatus", f"KubeRay completed the RayJob without a Ray job result{tail}; the submitter most likely failed")
     if cluster_gone:
         cluster = st.get("rayClusterName") or "its RayCluster"
-        return _failed("ClusterLost", f"Ray cluster {cluster} disappeared while the job was running (node loss or manual deletion); resubmit to resume from the last checkpoint")
+        return _failed("ClusterLost", f"Ray cluster {cluster} disappeared while the job was running (node loss or manual deletion); {resume}")
     if jds in ("Suspended", "Suspending"):
         return {"phase": "Pending", "reason": "Suspended", "message": "the RayJob is suspended (queued by Kueue or paused)"}
     if jds in ("", "New", "Waiting", "Scheduling", "Scheduled"):
@@ -75,18 +78,23 @@ def _classify(rayjob: Mapping[str, Any], cluster_gone: bool) -> dict:
     return {"phase": "Running", "reason": "JobRunning", "message": "training"}
 
 
-def finetune_status(rayjob: Mapping[str, Any] | None, current: Mapping[str, Any] | None, now: str, *, cluster_gone: bool = False) -> dict:
-    """Status fields of a FineTuneJob that change given its RayJob (None: the RayJob is gone)."""
+def finetune_status(rayjob: Mapping[str, Any] | None, current: Mapping[str, Any] | None, now: str, *, cluster_gone: bool = False,
+                    resume: str | None = None) -> dict:
+    """Status fields of a FineTuneJob that change given its RayJob (None: the RayJob is gone).
+
+    `resume`: how to resume this job after a lost cluster (`finetune.resume_advice`), put in the
+    ClusterLost and RayJobDeleted messages."""
+    resume = resume or RESUBMIT
     current = current or {}
     if is_terminal(current):
         return {}
     if rayjob is None:
         if not current.get("rayJobName"):
             return {}
-        wanted = _failed("RayJobDeleted", f"RayJob {current['rayJobName']} was deleted before the job finished; resubmit the FineTuneJob")
+        wanted = _failed("RayJobDeleted", f"RayJob {current['rayJobName']} was deleted before the job finished; {resume}")
         return _changes(current, wanted, now)
     st = rayjob.get("status") or {}
-    wanted = _classify(rayjob, cluster_gone)
+    wanted = _classify(rayjob, cluster_gone, resume)
     wanted.update({
         "rayJobName": rayjob["metadata"]["name"],
         "rayJobId": st.get("jobId"),
@@ -134,3 +142,59 @@ def deployment_status(rayservice: Mapping[str, Any] | None, current: Mapping[str
     active = (st.get("activeServiceStatus") or {}).get("rayClusterName")
     wanted["rayClusterName"] = active
     return _changes(current, wanted, now)
+
+
+# ---------------------------------------------------------------------------- conditions
+# metav1.Condition lists derived from the phase, so `kubectl wait --for=condition=Succeeded` and
+# Argo CD's health check (manifests/argocd/health) read one documented shape. Every type is always
+# present (True/False), so a waiter never sees a missing condition as "not yet".
+
+CONDITION_TYPES = {"FineTuneJob": ("Running", "Succeeded", "Failed"), "ModelDeployment": ("Ready", "Progressing", "Degraded")}
+
+# phase -> the condition types that are "True" in it (every other type is "False")
+_TRUE_IN = {
+    "FineTuneJob": {"Pending": (), "Initializing": (), "Running": ("Running",), "Succeeded": ("Succeeded",), "Failed": ("Failed",), "Cancelled": ()},
+    "ModelDeployment": {"Pending": ("Progressing",), "Deploying": ("Progressing",), "Updating": ("Progressing",), "Ready": ("Ready",),
+                        "Unhealthy": ("Degraded",), "Failed": ("Degraded",)},
+}
+
+
+def conditions_for(kind: str, merged: Mapping[str, Any], generation: int, now: str) -> list[dict] | None:
+    """The full `status.conditions` list for a status (its phase/reason/message); None without a phase.
+
+    A condition whose status is unchanged keeps its lastTransitionTime (reason and message may
+    move on); a flipped one gets `now`. While a ModelDeployment updates, Ready stays as it was:
+    KubeRay keeps the old cluster serving until the new one is ready.
+    """
+    phase = merged.get("phase")
+    if phase not in _TRUE_IN[kind]:
+        return None
+    reason, message = merged.get("reason") or phase, merged.get("message") or ""
+    old = {c.get("type"): c for c in merged.get("conditions") or []}
+    true = set(_TRUE_IN[kind][phase])
+    if kind == "ModelDeployment" and phase == "Updating" and old.get("Ready", {}).get("status") == "True":
+        true.add("Ready")
+    out = []
+    for ctype in CONDITION_TYPES[kind]:
+        cond = {"type": ctype, "status": "True" if ctype in true else "False", "reason": reason, "message": message or phase}
+        if ctype == "Ready" and phase == "Updating" and ctype in true:
+            cond.update(reason="ServingPreviousCluster", message="the previous Ray cluster serves until the new one is ready")
+        previous = old.get(ctype) or {}
+        kept = previous.get("status") == cond["status"] and previous.get("lastTransitionTime")
+        out.append({**cond, "lastTransitionTime": kept or now, "observedGeneration": generation})
+    return out
+
+
+def with_conditions(kind: str, current: Mapping[str, Any] | None, fields: Mapping[str, Any], generation: int, now: str) -> dict:
+    """`fields` (a status patch) plus the full `conditions` list when they change.
+
+    A merge patch replaces a list whole, so the list is always written complete. An unchanged
+    status stays an empty patch. `generation`: the CR generation the status reflects.
+    """
+    current = current or {}
+    merged = {**current, **fields}
+    wanted = conditions_for(kind, merged, int(fields.get("observedGeneration") or current.get("observedGeneration") or generation or 1), now)
+    out = dict(fields)
+    if wanted is not None and wanted != current.get("conditions"):
+        out["conditions"] = wanted
+    return out

@@ -2,9 +2,11 @@
 
 Pure builders (`scaling_config`, `run_config`) put the resolved plan (`llmplatform.resolve`) in
 Ray's config shapes, deciding nothing themselves; `fit` runs them.
-The run name is the job id: Ray resumes a run with a reused name from its stored state, so job
-ids must be unique (`new_job_id`), and a restart after a worker failure continues from the last
-checkpoint of that same run.
+The run name is the job id: Ray resumes a run with a reused name from its stored state, so a
+restart after a worker failure continues from the last checkpoint of that same run, and a job id
+names one training run: `new_job_id` makes a fresh one per CLI submit; the operator derives a
+FineTuneJob's from its namespace, name and spec, so resubmitting the same job after its cluster
+died resumes it (`llmoperator.reconcile.finetune.job_id`).
 """
 
 from __future__ import annotations
