@@ -36,7 +36,8 @@ def registry_lookup(ref: str, tracking_uri: str | None) -> dict:
 
 
 def mlflow_job_progress(body: dict) -> dict | None:
-    """{mlflowRunId, progress} of a FineTuneJob's newest MLflow run (tag platform.job_id), or None."""
+    """{mlflowRunId, progress} of a FineTuneJob's newest MLflow run (tag platform.job_id), with
+    {registeredModel, registeredVersion} once that run has finished and registered its adapter; or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -56,10 +57,16 @@ def mlflow_job_progress(body: dict) -> dict | None:
             return None
         run = runs[0]
         history = client.get_metric_history(run.info.run_id, "loss") if "loss" in run.data.metrics else []
+        # The entrypoint registers the adapter before the run ends, so a finished run has its version.
+        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'") if run.info.status == "FINISHED" else []
     except MlflowException as exc:
         raise RegistryError(f"MLflow: {exc}") from exc
     step = history[-1].step if history else None
-    return {"mlflowRunId": run.info.run_id, "progress": progress_text(step, spec.hyperparameters.max_steps)}
+    out = {"mlflowRunId": run.info.run_id, "progress": progress_text(step, spec.hyperparameters.max_steps)}
+    if versions:
+        newest = max(versions, key=lambda v: int(v.version))
+        out.update(registeredModel=newest.name, registeredVersion=str(newest.version))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,6 +160,8 @@ def _status_schema(kind: str) -> dict:
             "rayJobId": s("The Ray job submission id."),
             "mlflowRunId": s("MLflow run tracking this job."),
             "progress": s("Training progress, e.g. `120/500 steps (24%)`."),
+            "registeredModel": s("Registered model the trained adapter went to (MLflow registry)."),
+            "registeredVersion": s("Registry version of the trained adapter, once the job succeeded."),
             "startTime": s("When the Ray job started (RFC 3339)."),
             "completionTime": s("When the job reached a terminal phase (RFC 3339)."),
         }
@@ -180,6 +182,7 @@ def _printer_columns(kind: str) -> list[dict]:
         cols += [
             {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
             {"name": "Model", "type": "string", "jsonPath": ".spec.base_model"},
+            {"name": "Version", "type": "string", "jsonPath": ".status.registeredVersion"},
             {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
             {"name": "MLflow-Run", "type": "string", "jsonPath": ".status.mlflowRunId", "priority": 1},
         ]

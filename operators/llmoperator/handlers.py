@@ -40,7 +40,7 @@ class Deps:
     api: KubeApi
     cfg: OperatorConfig = field(default_factory=OperatorConfig)
     resolve_version: Callable[[str, str | None], str] | None = None  # (models:/N@A, tracking_uri) -> version
-    job_progress: Callable[[dict], dict | None] | None = None  # FineTuneJob body -> {mlflowRunId, progress}
+    job_progress: Callable[[dict], dict | None] | None = None  # FineTuneJob body -> {mlflowRunId, progress[, registeredModel, registeredVersion]}
     check_interval_s: float = 30.0  # FineTuneJob health checks (cluster present, progress)
     registry_poll_s: float = 5.0  # the registry timer's tick; each ModelDeployment re-resolves on its own registry_poll_s
     retry_delay_s: float = 15.0  # TemporaryError backoff (API server, MLflow)
@@ -116,6 +116,9 @@ def check_job(deps: Deps, body: dict) -> None:
     """Periodic: catch what no RayJob event announces (cluster lost, RayJob gone) and read progress."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     current = body.get("status") or {}
+    if awaiting_registration(current, deps.now()) and deps.job_progress:
+        _record_result(deps, body, current)
+        return
     if status.is_terminal(current) or not current.get("rayJobName"):
         return
     try:
@@ -129,6 +132,37 @@ def check_job(deps: Deps, body: dict) -> None:
             _set_status(deps, "FineTuneJob", latest, {k: v for k, v in found.items() if v is not None and current.get(k) != v})
     except (TransientApiError, RegistryError, OSError) as exc:  # API server or MLflow unreachable
         raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+
+
+RESULT_WINDOW_S = 900  # after Succeeded, look for the registered version this long (MLflow may lag or be down)
+
+
+def awaiting_registration(current: dict, now: str) -> bool:
+    """A job that succeeded recently whose status doesn't yet name the registered model version."""
+    if current.get("phase") != "Succeeded" or current.get("registeredVersion"):
+        return False
+    done = current.get("lastTransitionTime")  # the operator's clock, when the phase became Succeeded
+    try:
+        age = (_parse_time(now) - _parse_time(done)).total_seconds() if done else 0.0
+    except ValueError:
+        return False
+    return age <= RESULT_WINDOW_S
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _record_result(deps: Deps, body: dict, current: dict) -> None:
+    """The succeeded job's final progress and registered version (from its MLflow run) into its status."""
+    try:
+        found = deps.job_progress(body) or {}  # type: ignore[misc]
+    except (RegistryError, OSError) as exc:
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+    fields = {k: v for k, v in found.items() if v is not None and current.get(k) != v}
+    if fields.get("registeredVersion"):
+        fields["message"] = f"training finished; registered {fields.get('registeredModel') or current.get('registeredModel')} version {fields['registeredVersion']}"
+    _set_status(deps, "FineTuneJob", body, fields)
 
 
 def cancel_job(deps: Deps, body: dict, logger: logging.Logger) -> None:

@@ -37,7 +37,7 @@ def test_builders_emit_only_what_the_user_set_and_validate(manifest_validator) -
 def test_submit_list_status_cancel(api: kube.KubeApi) -> None:
     created = k8s.submit_finetune(spec("job-one"), namespace=NS, api=api)
     assert (created["name"], created["namespace"], created["phase"]) == ("job-one", NS, "Pending")
-    with pytest.raises(JobError, match="already exists; pick a new `name`"):
+    with pytest.raises(JobError, match=r"already exists\. To resubmit it .*`kubectl delete finetunejob job-one -n team-b`"):
         k8s.submit_finetune(spec("job-one"), namespace=NS, api=api)
     api.patch_status("FineTuneJob", NS, "job-one", {"phase": "Running", "progress": "10/100 steps (10%)", "rayJobName": "job-one"})
     rows = k8s.list_finetunes(namespace=NS, api=api)

@@ -160,6 +160,9 @@ def test_success_is_mirrored_and_sticks_after_cleanup(api: KubeApi, running_job:
     code, out = finished(waiter)  # the real `kubectl wait`, started while the job was running, returns
     assert code == 0 and f"finetunejob.llmplatform.io/{running_job} condition met" in out
     assert condition(st, "Succeeded")["reason"] == "JobSucceeded" and condition(st, "Succeeded")["lastTransitionTime"]
+    st = eventually(lambda: (s := status_of(api, "FineTuneJob", running_job)).get("registeredVersion") and s, what="registered version in status")
+    assert (st["registeredModel"], st["registeredVersion"], st["progress"]) == ("support-bot", "3", "20/20 steps (100%)")
+    assert st["message"] == "training finished; registered support-bot version 3"
     # KubeRay then shuts the cluster down and the TTL deletes the RayJob: still Succeeded.
     api.delete("RayCluster", NS, f"{running_job}-raycluster-abc")
     api.delete("RayJob", NS, running_job)

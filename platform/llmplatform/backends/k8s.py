@@ -119,7 +119,8 @@ def submit_finetune(spec: FineTuneSpec, *, namespace: str | None = None, kubecon
     """Create the FineTuneJob (the operator starts it); returns its `finetune_row`, once an
     operator has picked it up when `operator_timeout_s` > 0 (else NoOperatorError).
 
-    A job of the same name is an error: names are unique so runs never resume each other.
+    A job of the same name is an error: resubmitting the same name and spec after `kubectl delete`
+    resumes from its checkpoints (the operator's job id is a hash of namespace, name and spec).
     """
     api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace, kubeconfig, context)
@@ -127,7 +128,9 @@ def submit_finetune(spec: FineTuneSpec, *, namespace: str | None = None, kubecon
         created = api.create(finetune_job_cr(spec, ns))
     except JobError as exc:
         if getattr(exc, "conflict", False):
-            raise JobError(f"FineTuneJob {ns}/{spec.name} already exists; pick a new `name` (job names are unique so runs never resume each other)") from exc
+            raise JobError(f"FineTuneJob {ns}/{spec.name} already exists. To resubmit it (same spec: resumes from its last "
+                           f"checkpoint), delete it first: `kubectl delete finetunejob {spec.name} -n {ns}`; "
+                           "to train separately, pick a new `name`") from exc
         raise
     if operator_timeout_s > 0:
         created = wait_for_operator(api, "FineTuneJob", ns, spec.name, operator_timeout_s)
