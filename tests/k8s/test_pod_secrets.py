@@ -170,3 +170,11 @@ def test_the_validator_rejects_a_misspelled_volume(manifest_validator) -> None:
     pods(rs)["worker"]["volumes"][-1]["secret"]["secretNam"] = pods(rs)["worker"]["volumes"][-1]["secret"].pop("secretName")
     with pytest.raises(AssertionError, match="secretNam"):
         manifest_validator.validate(rs)
+
+
+def test_the_cli_preview_and_the_operator_name_the_same_keys_file() -> None:
+    from llmplatform.resolve import Facts, resolve
+
+    cr = md_cr(auth={"enabled": True})
+    preview = resolve(deployment.parse_serve(cr), Facts(target="k8s"))  # `platformctl spec resolve --target k8s`
+    assert preview["api_keys_file"] == plan_of(deployment.rayservice_for(cr, CFG, {}))["api_keys_file"] == KEYS_FILE

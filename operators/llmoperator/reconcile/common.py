@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
+from llmplatform.resolve import K8S_API_KEYS_FILE
+
 GROUP = "llmplatform.io"
 API_VERSION = f"{GROUP}/v1alpha1"
 RAY_API_VERSION = "ray.io/v1"
@@ -41,9 +43,10 @@ POD_PLATFORM_HOME = "/home/ray/.llm-platform"  # PLATFORM_HOME inside every Ray 
 HF_TOKEN_KEY = "token"  # key of the Hugging Face token Secret
 MODEL_CACHE_MOUNT = "/models"  # the model-cache PVC inside every Ray pod
 POD_HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
-API_KEYS_KEY = "keys"  # key of the API-key Secret: one plain key or sha256:<hex> hash per line
-API_KEYS_MOUNT = "/etc/llm-platform/api-keys"
-POD_API_KEYS_FILE = f"{API_KEYS_MOUNT}/{API_KEYS_KEY}"  # the resolved serve plan's api_keys_file on k8s
+# The API-key Secret (key `keys`: one plain key or sha256:<hex> hash per line) is mounted where
+# resolve tells the ingress on k8s to read it: /etc/llm-platform/api-keys/keys.
+POD_API_KEYS_FILE = K8S_API_KEYS_FILE
+API_KEYS_MOUNT, API_KEYS_KEY = POD_API_KEYS_FILE.rsplit("/", 1)
 
 
 @dataclass(frozen=True)

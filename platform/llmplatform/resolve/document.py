@@ -61,7 +61,8 @@ class Facts:
     reference of the spec to what the registry holds; `adapter_ranks` maps local adapter names to
     their LoRA rank; `platform_home` is where the target keeps checkpoints by default;
     `api_keys_file` is the API-key file the target mounts in every Serve pod (the operator's
-    Secret volume), which replaces the spec's `auth.api_keys_file` there.
+    Secret volume; on target k8s `K8S_API_KEYS_FILE` when unset), which replaces the spec's
+    `auth.api_keys_file` there.
     """
 
     target: str = "local"

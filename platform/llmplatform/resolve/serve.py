@@ -21,6 +21,7 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lor
 DEFAULT_MAX_LORA_RANK = 64
 UPSCALE_DELAY_S = 5.0
 K8S_GPUS_PER_NODE = 8  # a TP group larger than one node spans pods (PACK)
+K8S_API_KEYS_FILE = "/etc/llm-platform/api-keys/keys"  # where the operator mounts the API-key Secret (key `keys`)
 
 
 def pinned(ref: str, fact: RegistryFact | None) -> str:
@@ -207,15 +208,16 @@ def _max_lora_rank(spec: ServeSpec, engine: str, enable_lora: bool, ranks: dict[
 
 
 def _api_keys_file(spec: ServeSpec, facts: Facts) -> Derived:
-    """The API-key file the ingress reads: the target's mounted Secret (Kubernetes), else the spec's."""
+    """The API-key file the ingress reads: the target's (on Kubernetes the mounted Secret), else the spec's."""
     auth = spec.auth
     if not auth.enabled:
         return Derived(None, "default", "auth off")
-    if facts.api_keys_file:
-        why = "the operator mounts the API-key Secret here"
-        if auth.api_keys_file and auth.api_keys_file != facts.api_keys_file:
+    target_file = facts.api_keys_file or (K8S_API_KEYS_FILE if facts.target == "k8s" else None)
+    if target_file:
+        why = "the operator mounts the API-key Secret here" if facts.target == "k8s" else "the target's keys file"
+        if auth.api_keys_file and auth.api_keys_file != target_file:
             why += f"; auth.api_keys_file {auth.api_keys_file} is not in the pods"
-        return Derived(facts.api_keys_file, "target", why)
+        return Derived(target_file, "target", why)
     if auth.api_keys_file:
         return Derived(auth.api_keys_file, "spec")
     return Derived(None, "default", f"keys from ${auth.api_keys_env} only" if auth.api_keys_env else "no keys file and no keys env: every request is refused")
