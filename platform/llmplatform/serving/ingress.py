@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve), the same whichever engine runs.
 
-Per request: API key (SHA-256 hashes, constant-time compare) -> body size (413 above
+Per request: API key (SHA-256 hashes, constant-time compare; the plan's `api_keys_file`, on
+Kubernetes the mounted Secret, is re-read when it changes) -> body size (413 above
 `limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; large
 bodies are parsed and tokenized on a worker thread, never on the event loop) -> model lookup (404
 unknown, 400 incompatible adapter, 503 + Retry-After when the registry does not answer within
