@@ -107,10 +107,7 @@ class Toleration(StrictModel):
 
 
 class ClusterSpec(StrictModel):
-    """Kubernetes objects the operator gives this workload's Ray pods, overriding its own settings.
-
-    Used only by the operator (`--target k8s`); local and Ray-address targets ignore this section.
-    """
+    """Kubernetes objects the operator gives this workload's Ray pods, overriding its own settings; used only by the operator (`--target k8s`): local and Ray-address targets ignore this section."""
 
     hf_token_secret: str | None = Field(default=None, description="Secret whose key `token` becomes `HF_TOKEN` in every Ray container (gated Hugging Face models such as Llama 2). Unset: the operator's `LLMOP_HF_TOKEN_SECRET` (default `llm-platform-hf-token`). The reference is optional: without the Secret, public models still load. Kubernetes only.")
     model_cache_pvc: str | None = Field(default=None, description="PersistentVolumeClaim mounted at `/models` in every Ray pod, with `HF_HOME=/models/huggingface`, so downloaded weights survive pods. Use a ReadWriteMany claim: every pod of the cluster mounts it, on any node. Unset: the operator's `LLMOP_MODEL_CACHE_PVC` (default: none, each pod downloads into its own disk). Kubernetes only.")
