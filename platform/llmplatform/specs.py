@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmplatform.errors import Problem, SpecError
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # a Secret / PVC name
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[\w\-]+)|/(?P<version>\d+))$")
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -105,6 +106,22 @@ class Toleration(StrictModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(default=None, description="Taint effect to tolerate; empty matches all.")
 
 
+class ClusterSpec(StrictModel):
+    """Kubernetes objects the operator gives this workload's Ray pods, overriding its own settings; used only by the operator (`--target k8s`): local and Ray-address targets ignore this section."""
+
+    hf_token_secret: str | None = Field(default=None, description="Secret whose key `token` becomes `HF_TOKEN` in every Ray container (gated Hugging Face models such as Llama 2). Unset: the operator's `LLMOP_HF_TOKEN_SECRET` (default `llm-platform-hf-token`). The reference is optional: without the Secret, public models still load. Kubernetes only.")
+    model_cache_pvc: str | None = Field(default=None, description="PersistentVolumeClaim mounted at `/models` in every Ray pod, with `HF_HOME=/models/huggingface`, so downloaded weights survive pods. Use a ReadWriteMany claim: every pod of the cluster mounts it, on any node. Unset: the operator's `LLMOP_MODEL_CACHE_PVC` (default: none, each pod downloads into its own disk). Kubernetes only.")
+    api_keys_secret: str | None = Field(default=None, description="Secret whose key `keys` (one plain key or `sha256:<hex>` hash per line) is mounted at `/etc/llm-platform/api-keys/keys` and read as the API-key file when `auth.enabled` (serving only). Unset: the operator's `LLMOP_API_KEYS_SECRET` (default `llm-platform-api-keys`). Kubernetes only.")
+
+    @field_validator("hf_token_secret", "model_cache_pvc", "api_keys_secret")
+    @classmethod
+    def _object_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 253 or not DNS_SUBDOMAIN.match(value)):
+            raise ValueError("must be a Kubernetes object name (DNS-1123): lowercase letters, digits, '-' and '.', "
+                             "starting and ending with a letter or digit, at most 253 characters, e.g. llm-platform-hf-token")
+        return value
+
+
 class ResourcesSpec(StrictModel):
     """How many Ray Train workers, and what each one gets."""
 
@@ -158,6 +175,7 @@ class FineTuneSpec(StrictModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and storage.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation cadence.")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="Tracking and registration.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Kubernetes Secrets and model cache for this job's pods (operator only; other targets ignore it).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "FineTuneSpec":
@@ -240,8 +258,8 @@ class AuthSpec(StrictModel):
     """API-key authentication (keys are stored as SHA-256 hashes)."""
 
     enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 routes, `/docs`, `/openapi.json` and (unless `public_metrics`) `/metrics`.")
-    api_keys_file: str | None = Field(default=None, description="File with one key hash (`sha256:<hex>`) or plain key per line; plain keys are hashed on load.")
-    api_keys_env: str | None = Field(default="PLATFORM_API_KEYS", description="Env var with comma-separated keys or `sha256:` hashes.")
+    api_keys_file: str | None = Field(default=None, description="File with one key hash (`sha256:<hex>`) or plain key per line; plain keys are hashed on load. Read when a replica starts. On Kubernetes the operator mounts the API-key Secret and uses its file (`/etc/llm-platform/api-keys/keys`) instead.")
+    api_keys_env: str | None = Field(default="PLATFORM_API_KEYS", description="Env var with comma-separated keys or `sha256:` hashes, read from the Serve processes' environment. Nothing sets it on Kubernetes pods: there the keys come from the API-key Secret (`cluster.api_keys_secret`).")
     public_metrics: bool = Field(default=False, description="Serve `/metrics` without a key when auth is on (for a Prometheus that scrapes without credentials). `/docs` and `/openapi.json` always need a key when auth is on; `/healthz` never does.")
 
 
@@ -275,6 +293,7 @@ class ServeSpec(StrictModel):
     registry_poll_s: float = Field(default=10.0, gt=0, le=3600, description="How often aliases are re-resolved; a moved alias is served within this delay.")
     route_prefix: str = Field(default="/", pattern=r"^/", description="HTTP route prefix of the application.")
     tracking_uri: str | None = Field(default=None, description="MLflow server for registry references; default: the embedded stack's or `$MLFLOW_TRACKING_URI`.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Kubernetes Secrets and model cache for this deployment's pods (operator only; other targets ignore it).")
 
     @field_validator("tensor_parallel")
     @classmethod

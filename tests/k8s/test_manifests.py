@@ -19,7 +19,8 @@ from k8s_harness import REPO, close_schema
 
 from llmoperator import crdgen
 
-KUSTOMIZATIONS = ["manifests/overlays/dev", "manifests/overlays/prod", "manifests/clusters/dev", "manifests/clusters/prod", "manifests/crds", "jobs/k8s"]
+KUSTOMIZATIONS = ["manifests/overlays/dev", "manifests/overlays/prod", "manifests/clusters/dev", "manifests/clusters/prod", "manifests/crds",
+                  "manifests/examples/model-cache", "jobs/k8s"]
 
 
 def kustomize(path: str) -> list[dict]:

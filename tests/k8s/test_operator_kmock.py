@@ -316,3 +316,32 @@ def test_registry_outage_retries_instead_of_failing(api: KubeApi, fake_registry,
     fake_registry.aliases["models:/flaky-bot@production"] = "1"
     rs = eventually(lambda: api.get("RayService", NS, name), timeout=15, what="RayService after retry")
     assert "models:/flaky-bot/1" in rs["spec"]["serveConfigV2"]
+
+
+def test_shipped_deployment_with_auth_gets_the_api_key_secret_and_its_file_in_the_plan(api: KubeApi, fake_registry, manifest_validator, request) -> None:
+    """jobs/k8s/deployment-70b-tp.yaml turns auth on: its RayService's pods (head and workers: the
+    ingress replica may land on either) mount the API-key Secret, and the serve plan in
+    serveConfigV2 tells the ingress to read the mounted file (no env var needed on Kubernetes)."""
+    from pathlib import Path
+
+    import yaml
+
+    from llmplatform.resolve import Resolved
+
+    cr = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "k8s" / "deployment-70b-tp.yaml").read_text())
+    name = unique(request, "auth")
+    cr["metadata"].update(name=name, namespace=NS)
+    cr["spec"]["engine"] = "auto"  # this test operator's image has no vLLM (LLMOP_IMAGE_HAS_VLLM unset)
+    fake_registry.aliases[cr["spec"]["model"]["registry"]] = "5"
+    api.create(cr)
+    rs = eventually(lambda: api.get("RayService", NS, name), what="RayService created")
+    manifest_validator.validate(rs)
+    config = rs["spec"]["rayClusterConfig"]
+    for pod in [config["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in config["workerGroupSpecs"]]:
+        assert {"name": "api-keys", "secret": {"secretName": "llm-platform-api-keys", "items": [{"key": "keys", "path": "keys"}]}} in pod["volumes"]
+        assert {"name": "api-keys", "mountPath": "/etc/llm-platform/api-keys", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "llm-platform-hf-token", "key": "token", "optional": True}
+    [app] = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    plan = Resolved.from_dict(app["args"])
+    assert plan.spec.auth.enabled and plan["api_keys_file"] == "/etc/llm-platform/api-keys/keys"

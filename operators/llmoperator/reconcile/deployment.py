@@ -20,7 +20,7 @@ from llmplatform.resolve import Facts, RegistryFact, Resolved, ResolveError, res
 from llmplatform.specs import REGISTRY_URI, ServeSpec, parse_spec
 
 from llmoperator.reconcile.common import (
-    HEAD_PORTS, LABEL_DEPLOYMENT, RAY_API_VERSION, RAY_VERSION, OperatorConfig, child_metadata,
+    HEAD_PORTS, LABEL_DEPLOYMENT, POD_API_KEYS_FILE, RAY_API_VERSION, RAY_VERSION, OperatorConfig, child_metadata,
     pod_template, quantity_gi, tolerations_from,
 )
 
@@ -67,7 +67,8 @@ def plan_for(cr: Mapping[str, Any], cfg: OperatorConfig, found: Mapping[str, Any
     """The ModelDeployment's resolved plan on this cluster, registry references as looked up
     (raises SpecError / ResolveError naming every problem)."""
     spec = parse_serve(cr)
-    facts = Facts(target="k8s", vllm_available=cfg.image_has_vllm, registry=registry_facts(found), registry_poll_s=cfg.registry_poll_s)
+    facts = Facts(target="k8s", vllm_available=cfg.image_has_vllm, registry=registry_facts(found), registry_poll_s=cfg.registry_poll_s,
+                  api_keys_file=POD_API_KEYS_FILE)  # cluster_config mounts the API-key Secret there when auth is on
     plan = resolve(spec, facts)
     if plan.problems:
         raise ResolveError(f"ModelDeployment {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}", list(plan.problems))
@@ -95,8 +96,12 @@ def serve_config(plan: Resolved) -> str:
 
 
 def cluster_config(plan: Resolved, cfg: OperatorConfig) -> dict:
-    """rayClusterConfig: a head without GPUs, one worker group sized for the plan's tp x replicas."""
+    """rayClusterConfig: a head without GPUs, one worker group sized for the plan's tp x replicas.
+    Every pod gets the Secrets and cache of `cfg` overridden by the spec's `cluster:` section, and
+    the API-key Secret at the plan's `api_keys_file` when auth is on (the ingress can land on any pod)."""
     spec: ServeSpec = plan.spec  # type: ignore[assignment]
+    cfg = cfg.for_cr(spec.cluster)
+    api_keys = plan["api_keys_file"] == POD_API_KEYS_FILE
     tp, per_shard = plan["tensor_parallel"], plan["gpus_per_shard"]
     res = spec.resources
     gpus_per_replica = math.ceil(tp * per_shard)
@@ -112,10 +117,10 @@ def cluster_config(plan: Resolved, cfg: OperatorConfig) -> dict:
     labels = {LABEL_DEPLOYMENT: spec.name}
     worker = pod_template(
         container_name="ray-worker", cfg=cfg, cpu=str(cpus), memory=memory, gpus=gpus_per_pod,
-        node_selector=res.node_selector, tolerations=tolerations_from(res.tolerations), labels=labels,
+        node_selector=res.node_selector, tolerations=tolerations_from(res.tolerations), labels=labels, api_keys=api_keys,
     )
     head = pod_template(container_name="ray-head", cfg=cfg, cpu=cfg.head_cpu, memory=cfg.head_memory,
-                        ports=HEAD_PORTS + [{"name": "serve", "containerPort": 8000}], labels=labels)
+                        ports=HEAD_PORTS + [{"name": "serve", "containerPort": 8000}], labels=labels, api_keys=api_keys)
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": scale["min"] != scale["max"],

@@ -4,9 +4,10 @@
 metadata.name); `plan_for(cr, cfg)` resolves it once (`llmplatform.resolve`); `rayjob_for(cr, cfg)`
 builds the RayJob from that plan: a CPU head, one worker group of the plan's pods (one Ray pod per
 Ray Train worker; fractional GPUs share a pod), GPU requests = limits, the spec's node selector and
-tolerations, the platform image, MLflow/object-store Secrets as env, and the training entrypoint
-`python -m llmplatform.training.entrypoint --resolved-json '<plan>' --job-id ID`, so the workers
-run with exactly the numbers the pods were sized for.
+tolerations, the platform image, MLflow/object-store/Hugging Face Secrets as env, the model-cache
+PVC when configured (operator settings, overridden by the CR's `cluster:` section), and the
+training entrypoint `python -m llmplatform.training.entrypoint --resolved-json '<plan>' --job-id ID`,
+so the workers run with exactly the numbers the pods were sized for.
 KubeRay shuts the cluster down when the job ends (`shutdownAfterJobFinishes`, TTL), never retries
 by building a second cluster unless told to (`backoffLimit`), and kills it at the deadline.
 """
@@ -103,6 +104,7 @@ def rayjob_for(cr: Mapping[str, Any], cfg: OperatorConfig) -> dict:
     """The RayJob object for a FineTuneJob CR (raises SpecError / ResolveError for a spec that can't run)."""
     plan = plan_for(cr, cfg)
     spec: FineTuneSpec = plan.spec  # type: ignore[assignment]
+    cfg = cfg.for_cr(spec.cluster)  # the CR's Secret / cache names beat the operator's
     pods = plan["pods"]
     res = spec.resources
     labels = {LABEL_FINETUNE: cr["metadata"]["name"]}

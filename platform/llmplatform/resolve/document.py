@@ -59,7 +59,10 @@ class Facts:
     where the operator sizes the pods itself); `vllm_available` says whether the target's
     environment (the local venv, or the platform image) has vLLM; `registry` maps each registry
     reference of the spec to what the registry holds; `adapter_ranks` maps local adapter names to
-    their LoRA rank; `platform_home` is where the target keeps checkpoints by default.
+    their LoRA rank; `platform_home` is where the target keeps checkpoints by default;
+    `api_keys_file` is the API-key file the target mounts in every Serve pod (the operator's
+    Secret volume; on target k8s `K8S_API_KEYS_FILE` when unset), which replaces the spec's
+    `auth.api_keys_file` there.
     """
 
     target: str = "local"
@@ -72,6 +75,7 @@ class Facts:
     adapter_ranks: Mapping[str, int] = field(default_factory=dict)
     platform_home: str | None = None
     registry_poll_s: float | None = None  # the operator's override of ServeSpec.registry_poll_s
+    api_keys_file: str | None = None  # the keys file the target provides (k8s: the mounted API-key Secret)
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("registry", "registry_errors", "adapter_ranks")}

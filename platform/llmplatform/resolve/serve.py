@@ -4,9 +4,9 @@ Every value a deployment runs with comes from here: the base model (the spec's, 
 lineage's), the engine and why, the tensor-parallel degree (`auto`: the planner's for the GPU),
 GPUs per shard, the replica's placement-group bundles and strategy, replicas and autoscaling,
 the topology, registry references pinned to versions, the max LoRA rank the engine starts with,
-the context length and the registry poll interval. Values the target cannot satisfy (an adapter
-rank above the engine's limit, a TP group larger than the cluster, a model that does not fit the
-GPU) are problems, all listed at once.
+the context length, the registry poll interval and the API-key file the ingress reads. Values
+the target cannot satisfy (an adapter rank above the engine's limit, a TP group larger than the
+cluster, a model that does not fit the GPU) are problems, all listed at once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lor
 DEFAULT_MAX_LORA_RANK = 64
 UPSCALE_DELAY_S = 5.0
 K8S_GPUS_PER_NODE = 8  # a TP group larger than one node spans pods (PACK)
+K8S_API_KEYS_FILE = "/etc/llm-platform/api-keys/keys"  # where the operator mounts the API-key Secret (key `keys`)
 
 
 def pinned(ref: str, fact: RegistryFact | None) -> str:
@@ -206,6 +207,22 @@ def _max_lora_rank(spec: ServeSpec, engine: str, enable_lora: bool, ranks: dict[
     return Derived(value, source, reason)
 
 
+def _api_keys_file(spec: ServeSpec, facts: Facts) -> Derived:
+    """The API-key file the ingress reads: the target's (on Kubernetes the mounted Secret), else the spec's."""
+    auth = spec.auth
+    if not auth.enabled:
+        return Derived(None, "default", "auth off")
+    target_file = facts.api_keys_file or (K8S_API_KEYS_FILE if facts.target == "k8s" else None)
+    if target_file:
+        why = "the operator mounts the API-key Secret here" if facts.target == "k8s" else "the target's keys file"
+        if auth.api_keys_file and auth.api_keys_file != target_file:
+            why += f"; auth.api_keys_file {auth.api_keys_file} is not in the pods"
+        return Derived(target_file, "target", why)
+    if auth.api_keys_file:
+        return Derived(auth.api_keys_file, "spec")
+    return Derived(None, "default", f"keys from ${auth.api_keys_env} only" if auth.api_keys_env else "no keys file and no keys env: every request is refused")
+
+
 def resolve_serve(spec: ServeSpec, facts: Facts | None = None) -> Resolved:
     """The resolved plan of a serving spec on a target (check `.problems`, or call `.require()`)."""
     facts = facts or Facts()
@@ -249,6 +266,7 @@ def resolve_serve(spec: ServeSpec, facts: Facts | None = None) -> Resolved:
         v["registry_poll_s"] = Derived(facts.registry_poll_s, "target", "the operator's LLMOP_REGISTRY_POLL_S overrides the spec")
     else:
         v["registry_poll_s"] = Derived(spec.registry_poll_s, "spec" if "registry_poll_s" in spec.model_fields_set else "default")
+    v["api_keys_file"] = _api_keys_file(spec, facts)
     return Resolved("serve", spec, v, facts, plan.to_dict() if plan is not None else None, tuple(problems))
 
 

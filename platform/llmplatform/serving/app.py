@@ -48,13 +48,15 @@ def cluster_accelerators(accelerator: str | None) -> tuple[int | None, int | Non
 def build_app(args: dict):
     """The Serve application for a resolved serve plan (RayService `import_path` target; `args` is
     the document `platformctl spec resolve --output json` prints). Nothing is planned here."""
-    from llmplatform.serving.ingress import OpenAIIngress, load_key_hashes
+    from llmplatform.serving.ingress import OpenAIIngress, env_key_hashes
     from llmplatform.serving.replica import EngineReplica
 
     plan = Resolved.from_dict(args, "serve application args")
     base_dir = locate_base(plan["base_model"])
     env = replica_env(os.environ, plan["engine"])
-    hashes = sorted(load_key_hashes(plan.spec.auth)) if plan.spec.auth.enabled else []
+    # Keys from the deployer's env travel as hashes; the keys file (plan["api_keys_file"]) is read,
+    # and re-read when it changes, by each ingress replica, so a revoked key stops working.
+    hashes = sorted(env_key_hashes(plan.spec.auth)) if plan.spec.auth.enabled else []
     doc = plan.to_dict()
 
     def with_env(opts: dict) -> dict:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve), the same whichever engine runs.
 
-Per request: API key (SHA-256 hashes, constant-time compare) -> body size (413 above
+Per request: API key (SHA-256 hashes, constant-time compare; the plan's `api_keys_file`, on
+Kubernetes the mounted Secret, is re-read when it changes) -> body size (413 above
 `limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; large
 bodies are parsed and tokenized on a worker thread, never on the event loop) -> model lookup (404
 unknown, 400 incompatible adapter, 503 + Retry-After when the registry does not answer within
@@ -68,14 +69,40 @@ def parse_keys(text: str, sep: str = "\n") -> set[str]:
     return out
 
 
-def load_key_hashes(auth) -> set[str]:
-    """Hashes from `auth.api_keys_file` and `$auth.api_keys_env`. Plain keys never leave this function."""
-    hashes: set[str] = set()
-    if auth.api_keys_file and Path(auth.api_keys_file).expanduser().is_file():
-        hashes |= parse_keys(Path(auth.api_keys_file).expanduser().read_text())
+def env_key_hashes(auth) -> set[str]:
+    """Hashes from `$auth.api_keys_env` of this process. Plain keys never leave this function."""
     if auth.api_keys_env and os.environ.get(auth.api_keys_env):
-        hashes |= parse_keys(os.environ[auth.api_keys_env])
-    return hashes
+        return parse_keys(os.environ[auth.api_keys_env])
+    return set()
+
+
+class KeysFile:
+    """The plan's API-key file (`api_keys_file`: the spec's, or on Kubernetes the mounted Secret),
+    read at replica start and again whenever it changes: a rotated Secret reaches a running replica
+    once the kubelet refreshes the volume (about a minute), no restart needed. A missing file holds
+    no keys (logged once)."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path).expanduser() if path else None
+        self._seen: tuple | None = None
+        self._hashes: set[str] = set()
+        self._lock = threading.Lock()
+
+    def hashes(self) -> set[str]:
+        if self.path is None:
+            return set()
+        try:
+            st = self.path.stat()  # follows the Secret volume's ..data symlink: a new inode per update
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            seen = None
+        with self._lock:
+            if seen != self._seen:
+                if seen is None:
+                    log.warning("API-key file %s is missing: no keys from it", self.path)
+                self._hashes = parse_keys(self.path.read_text()) if seen is not None else set()
+                self._seen = seen
+            return self._hashes
 
 
 # ---------------------------------------------------------------------------- engine failures
@@ -120,7 +147,10 @@ class OpenAIIngress:
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.table = AdapterTable(served_spec(self.plan), self.base_name, base_dir)
         self.metrics = ServeMetrics()
-        self.key_hashes = set(key_hashes or []) | load_key_hashes(self.spec.auth)
+        self.key_hashes = set(key_hashes or []) | env_key_hashes(self.spec.auth)  # the deployer's env, then this replica's
+        self.keys_file = KeysFile(self.plan["api_keys_file"])
+        if self.spec.auth.enabled:
+            self.keys_file.hashes()  # read at start, so a bad file fails here rather than on the first request
         self.inflight = 0
         self.limit = self.spec.limits.max_concurrent_requests + self.spec.limits.max_queued_requests
         self.started = time.time()
@@ -204,7 +234,7 @@ class OpenAIIngress:
         if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise E.unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
         given = hash_key(header[7:])
-        if not any(hmac.compare_digest(given, h) for h in self.key_hashes):
+        if not any(hmac.compare_digest(given, h) for h in self.key_hashes | self.keys_file.hashes()):
             raise E.unauthorized("Incorrect API key provided.")
 
     async def _read_body(self, request: Request) -> bytes:

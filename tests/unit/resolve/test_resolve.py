@@ -137,3 +137,13 @@ def test_spec_resolve_prints_sources_and_takes_a_gpu_type(tmp_path, capsys):
     assert main(["plan", spec, "--gpu", "h100-80gb", "--output", "json"]) == 0
     sized = json.loads(capsys.readouterr().out)
     assert sized["gpu"] == "h100-80gb" and sized["micro_batch"] == 1 and sized["method"] == "qlora"
+
+
+def test_the_api_keys_file_is_the_specs_locally_and_the_mounted_secret_on_kubernetes():
+    auth = {"enabled": True, "api_keys_file": "~/keys.txt"}
+    assert resolve(sv(auth=auth), Facts())["api_keys_file"] == "~/keys.txt"
+    on_k8s = resolve(sv(auth=auth), Facts(target="k8s"))  # what `platformctl spec resolve --target k8s` shows
+    assert on_k8s["api_keys_file"] == "/etc/llm-platform/api-keys/keys" and on_k8s.source("api_keys_file") == "target"
+    assert "~/keys.txt is not in the pods" in on_k8s.values["api_keys_file"].reason
+    assert resolve(sv(), Facts(target="k8s"))["api_keys_file"] is None  # auth off: no file, nothing mounted
+    assert resolve(sv(auth={"enabled": True}), Facts())["api_keys_file"] is None  # keys from $PLATFORM_API_KEYS only
