@@ -11,7 +11,6 @@ running cluster; `update_for` returns exactly that patch and never touches the c
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import yaml
@@ -102,17 +101,10 @@ def cluster_config(plan: Resolved, cfg: OperatorConfig) -> dict:
     spec: ServeSpec = plan.spec  # type: ignore[assignment]
     cfg = cfg.for_cr(spec.cluster)
     api_keys = plan["api_keys_file"] == POD_API_KEYS_FILE
-    tp, per_shard = plan["tensor_parallel"], plan["gpus_per_shard"]
+    tp, pods = plan["tensor_parallel"], plan["pods"]
     res = spec.resources
-    gpus_per_replica = math.ceil(tp * per_shard)
-    if gpus_per_replica:
-        pods_per_replica = math.ceil(gpus_per_replica / plan["gpus_per_node"])
-        gpus_per_pod = math.ceil(gpus_per_replica / pods_per_replica)
-    else:
-        pods_per_replica, gpus_per_pod = 1, 0
-    shards_per_pod = math.ceil(tp / pods_per_replica)
-    cpus = math.ceil(shards_per_pod * res.cpus_per_shard) + 1
-    memory = quantity_gi(24.0 * gpus_per_pod if gpus_per_pod else 8.0)
+    pods_per_replica, gpus_per_pod = pods["pods_per_replica"], pods["gpus_per_pod"]
+    cpus, memory = pods["cpus_per_pod"], quantity_gi(pods["memory_gb_per_pod"])
     scale = plan["replicas"]
     labels = {LABEL_DEPLOYMENT: spec.name}
     worker = pod_template(

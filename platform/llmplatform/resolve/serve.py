@@ -11,6 +11,8 @@ cluster, a model that does not fit the GPU) are problems, all listed at once.
 
 from __future__ import annotations
 
+import math
+
 from llmplatform import catalog, planner
 from llmplatform.errors import PlatformError, Problem
 from llmplatform.gpus import get_gpu
@@ -223,6 +225,23 @@ def _api_keys_file(spec: ServeSpec, facts: Facts) -> Derived:
     return Derived(None, "default", f"keys from ${auth.api_keys_env} only" if auth.api_keys_env else "no keys file and no keys env: every request is refused")
 
 
+SERVE_POD_MEMORY_GB = {"per_gpu": 24.0, "cpu": 8.0}  # host RAM per GPU of a serving pod (weights staged, KV swap), or per CPU pod
+
+
+def _serve_pods(spec: ServeSpec, tp: int, gpus_per_shard: float, gpus_per_node: int | None) -> dict:
+    """Kubernetes worker pods of one replica: its tp shards' GPUs spread over as few nodes as they fit."""
+    gpus_per_replica = math.ceil(tp * gpus_per_shard)
+    if gpus_per_replica:
+        pods_per_replica = math.ceil(gpus_per_replica / (gpus_per_node or K8S_GPUS_PER_NODE))
+        gpus_per_pod = math.ceil(gpus_per_replica / pods_per_replica)
+    else:
+        pods_per_replica, gpus_per_pod = 1, 0
+    shards_per_pod = math.ceil(tp / pods_per_replica)
+    memory = SERVE_POD_MEMORY_GB["per_gpu"] * gpus_per_pod if gpus_per_pod else SERVE_POD_MEMORY_GB["cpu"]
+    return {"pods_per_replica": pods_per_replica, "gpus_per_pod": gpus_per_pod, "shards_per_pod": shards_per_pod,
+            "cpus_per_pod": math.ceil(shards_per_pod * spec.resources.cpus_per_shard) + 1, "memory_gb_per_pod": memory}
+
+
 def resolve_serve(spec: ServeSpec, facts: Facts | None = None) -> Resolved:
     """The resolved plan of a serving spec on a target (check `.problems`, or call `.require()`)."""
     facts = facts or Facts()
@@ -252,6 +271,8 @@ def resolve_serve(spec: ServeSpec, facts: Facts | None = None) -> Resolved:
     if facts.accelerators is not None and need and need * max(1, replicas.value["min"]) > facts.accelerators:
         problems.append(Problem("tensor_parallel", f"{max(1, replicas.value['min'])} replica(s) x {tp.value} shard(s) need {need * max(1, replicas.value['min']):g} "
                                 f"{placement['accelerator']}, the cluster has {facts.accelerators:g}", tp.value, "a smaller tensor_parallel or fewer replicas"))
+    v["pods"] = Derived(_serve_pods(spec, tp.value, gps.value, v["gpus_per_node"].value), tp.source,
+                        "Kubernetes worker pods per replica: the replica's GPUs on as few nodes as hold them, one CPU more than its shards")
     v["topology"] = _topology(spec, engine.value, replicas.value)
     v["adapters"], ranks = _adapters(spec, facts, problems)
     enable_lora = bool(spec.model.adapters or spec.model.registry or spec.model.allow_dynamic_adapters)

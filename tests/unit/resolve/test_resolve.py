@@ -147,3 +147,20 @@ def test_the_api_keys_file_is_the_specs_locally_and_the_mounted_secret_on_kubern
     assert "~/keys.txt is not in the pods" in on_k8s.values["api_keys_file"].reason
     assert resolve(sv(), Facts(target="k8s"))["api_keys_file"] is None  # auth off: no file, nothing mounted
     assert resolve(sv(auth={"enabled": True}), Facts())["api_keys_file"] is None  # keys from $PLATFORM_API_KEYS only
+
+
+def test_serving_pods_are_a_resolved_value_the_operator_reads():
+    """A 70B replica over 8 GPUs on nodes of 4 is two pods of 4 GPUs each; the operator's worker group
+    is exactly that, not a second calculation of its own."""
+    from llmoperator.reconcile.common import OperatorConfig
+    from llmoperator.reconcile.deployment import cluster_config
+
+    spec = sv(model={"base": "llama2-70b-chat"}, tensor_parallel=8, resources={"gpus_per_shard": 1, "cpus_per_shard": 2},
+              autoscaling={"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1})
+    plan = resolve(spec, Facts(target="k8s", gpus_per_node=4)).require()
+    assert plan["pods"] == {"pods_per_replica": 2, "gpus_per_pod": 4, "shards_per_pod": 4, "cpus_per_pod": 9, "memory_gb_per_pod": 96.0}
+    group = cluster_config(plan, OperatorConfig())["workerGroupSpecs"][0]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert (group["replicas"], group["maxReplicas"], limits["nvidia.com/gpu"], limits["cpu"], limits["memory"]) == (2, 4, 4, "9", "96Gi")
+    cpu = resolve(sv(model={"base": "llama2-tiny"}), Facts(target="k8s")).require()
+    assert cpu["pods"] == {"pods_per_replica": 1, "gpus_per_pod": 0, "shards_per_pod": 1, "cpus_per_pod": 2, "memory_gb_per_pod": 8.0}
