@@ -10,19 +10,20 @@ export PLATFORM_HOME ?= $(HOME)/.llm-platform
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: the CPU build lies on this machine's disk; a looser spec pulls CUDA.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# torch first, pinned (2.13.0, constraints/cpu.txt): the CPU build lies on this machine's disk;
+	# a looser spec pulls CUDA. The GPU image's pins are constraints/gpu.txt (docker/install.sh).
+	$(BIN)/pip install -q torch -c constraints/cpu.txt
+	$(BIN)/pip install -q -e '.[dev]' -c constraints/cpu.txt
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not integration and not e2e"
+	$(BIN)/python -m pytest -q tests -m "not integration and not e2e and not network"
 
 demo: install
 	$(BIN)/python -m llmplatform.demo

@@ -23,7 +23,9 @@ def test_dockerfile_uses_the_pinned_ray_image_and_install_script() -> None:
     ray_pin = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     assert f"ARG RAY_IMAGE=rayproject/ray:{ray_pin}-{py}-gpu" in dockerfile
-    assert "RUN /home/ray/src/docker/install.sh /home/ray/src" in dockerfile
+    # The GPU image by default (vLLM, constraints/gpu.txt); VARIANT=cpu for the GPU-less one.
+    assert "ARG VARIANT=gpu" in dockerfile and "COPY --chown=ray:users constraints /home/ray/src/constraints" in dockerfile
+    assert "RUN VARIANT=${VARIANT} /home/ray/src/docker/install.sh /home/ray/src" in dockerfile
 
 
 def test_install_script_installs_the_package_into_a_fresh_venv(tmp_path: Path) -> None:
