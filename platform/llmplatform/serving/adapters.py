@@ -111,8 +111,11 @@ class AdapterTable:
     """Maps request model names to Targets; follows aliases. Thread-safe; all I/O is injected."""
 
     def __init__(self, spec: ServeSpec, base_name: str, base_dir: str, resolver: Callable[[str], object] | None = None,
-                 check: Callable[[str, str], list[str]] | None = None):
+                 check: Callable[[str, str], list[str]] | None = None, miss_ttl_s: float | None = None):
         self.spec = spec
+        # How long a registry miss is remembered: the resolved plan's registry_poll_s (the ingress
+        # passes it; the operator's LLMOP_REGISTRY_POLL_S can override the spec's).
+        self.miss_ttl_s = spec.registry_poll_s if miss_ttl_s is None else miss_ttl_s
         self.base_name = base_name
         self.base_dir = base_dir
         self._resolve = resolver or default_resolver(spec.tracking_uri)
@@ -248,7 +251,7 @@ class AdapterTable:
             self._refresh_one(entry, raise_errors=True)
         except TargetError as exc:  # the registry answered: unknown name or a misfit version
             self._registry_answered()
-            self._remember_miss(entry.ref, exc, self.spec.registry_poll_s)
+            self._remember_miss(entry.ref, exc, self.miss_ttl_s)
             raise
         except Exception as exc:  # unreachable or failing registry
             self._note_outage(f"{type(exc).__name__}: {exc}")

@@ -145,7 +145,7 @@ class OpenAIIngress:
         self.engine = engine
         self.base_name = self.plan["base_model"]
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.table = AdapterTable(served_spec(self.plan), self.base_name, base_dir)
+        self.table = AdapterTable(served_spec(self.plan), self.base_name, base_dir, miss_ttl_s=self.plan["registry_poll_s"])
         self.metrics = ServeMetrics()
         self.key_hashes = set(key_hashes or []) | env_key_hashes(self.spec.auth)  # the deployer's env, then this replica's
         self.keys_file = KeysFile(self.plan["api_keys_file"])

@@ -115,3 +115,18 @@ def test_metrics_label_only_served_names(registry):
     assert ServeMetrics.label(t.lookup("a").served_as) == "llama2-tiny:a"
     assert ServeMetrics.label(t.lookup("bot@production", timeout=5).served_as) == "bot@production"
     assert ServeMetrics.label(None) == "unknown"
+
+
+def test_a_miss_is_remembered_for_the_plans_poll_interval_not_the_specs(registry):
+    """The operator's LLMOP_REGISTRY_POLL_S overrides the spec's registry_poll_s in the plan; the
+    ingress hands the plan's value to the table, so a name registered meanwhile is found on time."""
+    s = parse_spec("serve", {"name": "dep", "model": {"base": "llama2-tiny"}, "registry_poll_s": 3600})
+    t = AdapterTable(s, "llama2-tiny", "/base", resolver=registry, check=lambda path, base: [], miss_ttl_s=0.2)
+    for _ in range(2):
+        with pytest.raises(TargetError):
+            t.lookup("ghost@production", timeout=5)
+    assert registry.calls == ["models:/ghost@production"]
+    time.sleep(0.3)
+    with pytest.raises(TargetError):
+        t.lookup("ghost@production", timeout=5)
+    assert registry.calls == ["models:/ghost@production"] * 2  # asked again after 0.2 s, not after an hour
