@@ -18,18 +18,15 @@ def uses_registry(spec: ServeSpec) -> bool:
 
 
 def with_tracking_uri(spec: ServeSpec) -> ServeSpec:
-    """The spec with the local stack's MLflow server when it uses the registry and names none."""
+    """The spec with $MLFLOW_TRACKING_URI or the local stack's MLflow server when it uses the
+    registry and names none."""
     if spec.tracking_uri or not uses_registry(spec):
         return spec
-    import os
-
+    from llmplatform.backends.tracking import tracking_uri_for
     from llmplatform.errors import StackError
-    from llmplatform.stack import tracking_uri
 
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return spec.model_copy(update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]})
     try:
-        return spec.model_copy(update={"tracking_uri": tracking_uri()})
+        return spec.model_copy(update={"tracking_uri": tracking_uri_for()})
     except StackError:
         if spec.model.registry or any(a.source.startswith("models:/") for a in spec.model.adapters):
             raise  # registry references need a registry; dynamic names just won't resolve

@@ -25,18 +25,14 @@ DIRECTION_HELP = ("Direction: metrics whose name contains loss, perplexity, ppl,
 def resolve_tracking_uri(given: str | None) -> str:
     """--tracking-uri / $MLFLOW_TRACKING_URI, else the local stack's server, else a clear error;
     a server that does not answer is an error at once (MLflow's own client retries for minutes)."""
-    import os
-
-    from llmplatform import stack
+    from llmplatform.backends.tracking import tracking_uri_for
     from llmplatform.errors import RegistryError, StackError
     from llmplatform.reach import require_reachable
 
-    uri = given or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        try:
-            uri = stack.tracking_uri()
-        except StackError as exc:
-            raise RegistryError(f"{str(exc).rstrip('.')} (or pass --tracking-uri)") from exc
+    try:
+        uri = tracking_uri_for(given)
+    except StackError as exc:
+        raise RegistryError(f"{str(exc).rstrip('.')} (or pass --tracking-uri)") from exc
     require_reachable(uri, "the MLflow tracking server", "start it (`platformctl up` for the local one) or pass "
                       "--tracking-uri / set MLFLOW_TRACKING_URI to a running server", RegistryError)
     return uri
