@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from llmplatform.resolve import K8S_API_KEYS_FILE
+from llmplatform.resolve import K8S_API_KEYS_FILE, K8S_PLATFORM_HOME
 
 GROUP = "llmplatform.io"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -39,7 +39,7 @@ ANNOTATION_CANCEL = f"{GROUP}/cancel"
 ANNOTATION_DEADLINE = f"{GROUP}/active-deadline-seconds"
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_IMAGE = "ghcr.io/llm-platform/llm-platform:0.1.0"
-POD_PLATFORM_HOME = "/home/ray/.llm-platform"  # PLATFORM_HOME inside every Ray pod
+POD_PLATFORM_HOME = K8S_PLATFORM_HOME  # PLATFORM_HOME inside every Ray pod (one constant, in resolve)
 HF_TOKEN_KEY = "token"  # key of the Hugging Face token Secret
 MODEL_CACHE_MOUNT = "/models"  # the model-cache PVC inside every Ray pod
 POD_HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"

@@ -17,6 +17,7 @@ from llmplatform.gpus import get_gpu
 from llmplatform.resolve.document import Derived, Facts, Resolved
 from llmplatform.specs import LLAMA_LINEAR_MODULES, FineTuneSpec
 
+K8S_PLATFORM_HOME = "/home/ray/.llm-platform"  # PLATFORM_HOME inside every Ray pod the operator builds (the image's)
 DEFAULT_POD_MEMORY_GB = {True: 16.0, False: 4.0}  # per worker, GPU vs CPU, when the spec sets none
 BITSANDBYTES_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 
@@ -160,7 +161,7 @@ def resolve_finetune(spec: FineTuneSpec, facts: Facts | None = None) -> Resolved
     metric_src = "spec" if "metric" in spec.checkpoint.model_fields_set else "default"
     if metric.startswith("eval_") and not has_validation:
         metric, mode, metric_src = "loss", "min", "default"
-    home = facts.platform_home or "$PLATFORM_HOME"
+    home = facts.platform_home or (K8S_PLATFORM_HOME if facts.target == "k8s" else "$PLATFORM_HOME")
     v["checkpoint_every_n_steps"] = Derived(spec.checkpoint.every_n_steps, "spec" if "every_n_steps" in spec.checkpoint.model_fields_set else "default")
     v["checkpoint_storage"] = Derived(spec.checkpoint.storage_uri or f"{home}/checkpoints", "spec" if spec.checkpoint.storage_uri else "target")
     v["checkpoint_metric"] = Derived([metric, mode], metric_src, "" if metric_src == "spec" else "no validation data: ranked by training loss" if not has_validation else "")

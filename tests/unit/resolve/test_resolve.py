@@ -164,3 +164,15 @@ def test_serving_pods_are_a_resolved_value_the_operator_reads():
     assert (group["replicas"], group["maxReplicas"], limits["nvidia.com/gpu"], limits["cpu"], limits["memory"]) == (2, 4, 4, "9", "96Gi")
     cpu = resolve(sv(model={"base": "llama2-tiny"}), Facts(target="k8s")).require()
     assert cpu["pods"] == {"pods_per_replica": 1, "gpus_per_pod": 0, "shards_per_pod": 1, "cpus_per_pod": 2, "memory_gb_per_pod": 8.0}
+
+
+def test_the_cli_preview_for_k8s_names_the_pods_checkpoint_home_as_the_operator_does():
+    from llmplatform.backends.facts import finetune_facts
+    from llmplatform.backends.k8s import finetune_job_cr
+    from llmoperator.reconcile.common import OperatorConfig
+    from llmoperator.reconcile.finetune import plan_for
+
+    spec = ft(base_model="llama2-tiny")
+    preview = resolve(spec, finetune_facts(spec, "k8s"))
+    operator = plan_for(finetune_job_cr(spec, "team-a"), OperatorConfig())
+    assert preview["checkpoint_storage"] == operator["checkpoint_storage"] == "/home/ray/.llm-platform/checkpoints"
