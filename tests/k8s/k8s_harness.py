@@ -110,6 +110,8 @@ RESOURCES = {
     "v1/namespaces": ("Namespace", False, set()),
     "v1/events": ("Event", True, set()),
     "v1/pods": ("Pod", True, {"log"}),
+    "v1/secrets": ("Secret", True, set()),  # read by the KubeRay harness (kuberay_pods.py)
+    "v1/configmaps": ("ConfigMap", True, set()),
 }
 VERBS = {"create", "get", "list", "watch", "patch", "update", "delete"}
 
