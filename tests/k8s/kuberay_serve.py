@@ -136,6 +136,17 @@ def service_status(current: Mapping[str, Any], *, generation: int, active: dict 
     }
 
 
+def put_secret(api: Any, namespace: str, name: str, data: Mapping[str, str]) -> None:
+    """Create an Opaque Secret in kmock (what `kubectl create secret generic` does)."""
+    import base64
+
+    from kubernetes import client
+
+    body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": name, "namespace": namespace},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+    client.CoreV1Api(api._client).create_namespaced_secret(namespace, body)
+
+
 # ---------------------------------------------------------------------------- the dashboard's REST API
 
 
@@ -273,12 +284,14 @@ class KubeRayServe:
             dashboard_call(target.local, "PUT", deploy_body(config, target.local.serve_port, target.local.head_env.local_path))
             target.deployed = config
             self.deploys.append((name, target.name))
+            log.warning("RayService %s: serveConfigV2 deployed on %s", name, target.name)
         wanted = [a["name"] for a in (yaml.safe_load(config) or {}).get("applications") or []]
         for c in (state.pending, state.active):
             if c is not None:
                 c.apps = application_statuses(dashboard_call(c.local, "GET"))
         if state.pending is not None and all_running(state.pending.apps, wanted):  # promote
             old, state.active, state.pending = state.active, state.pending, None
+            log.warning("RayService %s: %s is active, its applications run", name, state.active.name)
             if old is not None:
                 self._stop_cluster(old)
         endpoints = 1 if state.active is not None and proxy_healthy(state.active.local.serve_port) else 0
@@ -300,8 +313,9 @@ class KubeRayServe:
                                       "ownerReferences": [{"apiVersion": "ray.io/v1", "kind": "RayService", "name": rs_name,
                                                            "uid": rs["metadata"].get("uid", ""), "controller": True, "blockOwnerDeletion": True}]},
                          "spec": copy.deepcopy(cluster_spec)})
-        log.info("RayService %s: starting RayCluster %s", rs_name, name)
-        local = LocalRayCluster.start(cluster_spec, self.namespace, self.api, self.workdir / name)
+        t0 = time.monotonic()
+        local = LocalRayCluster.start(cluster_spec, self.namespace, self.api, self.workdir, name=name)
+        log.warning("RayService %s: RayCluster %s up in %.1f s", rs_name, name, time.monotonic() - t0)
         return ServeCluster(name=name, spec=copy.deepcopy(cluster_spec), local=local)
 
     def _stop_cluster(self, cluster: ServeCluster) -> None:

@@ -9,8 +9,8 @@ One deployment is shared by the flows, in order: auth (2), alias move under load
 
 from __future__ import annotations
 
-import base64
 import os
+import re
 import threading
 import time
 
@@ -33,15 +33,6 @@ NAME = "chat"
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def write_secret(api: KubeApi, name: str, data: dict[str, str]) -> None:
-    from kubernetes import client
-
-    core = client.CoreV1Api(api._client)
-    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
-    core.create_namespaced_secret(NS, body)
 
 
 def make_adapter(base_dir: str, out, seed: int):
@@ -133,14 +124,15 @@ def kuberay(api, real_operator, tmp_path_factory):
 def deployment(api, kuberay, mlflow_server, adapters, tiny_base) -> dict:
     """ModelDeployment `chat`: llama2-tiny + adapter `support` following models:/support-bot-k8s@production
     (version 1), auth on with the key in the api-keys Secret; Ready through the harness."""
-    from llmplatform import registry
+    from kuberay_serve import put_secret
 
+    from llmplatform import registry
     from llmplatform.serving.ingress import hash_key
 
     v1 = register(mlflow_server, adapters["v1"], tiny_base)
     registry.promote(mlflow_server, REGISTERED, v1, "production")
-    write_secret(api, "llm-platform-mlflow", {"tracking-uri": mlflow_server})
-    write_secret(api, "llm-platform-api-keys", {"keys": f"sha256:{hash_key(API_KEY)}\n"})
+    put_secret(api, NS, "llm-platform-mlflow", {"tracking-uri": mlflow_server})
+    put_secret(api, NS, "llm-platform-api-keys", {"keys": f"sha256:{hash_key(API_KEY)}\n"})
     spec = parse_spec("serve", {
         "name": NAME, "engine": "hf", "max_model_len": 256,
         "model": {"base": BASE, "adapters": [{"name": "support", "source": f"models:/{REGISTERED}@production"}]},
@@ -225,7 +217,8 @@ def test_flow3_alias_move_updates_in_place_under_load(api: KubeApi, kuberay, dep
                 r = lc.chat.completions.create(**{**ask, "max_tokens": 4})
                 results.append(r.choices[0].message.content)
             except Exception as exc:  # any failed request fails the flow
-                failures.append(f"{type(exc).__name__}: {exc}")
+                body = getattr(getattr(exc, "response", None), "text", "")
+                failures.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc} {body[:500]}")
 
     threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
     for t in threads:
@@ -241,7 +234,8 @@ def test_flow3_alias_move_updates_in_place_under_load(api: KubeApi, kuberay, dep
         stop.set()
         for t in threads:
             t.join(90)
-    assert not failures, f"{len(failures)} of {len(results) + len(failures)} requests failed during the switch: {failures[:3]}"
+    assert not failures, (f"{len(failures)} of {len(results) + len(failures)} requests failed during the switch: {failures[:3]}\n"
+                          f"errors in the Serve logs:\n{serve_log_errors(cluster_before.local)}")
     assert len(results) >= 4
     after = c.chat.completions.create(**ask).choices[0].message.content
     assert after != before, "the greedy answer did not change with the new adapter version"
@@ -265,6 +259,16 @@ def test_flow4_deleting_the_modeldeployment_leaves_nothing(api: KubeApi, kuberay
         assert api.get("RayCluster", NS, c.name) is None
         left = [pid for pid in c.local.pids() if _running(pid)]
         assert not left, f"processes of {c.name} still running: {left}"
+
+
+def serve_log_errors(local, limit: int = 60) -> str:
+    """ERROR lines and tracebacks of the cluster's Serve logs (proxy, controller, replicas), for failure messages."""
+    lines = []
+    for path in sorted(local.temp_dir.glob("session_*/logs/serve/*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if re.search(r"\bERROR\b|Traceback|Error\b|died|killed", line):
+                lines.append(f"{path.name}: {line[:400]}")
+    return "\n".join(lines[-limit:]) or "(none)"
 
 
 def _running(pid: int) -> bool:
