@@ -146,7 +146,11 @@ def stamping_emulator_class() -> type:
             return 1 << 62
 
     class StampingEmulator(kmock.KubernetesEmulator):
+        keep_requests: int | None = None  # kmock matches each request against its whole log: cap it for long tests
+
         async def _handle(self, request: Any) -> Any:
+            if self.keep_requests and len(self._requests) > 2 * self.keep_requests:
+                del self._requests[: -self.keep_requests]
             if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
                 data = request.data
                 if isinstance(data, dict):
@@ -202,7 +206,10 @@ def stamping_emulator_class() -> type:
 class InMemoryCluster:
     """A kmock KubernetesEmulator on a free 127.0.0.1 port, served from a background event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_requests: int | None = None) -> None:
+        """`keep_requests`: how many recent requests `requests_to` can see (None: all). kmock checks
+        every request against its whole log, so tests that poll for minutes set a cap."""
+        self.keep_requests = keep_requests
         self.url = ""
         self.emulator: Any = None
         self._loop = asyncio.new_event_loop()
@@ -219,6 +226,7 @@ class InMemoryCluster:
 
         self._stop = asyncio.Event()
         async with stamping_emulator_class()() as emulator, kmock.Server(emulator) as server:
+            emulator.keep_requests = self.keep_requests
             for key, (kind, namespaced, subresources) in RESOURCES.items():
                 emulator.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, subresources=subresources, verbs=VERBS)
             self.emulator, self.url = emulator, str(server.url).rstrip("/")

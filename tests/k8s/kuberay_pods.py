@@ -16,7 +16,7 @@ template the way the kubelet would before starting it:
 
 `PodEnv.process_env()` is what a process of the pod is started with: the "image" env (PATH,
 PYTHONPATH, offline switches and the model cache the image would bake in, taken from this
-process) plus the container's env, and nothing else of the test process.
+process, with this venv's `python` first on PATH) plus the container's env, and nothing else of the test process.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import base64
 import itertools
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,6 +62,8 @@ class PodEnv:
     def process_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Image env + container env (+ `extra`, the harness's Ray plumbing): a process of this pod."""
         base = {k: os.environ[k] for k in IMAGE_ENV_KEYS if k in os.environ}
+        # the image's `python` (what entrypoints call) is this venv's
+        base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "/usr/bin:/bin")])
         if self.home:
             base["HOME"] = str(self.home)
         return {**base, **self.env, **(extra or {})}
