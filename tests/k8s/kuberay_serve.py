@@ -314,7 +314,11 @@ class KubeRayServe:
                                                            "uid": rs["metadata"].get("uid", ""), "controller": True, "blockOwnerDeletion": True}]},
                          "spec": copy.deepcopy(cluster_spec)})
         t0 = time.monotonic()
-        local = LocalRayCluster.start(cluster_spec, self.namespace, self.api, self.workdir, name=name)
+        try:
+            local = LocalRayCluster.start(cluster_spec, self.namespace, self.api, self.workdir, name=name)
+        except Exception:  # e.g. a missing Secret (the pod would not start): retried on the next poll, with a new RayCluster
+            self.api.delete("RayCluster", self.namespace, name)
+            raise
         log.warning("RayService %s: RayCluster %s up in %.1f s", rs_name, name, time.monotonic() - t0)
         return ServeCluster(name=name, spec=copy.deepcopy(cluster_spec), local=local)
 

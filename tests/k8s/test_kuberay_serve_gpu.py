@@ -49,6 +49,7 @@ def kuberay(api, gpu_operator, tmp_path_factory):
 
     with KubeRayServe(api, NS, tmp_path_factory.mktemp("kuberay-serve-gpu")) as k:
         yield k
+    assert not k.errors, f"the harness hit errors: {k.errors[-3:]}"
 
 
 def state_api(local, path: str):
