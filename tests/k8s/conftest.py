@@ -17,9 +17,10 @@ def manifest_validator() -> ManifestValidator:
 
 # One API server and one operator per test module (kopf takes seconds to stop); tests use
 # distinct object names so they don't see each other.
+# A module that polls for minutes (the KubeRay-harness flows) sets KMOCK_KEEP_REQUESTS to cap kmock's request log.
 @pytest.fixture(scope="module")
-def cluster():
-    with InMemoryCluster() as c:
+def cluster(request: pytest.FixtureRequest):
+    with InMemoryCluster(keep_requests=getattr(request.module, "KMOCK_KEEP_REQUESTS", None)) as c:
         yield c
 
 
@@ -46,3 +47,45 @@ def operator(cluster: InMemoryCluster, fake_registry: FakeRegistry):
                 resolve_version=fake_registry, job_progress=progress, check_interval_s=0.5, registry_poll_s=0.5, retry_delay_s=0.25)
     with OperatorThread(cluster.url, deps) as op:
         yield op
+
+
+# ---------------------------------------------------------------------------- the operator against real MLflow + KubeRay played locally
+
+
+@pytest.fixture(scope="module")
+def operator_mlflow(cluster: InMemoryCluster, mlflow_server: str):
+    """The operator as `python -m llmoperator` wires it (real MLflow registry lookup and job progress,
+    MLFLOW_TRACKING_URI in its env), against this module's kmock; the Secret `llm-platform-mlflow`
+    (key tracking-uri) that the Ray pods read is created in the namespaces the tests use.
+    KubeRay's TTL is 30 s, so a finished job's cluster stays up a little, as on a cluster."""
+    import base64
+
+    from kubernetes import client
+
+    from llmplatform.kube import connect
+
+    from kuberay_jobs import KUBERAY_NAMESPACES
+    from llmoperator.__main__ import mlflow_job_progress, registry_lookup
+    from llmoperator.handlers import Deps
+    from llmoperator.reconcile.common import OperatorConfig
+
+    api = connect(host=cluster.url)
+    core = client.CoreV1Api(api._client)
+    for ns in KUBERAY_NAMESPACES:
+        core.create_namespaced_secret(ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm-platform-mlflow", "namespace": ns},
+                                           "data": {"tracking-uri": base64.b64encode(mlflow_server.encode()).decode()}})
+    deps = Deps(api=api, cfg=OperatorConfig(image="registry.example/llm-platform:test", ttl_seconds_after_finished=30),
+                resolve_version=registry_lookup, job_progress=mlflow_job_progress, check_interval_s=1.0, registry_poll_s=1.0, retry_delay_s=0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        with OperatorThread(cluster.url, deps) as op:
+            yield op
+
+
+@pytest.fixture(scope="module")
+def rayjobs(cluster: InMemoryCluster, tmp_path_factory: pytest.TempPathFactory):
+    """KubeRay's RayJob controller played with real local Ray clusters (kuberay_jobs.py)."""
+    from kuberay_jobs import KUBERAY_NAMESPACES, RayJobHarness
+
+    with RayJobHarness(cluster.url, tmp_path_factory.mktemp("kuberay"), namespaces=KUBERAY_NAMESPACES) as harness:
+        yield harness

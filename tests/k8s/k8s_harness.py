@@ -110,6 +110,8 @@ RESOURCES = {
     "v1/namespaces": ("Namespace", False, set()),
     "v1/events": ("Event", True, set()),
     "v1/pods": ("Pod", True, {"log"}),
+    "v1/secrets": ("Secret", True, set()),  # read by the KubeRay harness (kuberay_pods.py)
+    "v1/configmaps": ("ConfigMap", True, set()),
 }
 VERBS = {"create", "get", "list", "watch", "patch", "update", "delete"}
 
@@ -153,7 +155,11 @@ def stamping_emulator_class() -> type:
             return 1 << 62
 
     class StampingEmulator(kmock.KubernetesEmulator):
+        keep_requests: int | None = None  # kmock matches each request against its whole log: cap it for long tests
+
         async def _handle(self, request: Any) -> Any:
+            if self.keep_requests and len(self._requests) > 2 * self.keep_requests:
+                del self._requests[: -self.keep_requests]
             if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
                 data = request.data
                 if isinstance(data, dict):
@@ -219,7 +225,10 @@ def stamping_emulator_class() -> type:
 class InMemoryCluster:
     """A kmock KubernetesEmulator on a free 127.0.0.1 port, served from a background event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_requests: int | None = None) -> None:
+        """`keep_requests`: how many recent requests `requests_to` can see (None: all). kmock checks
+        every request against its whole log, so tests that poll for minutes set a cap."""
+        self.keep_requests = keep_requests
         self.url = ""
         self.emulator: Any = None
         self._loop = asyncio.new_event_loop()
@@ -236,6 +245,7 @@ class InMemoryCluster:
 
         self._stop = asyncio.Event()
         async with stamping_emulator_class()() as emulator, kmock.Server(emulator) as server:
+            emulator.keep_requests = self.keep_requests
             for key, (kind, namespaced, subresources) in RESOURCES.items():
                 emulator.resources[key] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=namespaced, subresources=subresources, verbs=VERBS)
             self.emulator, self.url = emulator, str(server.url).rstrip("/")

@@ -54,5 +54,9 @@ def ingress_options(spec: ServeSpec) -> dict:
         "num_replicas": 1,
         "max_ongoing_requests": lim.max_concurrent_requests + lim.max_queued_requests + 64,
         "ray_actor_options": {"num_cpus": 0.25},
-        "graceful_shutdown_timeout_s": 5.0,
+        # A stopping ingress (an update, a scale-down) keeps its in-flight requests until they end or
+        # time out. An in-place update replaces the engine at the same time, so those requests wait
+        # for the new engine replica; with 5 s the old ingress was killed first and the proxy
+        # answered 500 (flow 3 in tests/k8s/test_kuberay_serve.py: 1-2 of ~100 requests).
+        "graceful_shutdown_timeout_s": lim.request_timeout_s,
     }

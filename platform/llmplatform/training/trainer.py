@@ -72,5 +72,14 @@ def build_trainer(plan: Resolved, job_id: str, loop_config: dict, storage: str |
 
 
 def fit(plan: Resolved, job_id: str, loop_config: dict, storage: str | None = None):
-    """Run training to the end; returns the Ray `Result` (raises on unrecoverable failure)."""
-    return build_trainer(plan, job_id, loop_config, storage).fit()
+    """Run training to the end; returns the Ray `Result` (raises on unrecoverable failure).
+
+    First prints what Ray Train is asked for (a `train_config` progress event in the job log), so
+    a job that can't get its workers or devices shows the request it made."""
+    from llmplatform.training.loop import emit
+
+    trainer = build_trainer(plan, job_id, loop_config, storage)
+    sc, rc = trainer.scaling_config, trainer.run_config
+    emit("train_config", num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.resources_per_worker,
+         backend=plan["backend"], run_name=rc.name, storage_path=rc.storage_path)
+    return trainer.fit()
