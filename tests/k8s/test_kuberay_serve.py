@@ -179,9 +179,7 @@ def test_flow2_auth_through_the_rayservice(api: KubeApi, kuberay, deployment: di
     url = serve_url(kuberay, NAME)
     with pytest.raises(openai.AuthenticationError):  # 401 without the key
         client(url, None).chat.completions.create(model=f"{BASE}:support", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    if not keys_mounted(api):
-        pytest.xfail("the operator does not mount the llm-platform-api-keys Secret at /etc/llm-platform/api-keys yet "
-                     "(helper 'secrets' wiring); with no keys file every request is refused")
+    assert keys_mounted(api), "the operator must mount the llm-platform-api-keys Secret at /etc/llm-platform/api-keys"
     answer = client(url, API_KEY).chat.completions.create(model=f"{BASE}:support", messages=[{"role": "user", "content": "hi"}],
                                                          max_tokens=4, temperature=0)
     assert answer.choices[0].message.content is not None and answer.usage.completion_tokens >= 1
@@ -190,8 +188,6 @@ def test_flow2_auth_through_the_rayservice(api: KubeApi, kuberay, deployment: di
 def test_flow3_alias_move_updates_in_place_under_load(api: KubeApi, kuberay, deployment: dict, mlflow_server, adapters, tiny_base) -> None:
     from llmplatform import registry
 
-    if not keys_mounted(api):
-        pytest.xfail("needs the api-keys Secret mounted by the operator (helper 'secrets' wiring): every request is refused without it")
     url = serve_url(kuberay, NAME)
     c = client(url, API_KEY)
     model = f"{BASE}:support"
