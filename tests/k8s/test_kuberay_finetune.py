@@ -18,7 +18,7 @@ import pytest
 from llmplatform.kube import KubeApi, connect
 
 from k8s_harness import eventually
-from kuberay_jobs import KUBERAY_NAMESPACES
+from kuberay_jobs import HF_TEST_TOKEN, KUBERAY_NAMESPACES
 
 pytestmark = pytest.mark.e2e
 NS = KUBERAY_NAMESPACES[0]
@@ -214,5 +214,11 @@ def test_gpu_spec_runs_until_cuda_is_needed(api, rayjobs, dataset) -> None:
     nodes = run.cluster._get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
     gpu_nodes = {n["node_id"] for n in nodes if n.get("resources_total", {}).get("GPU")}
     assert {a["node_id"] for a in train_workers} <= gpu_nodes, (train_workers, nodes)
+    # The Train worker process inherits its node's env: the GPU pod's container env, Secrets resolved
+    gpu_pod = next(n for n in workers if n.resources["num_gpus"])
+    declared = {e["name"] for e in api.get("RayJob", NS, name)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].get("env", [])}
+    assert gpu_pod.env.env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+    if "HF_TOKEN" in declared:  # helper "secrets" wires it; TODO(after merge): make unconditional
+        assert gpu_pod.env.process_env()["HF_TOKEN"] == HF_TEST_TOKEN
     failure = (st.get("message") or "") + (run.logs() or "")
     assert any(word in failure for word in ("CUDA", "NCCL", "nccl", "GPU")), failure[-3000:]
