@@ -64,7 +64,7 @@ def operator_mlflow(cluster: InMemoryCluster, mlflow_server: str):
 
     from llmplatform.kube import connect
 
-    from kuberay_jobs import KUBERAY_NAMESPACES
+    from kuberay_jobs import HF_TEST_TOKEN, KUBERAY_NAMESPACES
     from llmoperator.__main__ import mlflow_job_progress, registry_lookup
     from llmoperator.handlers import Deps
     from llmoperator.reconcile.common import OperatorConfig
@@ -74,6 +74,9 @@ def operator_mlflow(cluster: InMemoryCluster, mlflow_server: str):
     for ns in KUBERAY_NAMESPACES:
         core.create_namespaced_secret(ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm-platform-mlflow", "namespace": ns},
                                            "data": {"tracking-uri": base64.b64encode(mlflow_server.encode()).decode()}})
+        # the Hugging Face token Secret the operator's pods may reference (OperatorConfig.hf_token_secret)
+        core.create_namespaced_secret(ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm-platform-hf-token", "namespace": ns},
+                                           "data": {"token": base64.b64encode(HF_TEST_TOKEN.encode()).decode()}})
     deps = Deps(api=api, cfg=OperatorConfig(image="registry.example/llm-platform:test", ttl_seconds_after_finished=30),
                 resolve_version=registry_lookup, job_progress=mlflow_job_progress, check_interval_s=1.0, registry_poll_s=1.0, retry_delay_s=0.5)
     with pytest.MonkeyPatch.context() as mp:

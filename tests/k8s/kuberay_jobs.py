@@ -46,6 +46,7 @@ from kuberay_cluster import LocalRayCluster
 
 log = logging.getLogger("kuberay-harness")
 TERMINAL_JOB = {"SUCCEEDED", "FAILED", "STOPPED"}
+HF_TEST_TOKEN = "hf_kuberay_harness_test"  # in the Secret llm-platform-hf-token that operator_mlflow creates
 KUBERAY_NAMESPACES = ("ml-team",)  # where the tests that use the harness put their CRs (operator_mlflow makes its Secret there)
 
 
