@@ -16,6 +16,7 @@ import time
 import pytest
 
 from llmplatform.kube import KubeApi, connect
+from llmoperator.reconcile.finetune import job_id
 
 from k8s_harness import eventually
 from kuberay_jobs import HF_TEST_TOKEN, KUBERAY_NAMESPACES
@@ -124,10 +125,11 @@ def test_finetunejob_trains_registers_and_deleting_it_leaves_nothing(api, rayjob
     assert len(versions) == 1, [(v.version, v.run_id) for v in client.search_model_versions(f"name='{MODEL}'")]
     result = [e for e in progress_events(logs) if e["kind"] == "result"]
     assert result and str(result[-1]["version"]) == versions[0].version
-    conditions = {c["type"]: c for c in st.get("conditions") or []}
-    if "conditions" in st:  # helper "conditions" adds them; TODO(after merge): make this unconditional
-        assert conditions["Succeeded"]["status"] == "True", conditions
-    # TODO(after merge): the registered version in the FineTuneJob status, once the status has a field for it
+    conditions = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conditions == {"Running": "False", "Succeeded": "True", "Failed": "False"}, st["conditions"]  # kubectl wait --for=condition=Succeeded
+    # the FineTuneJob's status names the version its run registered (the operator reads it from MLflow)
+    st = eventually(lambda: (s := api.get("FineTuneJob", NS, name)["status"]).get("registeredVersion") and s, timeout=30, what="registered version in status")
+    assert (st["registeredModel"], st["registeredVersion"]) == (MODEL, versions[0].version)
 
     # Flow 4: the finished cluster is still up (ttlSecondsAfterFinished); deleting the FineTuneJob removes everything
     pids = run.cluster.pids()
@@ -141,19 +143,6 @@ def test_finetunejob_trains_registers_and_deleting_it_leaves_nothing(api, rayjob
     print(f"deletion to no process: {time.monotonic() - t0:.1f}s")
 
 
-def job_id_is_uid_based() -> bool:
-    """Whether the operator still keys a FineTuneJob's job id (Ray Train run name, checkpoints) by its uid."""
-    from llmoperator.reconcile.finetune import job_id
-
-    body = {"metadata": {"name": "same", "namespace": NS}, "spec": {"base_model": "llama2-tiny", "data": {"train": "/x.jsonl"}}}
-    one, two = copy.deepcopy(body), copy.deepcopy(body)
-    one["metadata"]["uid"], two["metadata"]["uid"] = "1111aaaa-0000", "2222bbbb-0000"
-    return job_id(one) != job_id(two)
-
-
-@pytest.mark.xfail(job_id_is_uid_based(), strict=True,
-                   reason="needs helper 'conditions': job_id(cr) = name + hash of namespace/name/spec (common.md), not the uid; "
-                          "with a uid-based id the resubmitted FineTuneJob gets a new Ray Train run and starts from step 0")
 def test_cluster_lost_midrun_then_resubmitted_resumes_from_checkpoint(api, rayjobs, dataset, tmp_path_factory) -> None:
     """Flow 5 (and 4 mid-run): kill the cluster after the first checkpoint -> ClusterLost; the same
     FineTuneJob again -> it resumes from that checkpoint; deleting it mid-run leaves nothing."""
@@ -177,7 +166,8 @@ def _lose_and_resume(api: KubeApi, rayjobs, name: str, cr: dict, store) -> None:
     run.cluster.kill()  # every node lost at once
     st = eventually(finished(api, name), timeout=60, what="FineTuneJob failed after the cluster was lost")
     assert (st["phase"], st["reason"]) == ("Failed", "ClusterLost"), st
-    assert "resubmit to resume" in st["message"] and all_dead(pids)
+    assert f"`kubectl delete finetunejob {name} -n {NS}`, then `kubectl apply -f` the same manifest" in st["message"], st["message"]
+    assert f"resumes from the last checkpoint in {store}/{job_id(cr)}" in st["message"] and all_dead(pids)
 
     api.delete("FineTuneJob", NS, name)
     eventually(lambda: api.get("RayJob", NS, name) is None and api.get("FineTuneJob", NS, name) is None, timeout=30, what="old objects gone")
@@ -218,7 +208,6 @@ def test_gpu_spec_runs_until_cuda_is_needed(api, rayjobs, dataset) -> None:
     gpu_pod = next(n for n in workers if n.resources["num_gpus"])
     declared = {e["name"] for e in api.get("RayJob", NS, name)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].get("env", [])}
     assert gpu_pod.env.env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
-    if "HF_TOKEN" in declared:  # helper "secrets" wires it; TODO(after merge): make unconditional
-        assert gpu_pod.env.process_env()["HF_TOKEN"] == HF_TEST_TOKEN
+    assert "HF_TOKEN" in declared and gpu_pod.env.process_env()["HF_TOKEN"] == HF_TEST_TOKEN
     failure = (st.get("message") or "") + (run.logs() or "")
     assert any(word in failure for word in ("CUDA", "NCCL", "nccl", "GPU")), failure[-3000:]
