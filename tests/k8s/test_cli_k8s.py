@@ -140,8 +140,15 @@ def test_ctrl_c_stops_following_and_leaves_the_job_running(kube, api, tmp_path):
     import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def as_in_a_terminal() -> None:
+        # A foreground command in a terminal gets SIGINT at its default. A test run started in the
+        # background by a script inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "llmplatform.cli.main", "finetune", "submit", _finetune_spec(tmp_path, "follow-int"),
-                             *kube, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             *kube, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=as_in_a_terminal)
     try:
         lines = []
         while not any(line.startswith("Pending") for line in lines):  # the operator's first status, printed
