@@ -48,7 +48,9 @@ def cluster_accelerators(accelerator: str | None) -> tuple[int | None, int | Non
 def build_app(args: dict):
     """The Serve application for a resolved serve plan (RayService `import_path` target; `args` is
     the document `platformctl spec resolve --output json` prints). Nothing is planned here."""
-    from llmplatform.serving.ingress import OpenAIIngress, env_key_hashes
+    from llmplatform.serving.ingress import OpenAIIngress
+    from llmplatform.serving.keys import env_keys, format_line
+    from llmplatform.serving.limits import RateLimiter
     from llmplatform.serving.replica import EngineReplica
 
     plan = Resolved.from_dict(args, "serve application args")
@@ -56,16 +58,19 @@ def build_app(args: dict):
     env = replica_env(os.environ, plan["engine"])
     # Keys from the deployer's env travel as hashes; the keys file (plan["api_keys_file"]) is read,
     # and re-read when it changes, by each ingress replica, so a revoked key stops working.
-    hashes = sorted(env_key_hashes(plan.spec.auth)) if plan.spec.auth.enabled else []
+    # They travel as keys-file lines (hash, name, limits). Per-key limits are counted by one
+    # `limiter` deployment that every ingress replica asks (llmplatform.serving.limits).
+    hashes = sorted(format_line(h, ident) for h, ident in env_keys(plan.spec.auth).items()) if plan.spec.auth.enabled else []
+    limiter = RateLimiter.bind() if plan.spec.auth.enabled else None
     doc = plan.to_dict()
 
     def with_env(opts: dict) -> dict:
         return {**opts, "ray_actor_options": {**opts["ray_actor_options"], "runtime_env": {"env_vars": env}}}
 
     if plan["topology"] == "colocated":  # the ingress builds the engine itself (engine=None)
-        return OpenAIIngress.options(**with_env(colocated_options(plan))).bind(doc, None, base_dir, hashes)
+        return OpenAIIngress.options(**with_env(colocated_options(plan))).bind(doc, None, base_dir, hashes, limiter)
     engine_app = EngineReplica.options(**with_env(engine_options(plan))).bind(doc, base_dir)
-    return OpenAIIngress.options(**with_env(ingress_options(plan.spec))).bind(doc, engine_app, base_dir, hashes)
+    return OpenAIIngress.options(**with_env(ingress_options(plan.spec))).bind(doc, engine_app, base_dir, hashes, limiter)
 
 
 # ---------------------------------------------------------------------------- cluster side

@@ -16,15 +16,11 @@ gets a JSON 503, or (streaming) an SSE error event and `data: [DONE]`. Prometheu
 
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import os
 import re
 import threading
 import time
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -35,6 +31,8 @@ from ray import serve
 from llmplatform.serving import errors as E
 from llmplatform.serving import openai_schema as S
 from llmplatform.serving.adapters import AdapterTable, Target, TargetError
+from llmplatform.serving.keys import KeyIdentity, KeysFile, env_keys, hash_key, parse_keys, parse_keys_table  # noqa: F401 (re-exported)
+from llmplatform.serving.accounting import Accounting
 from llmplatform.serving.metrics import ServeMetrics
 from llmplatform.resolve import Resolved, served_spec
 
@@ -52,57 +50,15 @@ async def _api_error(_request: Request, exc: E.ApiError) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------- API keys
+# Key identities, the keys file and its format: llmplatform.serving.keys.
 
 
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.strip().encode()).hexdigest()
-
-
-def parse_keys(text: str, sep: str = "\n") -> set[str]:
-    """Lines (or comma-separated items) of plain keys or `sha256:<hex>` hashes -> set of hex hashes."""
-    out = set()
-    for item in text.replace(",", sep).split(sep):
-        item = item.strip()
-        if not item or item.startswith("#"):
-            continue
-        out.add(item.removeprefix("sha256:").lower() if item.startswith("sha256:") else hash_key(item))
-    return out
-
-
-def env_key_hashes(auth) -> set[str]:
-    """Hashes from `$auth.api_keys_env` of this process. Plain keys never leave this function."""
-    if auth.api_keys_env and os.environ.get(auth.api_keys_env):
-        return parse_keys(os.environ[auth.api_keys_env])
-    return set()
-
-
-class KeysFile:
-    """The plan's API-key file (`api_keys_file`: the spec's, or on Kubernetes the mounted Secret),
-    read at replica start and again whenever it changes: a rotated Secret reaches a running replica
-    once the kubelet refreshes the volume (about a minute), no restart needed. A missing file holds
-    no keys (logged once)."""
-
-    def __init__(self, path: str | None):
-        self.path = Path(path).expanduser() if path else None
-        self._seen: tuple | None = None
-        self._hashes: set[str] = set()
-        self._lock = threading.Lock()
-
-    def hashes(self) -> set[str]:
-        if self.path is None:
-            return set()
-        try:
-            st = self.path.stat()  # follows the Secret volume's ..data symlink: a new inode per update
-            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            seen = None
-        with self._lock:
-            if seen != self._seen:
-                if seen is None:
-                    log.warning("API-key file %s is missing: no keys from it", self.path)
-                self._hashes = parse_keys(self.path.read_text()) if seen is not None else set()
-                self._seen = seen
-            return self._hashes
+def _replica_id() -> str:
+    """This Serve replica's id (for the usage store's replica rows), "" outside a replica."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:
+        return ""
 
 
 # ---------------------------------------------------------------------------- engine failures
@@ -131,7 +87,7 @@ def engine_failure(exc: Exception) -> E.ApiError:
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, plan: dict, engine, base_dir: str, key_hashes: list[str] | None = None):
+    def __init__(self, plan: dict, engine, base_dir: str, key_hashes: list[str] | None = None, limiter=None):
         from transformers import AutoTokenizer
 
         self.plan = Resolved.from_dict(plan, "ingress args")
@@ -147,10 +103,8 @@ class OpenAIIngress:
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.table = AdapterTable(served_spec(self.plan), self.base_name, base_dir, miss_ttl_s=self.plan["registry_poll_s"])
         self.metrics = ServeMetrics()
-        self.key_hashes = set(key_hashes or []) | env_key_hashes(self.spec.auth)  # the deployer's env, then this replica's
-        self.keys_file = KeysFile(self.plan["api_keys_file"])
-        if self.spec.auth.enabled:
-            self.keys_file.hashes()  # read at start, so a bad file fails here rather than on the first request
+        # key identities, per-key limits (the deployment's `limiter`) and the usage store
+        self.accounting = Accounting(self.plan, key_hashes, limiter, self.metrics, _replica_id())
         self.inflight = 0
         self.limit = self.spec.limits.max_concurrent_requests + self.spec.limits.max_queued_requests
         self.started = time.time()
@@ -160,6 +114,8 @@ class OpenAIIngress:
 
     def __del__(self):
         self._stop.set()
+        if hasattr(self, "accounting"):
+            self.accounting.close()  # writes the usage tallied since the last flush
 
     def check_health(self) -> None:
         if self.local_engine is not None:
@@ -227,15 +183,8 @@ class OpenAIIngress:
 
     # ------------------------------------------------------------------ request path
 
-    def _auth(self, request: Request) -> None:
-        if not self.spec.auth.enabled:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer ") or not header[7:].strip():
-            raise E.unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        given = hash_key(header[7:])
-        if not any(hmac.compare_digest(given, h) for h in self.key_hashes | self.keys_file.hashes()):
-            raise E.unauthorized("Incorrect API key provided.")
+    def _auth(self, request: Request) -> KeyIdentity:
+        return self.accounting.identify(request.headers.get("authorization", ""))
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it is known to exceed `limits.max_request_bytes`."""
@@ -322,8 +271,9 @@ class OpenAIIngress:
         endpoint = "chat" if chat else "completions"
         t0 = time.monotonic()
         model_label = "unknown"  # only names this deployment serves become label values
+        ident, target = None, None
         try:
-            self._auth(request)
+            ident = self._auth(request)
             raw = await self._read_body(request)
             off_loop = len(raw) > INLINE_BODY_BYTES  # JSON and tokenizer work on a large body would stall every stream
             req = await self._cpu(off_loop, self._parse, raw, chat)
@@ -333,20 +283,29 @@ class OpenAIIngress:
             max_tokens = req.wanted_tokens(min(self.spec.limits.default_max_tokens, self.spec.max_model_len - len(prompt_ids)))
             if max_tokens < 1 or len(prompt_ids) + max_tokens > self.spec.max_model_len:
                 raise E.context_too_long(len(prompt_ids), max(max_tokens, 1), self.spec.max_model_len)
+            await self.accounting.admit(ident)  # 429 when the key is over its per-minute limits
             if self.inflight >= self.limit:
                 self.metrics.rejected.inc()
                 raise E.overloaded(1 + self.inflight // max(1, self.spec.limits.max_concurrent_requests), self.inflight, self.limit)
             payload = {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                        "stop": req.stop_list(), "seed": req.seed, "adapter_id": target.adapter_id,
                        "adapter_path": target.adapter_path, "ignore_eos": req.ignore_eos}
-            response = await self._run(req, target, payload, chat, t0, model_label)
+            usage = self._usage_of(ident, target)
+            response = await self._run(req, target, payload, chat, t0, model_label,
+                                       usage=lambda p, c: self.accounting.finished(*usage, p, c))
             self.metrics.requests.labels(model_label, endpoint, "200").inc()
             return response
         except E.ApiError as exc:
             self.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
+            self.accounting.failed(*self._usage_of(ident, target))
             raise
 
-    async def _run(self, req, target: Target, payload: dict, chat: bool, t0: float, label: str):
+    def _usage_of(self, ident: KeyIdentity | None, target: Target | None) -> tuple:
+        """(identity, base model, adapter name or "") under which a request's usage is recorded."""
+        adapter = (target.served_as or target.model) if target is not None and target.adapter_id else ""
+        return ident, self.base_name, adapter
+
+    async def _run(self, req, target: Target, payload: dict, chat: bool, t0: float, label: str, usage=None):
         deadline = t0 + self.spec.limits.request_timeout_s
         self.inflight += 1
         self.metrics.in_flight.set(self.inflight)
@@ -425,6 +384,8 @@ class OpenAIIngress:
                     yield event
                     if "finish_reason" in event:
                         n = event["completion_tokens"]
+                        if usage is not None:
+                            usage(event["prompt_tokens"], n)  # usage store + the key's token limit
                         self.metrics.tokens_out.labels(label).inc(n)
                         if n > 1:
                             self.metrics.tpot.labels(label).observe((time.monotonic() - t0 - ttft) / (n - 1))

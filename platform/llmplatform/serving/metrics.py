@@ -29,6 +29,7 @@ class ServeMetrics:
         self.in_flight = Gauge("llm_requests_in_flight", "Requests admitted and not finished (running + queued).", registry=r)
         self.queue_depth = Gauge("llm_queue_depth", "Admitted requests waiting for a batch slot.", registry=r)
         self.rejected = Counter("llm_requests_rejected", "Requests refused because the queue was full.", registry=r)
+        self.rate_limited = Counter("platform_rate_limited", "Requests refused with 429 because their API key was over its requests or tokens per minute (no key label: key names stay out of metrics).", registry=r)
 
     @staticmethod
     def label(served_as: str | None) -> str:
