@@ -13,7 +13,7 @@ from llmplatform.errors import PlatformError
 
 def build_app() -> typer.Typer:
     """The full command tree. Nouns are imported lazily by their own modules' heavy code."""
-    from llmplatform.cli import data, finetune, models, plan, serve, stack
+    from llmplatform.cli import data, finetune, models, plan, serve, stack, usage
 
     app = typer.Typer(
         help="platformctl: fine-tune and serve Llama 2 on Ray, tracked in MLflow.",
@@ -28,6 +28,8 @@ def build_app() -> typer.Typer:
     app.add_typer(finetune.app, name="finetune")
     app.add_typer(models.app, name="models")
     app.add_typer(serve.app, name="serve")
+    app.command("usage")(usage.usage)
+    app.add_typer(usage.keys_app, name="keys")
     return app
 
 
