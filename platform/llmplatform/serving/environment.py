@@ -9,7 +9,8 @@ serving code never imports the stack, the stack may import serving).
 from __future__ import annotations
 
 # Where replicas find the model cache and the registry: forwarded from the deploying process.
-FORWARDED_ENV = ("PLATFORM_HOME", "PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "PLATFORM_ENGINE_THREADS", "HF_HUB_OFFLINE")
+FORWARDED_ENV = ("PLATFORM_HOME", "PLATFORM_MODEL_CACHE", "MLFLOW_TRACKING_URI", "PLATFORM_ENGINE_THREADS", "HF_HUB_OFFLINE",
+                 "PLATFORM_USAGE_DB")
 
 # Ray Serve's throughput-optimized settings (user code and router on the replica's event loop,
 # gRPC between deployments, buffered request logs, no replica logs on stderr), without direct

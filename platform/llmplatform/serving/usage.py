@@ -50,6 +50,7 @@ def _tables():
                   Column("minute", Integer, nullable=False),  # epoch seconds at the start of the minute (UTC)
                   Column("deployment", String(128), nullable=False), Column("key", String(128), nullable=False),
                   Column("model", String(256), nullable=False), Column("adapter", String(256), nullable=False),
+                  Column("replica", String(128), nullable=False, default=""),  # the ingress replica that served them
                   *(Column(c, Integer, nullable=False, default=0) for c in COUNTS),
                   Index("ix_request_usage_minute", "minute"))
     replicas = Table("replica_usage", md, Column("id", Integer, primary_key=True, autoincrement=True),
@@ -142,7 +143,7 @@ class UsageRecorder:
             tally, self._tally = self._tally, defaultdict(lambda: [0, 0, 0, 0])
             now = time.time()
             elapsed, self._alive_since = now - self._alive_since, now
-        rows = [{"minute": m, "deployment": self.deployment, "key": k, "model": mo, "adapter": a,
+        rows = [{"minute": m, "deployment": self.deployment, "key": k, "model": mo, "adapter": a, "replica": self.replica,
                  **dict(zip(COUNTS, counts))} for (m, k, mo, a), counts in tally.items()]
         replica_rows = ([{"minute": int(now) // 60 * 60, "deployment": self.deployment, "replica": self.replica,
                           "gpu_seconds": elapsed * self.gpus, "seconds": elapsed}] if self.gpus else [])
