@@ -66,6 +66,11 @@ def result_text(record: JobRecord) -> str:
     for key, value in {**record.metrics, **record.eval_metrics}.items():
         if key in ("loss", "eval_loss", "eval_perplexity", "eval_token_accuracy", "tokens_per_s"):
             lines.append(f"  {key:<20} {value:.4f}")
+    m = record.metrics
+    if "gpu_hours" in m:  # what the job consumed (training/resource_usage.py)
+        lines.append(f"  gpu_hours            {m['gpu_hours']:.4f}")
+        lines.append(f"  cpu_core_hours       {m['cpu_core_hours']:.4f}")
+        lines.append(f"  trained_tokens       {m['trained_tokens']:.0f}")
     if record.checkpoint_step is not None:
         lines.append(f"  checkpoint           step {record.checkpoint_step}")
     if record.restarts:

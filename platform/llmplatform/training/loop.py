@@ -257,18 +257,24 @@ def report(ctx: dict, metrics: dict, with_checkpoint: bool) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: set up, (resume,) train to `total_steps`, eval and checkpoint on cadence."""
     from llmplatform.training.mlflow_logging import StepLogger
+    from llmplatform.training.resource_usage import NAMES, ResourceMeter
 
+    entered = time.perf_counter()  # the workers hold their devices from here (model loading included)
     ctx = setup(config)
     plan = ctx["plan"]
     rank0 = ctx["rank"] == 0
     logger = StepLogger(config["tracking_uri"], config["run_id"]) if rank0 and config.get("run_id") else None
+    meter = ResourceMeter(plan["workers"], plan["gpus_per_worker"], plan["cpus_per_worker"],
+                          logger.latest(NAMES) if logger and ctx["resumed"] else None, started=entered)
     emit("worker_start", ctx["progress_file"], rank=ctx["rank"], pid=os.getpid(), step=ctx["step"], total=ctx["steps"], resumed=ctx["resumed"])
     last_eval: dict[str, float] = {}
     started, start_step = time.perf_counter(), ctx["step"]
     while ctx["step"] < ctx["steps"]:
         t0 = time.perf_counter()
         metrics = train_step(ctx)
+        meter.add_tokens(metrics["tokens"])
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
+        metrics.update(meter.metrics())  # cumulative gpu_hours, cpu_core_hours, trained_tokens
         step = ctx["step"]
         final = step == ctx["steps"]
         ckpt_due = final or step % plan["checkpoint_every_n_steps"] == 0

@@ -105,6 +105,11 @@ class StepLogger:
         if time.monotonic() - self.last_flush >= self.every_s:
             self.flush()
 
+    def latest(self, names) -> dict[str, float]:
+        """The run's latest values of `names` (a resumed attempt continues cumulative metrics)."""
+        metrics = self.client.get_run(self.run_id).data.metrics
+        return {n: metrics[n] for n in names if n in metrics}
+
     def flush(self) -> None:
         for i in range(0, len(self.pending), 500):
             self.client.log_batch(self.run_id, metrics=self.pending[i : i + 500])

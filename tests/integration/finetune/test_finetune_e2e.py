@@ -107,6 +107,13 @@ def test_run_and_version_carry_the_lineage_and_no_base_weights(jobs, local_stack
     assert {"adapter", "tokenizer", "spec.yaml", "data_stats.json", "resolved.json"} <= top
     plan = json.loads(open(client.download_artifacts(run.info.run_id, "resolved.json")).read())  # what every worker ran with
     assert plan["kind"] == "ResolvedFineTune" and plan["values"]["workers"]["value"] == 2 and plan["values"]["use_gpu"]["value"] is False
+    # what the job consumed: workers x devices x wall time (within the run's own span), and its tokens
+    cores = 2 * plan["values"]["cpus_per_worker"]["value"]
+    run_hours = (run.info.end_time - run.info.start_time) / 3.6e6
+    m = run.data.metrics
+    assert m["gpu_hours"] == 0 and 0 < m["cpu_core_hours"] <= cores * run_hours
+    tokens = [x.value for x in sorted(client.get_metric_history(run.info.run_id, "trained_tokens"), key=lambda x: x.step)]
+    assert len(tokens) == STEPS["lora"] and tokens == sorted(tokens) and tokens[0] > 0
     files = [a for d in ("adapter", "tokenizer") for a in client.list_artifacts(run.info.run_id, d)]
     assert not any(a.path.endswith("model.safetensors") and not a.path.endswith("adapter_model.safetensors") for a in files)
     assert all((a.file_size or 0) < 5 * 2**20 for a in files)  # adapters and tokenizer only, never base weights
@@ -118,3 +125,6 @@ def test_run_and_version_carry_the_lineage_and_no_base_weights(jobs, local_stack
     assert listed["rev-lora"]["state"] == "succeeded" and listed["rev-lora"]["progress"] == f"{STEPS['lora']}/{STEPS['lora']}"
     status = json.loads(ctl(ctl_env, "finetune", "status", listed["rev-lora"]["id"], "--output", "json", check=True).stdout)
     assert status["run_id"] == run.info.run_id and status["version"] == "1" and status["checkpoint_step"] == STEPS["lora"]
+    assert status["metrics"]["cpu_core_hours"] == pytest.approx(m["cpu_core_hours"], abs=1e-6) and status["metrics"]["trained_tokens"] == tokens[-1]
+    text = ctl(ctl_env, "finetune", "status", listed["rev-lora"]["id"], check=True).stdout
+    assert re.search(r"cpu_core_hours\s+\d", text) and re.search(r"trained_tokens\s+\d+", text) and re.search(r"gpu_hours\s+0\.0000", text)

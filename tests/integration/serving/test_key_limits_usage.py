@@ -165,13 +165,7 @@ def test_an_over_limit_key_gets_429s_across_replicas_the_other_none_and_usage_su
             break
         assert time.monotonic() < deadline, f"no replacement replica after 180 s: {alive}"
         time.sleep(1)
-    for _ in range(60):  # the new replica answers (requests may land on it)
-        try:
-            free.one(100 + _)
-            break
-        except Exception:
-            time.sleep(1)
-    free.load(4)
+    free.load(4)  # after the restart: requests land on the new replica too
     limited.one(200)  # the limiter kept its count through the ingress restart: most likely 429 again
     time.sleep(2 * FLUSH_S + 0.5)
 
