@@ -130,6 +130,8 @@ def test_auth_on_mounts_the_api_key_secret_on_every_serving_pod_and_the_plan_nam
         assert "optional" not in volumes_of(pod)["api-keys"]["secret"], role  # auth without keys must not start silently
         assert mounts_of(pod)["api-keys"] == {"name": "api-keys", "mountPath": "/etc/llm-platform/api-keys", "readOnly": True}, role
         assert env_of(pod)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True, role
+        # the usage store's URL (the platform's Postgres) from the platform Secret, if it has one
+        assert env_of(pod)["PLATFORM_USAGE_DB"]["valueFrom"] == {"secretKeyRef": {"name": "llm-platform-mlflow", "key": "usage-db", "optional": True}}, role
     plan = plan_of(rs)
     assert plan["api_keys_file"] == KEYS_FILE and plan.source("api_keys_file") == "target"
 

@@ -41,6 +41,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_IMAGE = "ghcr.io/llm-platform/llm-platform:0.1.0"
 POD_PLATFORM_HOME = K8S_PLATFORM_HOME  # PLATFORM_HOME inside every Ray pod (one constant, in resolve)
 HF_TOKEN_KEY = "token"  # key of the Hugging Face token Secret
+USAGE_DB_KEY = "usage-db"  # key of the platform Secret (`mlflow_secret`) with the usage store's URL
 MODEL_CACHE_MOUNT = "/models"  # the model-cache PVC inside every Ray pod
 POD_HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
 # The API-key Secret (key `keys`: one plain key or sha256:<hex> hash per line) is mounted where
@@ -134,6 +135,9 @@ def secret_env(cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": cfg.hf_token_secret, "key": HF_TOKEN_KEY, "optional": True}}},
         {"name": "PLATFORM_HOME", "value": POD_PLATFORM_HOME},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        # the usage store's SQLAlchemy URL (the platform's Postgres); optional: without the key the
+        # ingress writes SQLite under PLATFORM_HOME in the pod, which does not outlive it
+        {"name": "PLATFORM_USAGE_DB", "valueFrom": {"secretKeyRef": {"name": cfg.mlflow_secret, "key": USAGE_DB_KEY, "optional": True}}},
     ]
     if cfg.model_cache_pvc:
         env.append({"name": "HF_HOME", "value": POD_HF_HOME})
