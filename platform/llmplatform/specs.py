@@ -111,7 +111,7 @@ class ClusterSpec(StrictModel):
 
     hf_token_secret: str | None = Field(default=None, description="Secret whose key `token` becomes `HF_TOKEN` in every Ray container (gated Hugging Face models such as Llama 2). Unset: the operator's `LLMOP_HF_TOKEN_SECRET` (default `llm-platform-hf-token`). The reference is optional: without the Secret, public models still load. Kubernetes only.")
     model_cache_pvc: str | None = Field(default=None, description="PersistentVolumeClaim mounted at `/models` in every Ray pod, with `HF_HOME=/models/huggingface`, so downloaded weights survive pods. Use a ReadWriteMany claim: every pod of the cluster mounts it, on any node. Unset: the operator's `LLMOP_MODEL_CACHE_PVC` (default: none, each pod downloads into its own disk). Kubernetes only.")
-    api_keys_secret: str | None = Field(default=None, description="Secret whose key `keys` (one plain key or `sha256:<hex>` hash per line) is mounted at `/etc/llm-platform/api-keys/keys` and read as the API-key file when `auth.enabled` (serving only). Unset: the operator's `LLMOP_API_KEYS_SECRET` (default `llm-platform-api-keys`). Kubernetes only.")
+    api_keys_secret: str | None = Field(default=None, description="Secret whose key `keys` (the keys file: one `sha256:<hex>` hash or plain key per line, optionally followed by `name=`, `rpm=`, `tpm=`) is mounted at `/etc/llm-platform/api-keys/keys` and read as the API-key file when `auth.enabled` (serving only). Unset: the operator's `LLMOP_API_KEYS_SECRET` (default `llm-platform-api-keys`). Kubernetes only.")
 
     @field_validator("hf_token_secret", "model_cache_pvc", "api_keys_secret")
     @classmethod
@@ -258,8 +258,8 @@ class AuthSpec(StrictModel):
     """API-key authentication (keys are stored as SHA-256 hashes)."""
 
     enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 routes, `/docs`, `/openapi.json` and (unless `public_metrics`) `/metrics`.")
-    api_keys_file: str | None = Field(default=None, description="File with one key hash (`sha256:<hex>`) or plain key per line; plain keys are hashed on load. Read when a replica starts. On Kubernetes the operator mounts the API-key Secret and uses its file (`/etc/llm-platform/api-keys/keys`) instead.")
-    api_keys_env: str | None = Field(default="PLATFORM_API_KEYS", description="Env var with comma-separated keys or `sha256:` hashes, read from the Serve processes' environment. Nothing sets it on Kubernetes pods: there the keys come from the API-key Secret (`cluster.api_keys_secret`).")
+    api_keys_file: str | None = Field(default=None, description="File with one key hash (`sha256:<hex>`) or plain key per line; plain keys are hashed on load. After the key, optional `name=NAME` (its identity in `platformctl usage`; default `key-<hash prefix>`), `rpm=N` and `tpm=N` (requests and tokens per minute, enforced across all ingress replicas; 429 + Retry-After beyond). `platformctl keys add` appends a new key. Read when a replica starts and again within a second of a change. On Kubernetes the operator mounts the API-key Secret and uses its file (`/etc/llm-platform/api-keys/keys`) instead.")
+    api_keys_env: str | None = Field(default="PLATFORM_API_KEYS", description="Env var with comma-separated keys or `sha256:` hashes (each optionally followed by `name=`, `rpm=`, `tpm=` as in the keys file), read from the Serve processes' environment. Nothing sets it on Kubernetes pods: there the keys come from the API-key Secret (`cluster.api_keys_secret`).")
     public_metrics: bool = Field(default=False, description="Serve `/metrics` without a key when auth is on (for a Prometheus that scrapes without credentials). `/docs` and `/openapi.json` always need a key when auth is on; `/healthz` never does.")
 
 

@@ -71,12 +71,13 @@ def keys_add(
     file: Path = typer.Option(..., "--file", "-f", help="The keys file to append to (a serve spec's auth.api_keys_file, or the Secret's `keys`)."),
     rpm: int = typer.Option(None, "--rpm", min=1, help="Requests per minute allowed, across all replicas (default: no limit)."),
     tpm: int = typer.Option(None, "--tpm", min=1, help="Prompt + completion tokens per minute allowed (default: no limit)."),
+    rotate: bool = typer.Option(False, "--rotate", help="NAME exists: add a second key of the same identity and limits (remove the old line once clients moved)."),
 ) -> None:
     """Make a new key, print it once, and append `sha256:<hash> name=NAME [rpm=N] [tpm=N]` to FILE."""
     from llmplatform.serving.keys import KeysFormatError, add_key
 
     try:
-        key = add_key(file, name, rpm, tpm)
+        key = add_key(file, name, rpm, tpm, rotate)
     except KeysFormatError as exc:
         raise UsageError(str(exc)) from exc
     typer.echo(key)

@@ -121,13 +121,20 @@ def new_key() -> str:
     return "sk-" + secrets.token_urlsafe(32)
 
 
-def add_key(path: Path, name: str, rpm: int | None = None, tpm: int | None = None) -> str:
-    """Make a new key, append its hash line to `path` (created 0600 if missing); returns the plain key."""
+def add_key(path: Path, name: str, rpm: int | None = None, tpm: int | None = None, rotate: bool = False) -> str:
+    """Make a new key, append its hash line to `path` (created 0600 if missing); returns the plain key.
+    `rotate`: `name` must exist; the new key shares its identity (usage, and limits unless given)."""
     if not name or any(c.isspace() or c in ",#=" for c in name):
         raise KeysFormatError(f"key name {name!r}: use letters, digits, '-', '_' or '.' (no spaces, ',', '#', '=')")
     existing = parse_keys_table(path.read_text(), str(path)) if path.exists() else {}
-    if any(ident.name == name for ident in existing.values()):
-        raise KeysFormatError(f"{path} already has a key named {name!r}; pick another name or remove its line first")
+    same = [ident for ident in existing.values() if ident.name == name]
+    if same and not rotate:
+        raise KeysFormatError(f"{path} already has a key named {name!r}; pick another name, or pass --rotate for a second key "
+                              "of the same identity (then remove the old line)")
+    if rotate and not same:
+        raise KeysFormatError(f"--rotate: {path} has no key named {name!r} to rotate")
+    if same:
+        rpm, tpm = rpm if rpm is not None else same[0].rpm, tpm if tpm is not None else same[0].tpm
     key = new_key()
     line = format_line(hash_key(key), KeyIdentity(name, rpm, tpm))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,10 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path, capsys)
     assert parse_keys_table(keys.read_text())[hash_key(key)] == KeyIdentity("team-b", 10, 500)
     assert main(["keys", "add", "team-b", "--file", str(keys)]) == 1
     assert "already has a key named 'team-b'" in capsys.readouterr().err
+    assert main(["keys", "add", "team-b", "--file", str(keys), "--rotate"]) == 0  # a second key, same identity and limits
+    rotated = capsys.readouterr().out.strip()
+    table = parse_keys_table(keys.read_text())
+    assert table[hash_key(rotated)] == table[hash_key(key)] == KeyIdentity("team-b", 10, 500) and rotated != key
     fresh = tmp_path / "new" / "keys.txt"
     add_key(fresh, "x")
     assert fresh.stat().st_mode & 0o777 == 0o600
