@@ -51,6 +51,16 @@ def build_engine(plan: Resolved, base_dir: str):
                     tensor_parallel=plan["tensor_parallel"], threads=threads, max_loaded_adapters=spec.max_loaded_adapters)
 
 
+def _gpu_seconds_recorder(plan: Resolved):
+    from llmplatform.serving.usage import gpu_seconds_recorder
+
+    try:
+        replica = serve.get_replica_context().replica_tag
+    except Exception:  # outside a Serve replica (tests)
+        replica = ""
+    return gpu_seconds_recorder(plan, replica)
+
+
 class EngineCore:
     """Holds one engine; `generate` streams events for one request. Runs as the `engine`
     deployment (`EngineReplica`), or inside the ingress replica behind `LocalEngine`."""
@@ -67,6 +77,11 @@ class EngineCore:
             return await self._load_adapter(adapter_id)
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.spec.max_loaded_adapters)(load)
+        self.gpu_seconds = _gpu_seconds_recorder(self.plan)  # this replica's replica-GPU-seconds (usage store)
+
+    def __del__(self):
+        if getattr(self, "gpu_seconds", None) is not None:
+            self.gpu_seconds.close()
 
     async def _load_adapter(self, adapter_id: str) -> _LoadedAdapter:
         path = self._paths.get(adapter_id)

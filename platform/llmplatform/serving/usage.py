@@ -24,6 +24,7 @@ from collections import defaultdict
 log = logging.getLogger(__name__)
 USAGE_DB_ENV = "PLATFORM_USAGE_DB"
 FLUSH_S = 1.0
+REPLICA_ROW_S = 60.0  # a GPU replica's seconds are written once a minute (and at shutdown)
 GROUPS = ("key", "model", "adapter", "deployment")
 COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors")
 
@@ -137,16 +138,20 @@ class UsageRecorder:
             t[2] += completion_tokens
             t[3] += int(error)
 
-    def flush(self) -> None:
-        """Write what was tallied (and, with `gpus`, this replica's GPU-seconds since the last flush)."""
+    def flush(self, final: bool = False) -> None:
+        """Write what was tallied (and, with `gpus`, this replica's GPU-seconds once a minute)."""
         with self._lock:
             tally, self._tally = self._tally, defaultdict(lambda: [0, 0, 0, 0])
             now = time.time()
-            elapsed, self._alive_since = now - self._alive_since, now
+            elapsed = now - self._alive_since
+            if self.gpus and (final or elapsed >= REPLICA_ROW_S):
+                self._alive_since = now
+            else:
+                elapsed = 0.0
         rows = [{"minute": m, "deployment": self.deployment, "key": k, "model": mo, "adapter": a, "replica": self.replica,
                  **dict(zip(COUNTS, counts))} for (m, k, mo, a), counts in tally.items()]
         replica_rows = ([{"minute": int(now) // 60 * 60, "deployment": self.deployment, "replica": self.replica,
-                          "gpu_seconds": elapsed * self.gpus, "seconds": elapsed}] if self.gpus else [])
+                          "gpu_seconds": elapsed * self.gpus, "seconds": elapsed}] if elapsed else [])
         if not rows and not replica_rows:
             return
         try:
@@ -167,5 +172,20 @@ class UsageRecorder:
             self.flush()
 
     def close(self) -> None:
-        self._stop.set()
-        self.flush()
+        if not self._stop.is_set():
+            self._stop.set()
+            self.flush(final=True)
+
+
+def replica_gpus(plan) -> float:
+    """Accelerators one replica of a resolved serve plan reserves (its placement bundles)."""
+    placement = plan["placement"]
+    accel = placement.get("accelerator")
+    return float(sum(b.get(accel, 0.0) for b in placement["bundles"])) if accel else 0.0
+
+
+def gpu_seconds_recorder(plan, replica: str) -> UsageRecorder | None:
+    """A recorder of this engine replica's GPU-seconds for `platformctl usage --by deployment`;
+    None on CPU or with the store off."""
+    gpus, url = replica_gpus(plan), usage_db_url()
+    return UsageRecorder(url, plan.spec.name, replica, gpus=gpus) if gpus and url else None

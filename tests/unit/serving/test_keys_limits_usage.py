@@ -119,3 +119,22 @@ def test_a_failed_write_keeps_the_tally_for_the_next_flush(tmp_path) -> None:
     rec.close()
     store = UsageStore(f"sqlite:///{tmp_path}/usage.db")
     assert store.report(0, "key") == [{"key": "k", "requests": 1, "prompt_tokens": 3, "completion_tokens": 4, "errors": 0}]
+
+
+def test_an_engine_replica_counts_the_accelerators_of_its_placement_group(tmp_path, monkeypatch) -> None:
+    from llmplatform.resolve import Facts, resolve
+    from llmplatform.serving.usage import gpu_seconds_recorder, replica_gpus
+    from llmplatform.specs import parse_spec
+
+    monkeypatch.setenv("PLATFORM_USAGE_DB", f"sqlite:///{tmp_path}/usage.db")
+    spec = {"name": "chat", "engine": "hf", "model": {"base": "llama2-tiny"}, "tensor_parallel": 2,
+            "resources": {"gpus_per_shard": 1, "accelerator_resource": "fake_gpu"}}
+    plan = resolve(parse_spec("serve", spec), Facts()).require()
+    assert replica_gpus(plan) == 2.0
+    rec = gpu_seconds_recorder(plan, "r1")
+    time.sleep(0.3)
+    rec.close()
+    (row,) = UsageStore(f"sqlite:///{tmp_path}/usage.db").report(0, "deployment")
+    assert row["deployment"] == "chat" and row["requests"] == 0 and 0.6 <= row["replica_gpu_seconds"] < 10  # 2 GPUs x ~0.3 s
+    cpu_plan = resolve(parse_spec("serve", {"name": "c", "engine": "hf", "model": {"base": "llama2-tiny"}}), Facts()).require()
+    assert replica_gpus(cpu_plan) == 0.0 and gpu_seconds_recorder(cpu_plan, "r") is None
