@@ -13,6 +13,10 @@ text). Systems: our endpoint with the hf engine; a sequential transformers `gene
 (`generate_batch`, explicit small cache); `vllm` direct and our endpoint with the vllm engine
 (only when `.venv-vllm` exists; otherwise recorded as skipped with the reason). Systems
 alternate within each round; `--rounds N` takes medians. Results: bench/results/serve.json.
+`hf_endpoint_accounted` / `vllm_endpoint_accounted` are the same endpoints with API keys, per-key
+limits (far above the load, so each request asks the limiter and none is refused) and the usage
+store on; the plain ones have auth and the usage store off. `targets` reports their throughput
+ratio at 16 streams (`*_accounting_vs_plain`, target >= 0.97).
 Our endpoints get their own Ray, started as `platformctl up` starts the local head (on a host
 without a GPU: the CPU partition, `--cpu-partition`), with the serve spec's defaults.
 """
@@ -257,19 +261,30 @@ def run_continuous_batching(model, prompts, concurrency: int, out_tokens: int, c
 # ---------------------------------------------------------------------------- servers
 
 
-def start_endpoint(model_dir: Path, engine: str, python: str, partition=None) -> tuple[subprocess.Popen, str, str]:
+def start_endpoint(model_dir: Path, engine: str, python: str, partition=None, accounting: bool = False) -> tuple[subprocess.Popen, str, str]:
     """Our endpoint in a child process (own Ray, own process group): returns (proc, base_url, model).
 
     `partition` (llmplatform.cpus.CpuPartition): start its Ray on the front-end CPUs with
-    the partition in its env, as `platformctl up` starts the local head."""
+    the partition in its env, as `platformctl up` starts the local head. `accounting`: auth on
+    with a keys file whose bench key has per-minute limits far above the load (so every request
+    takes the limiter round trip and none is refused) and the usage store on (SQLite in a temp
+    dir); without it auth and the usage store are off."""
     port = _free_port()
+    extra_env, auth = {"PLATFORM_USAGE_DB": "off"}, ""
+    if accounting:
+        from llmplatform.serving.keys import hash_key
+
+        state = Path(tempfile.mkdtemp(prefix="bench-acct"))
+        (state / "keys.txt").write_text(f"sha256:{hash_key('bench')} name=bench rpm=100000000 tpm=100000000000\n")
+        extra_env = {"PLATFORM_USAGE_DB": f"sqlite:///{state}/usage.db"}
+        auth = f", 'auth': {{'enabled': True, 'api_keys_file': '{state}/keys.txt', 'api_keys_env': None}}"
     code = (
         "import os, sys, time, tempfile, ray\n"
         "from llmplatform.backends.serving import deploy_spec\n"
         "ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix='rb', dir='/tmp'), log_to_driver=False)\n"
         f"st = deploy_spec({{'name': 'bench', 'engine': '{engine}', 'max_model_len': 512,"
         " 'limits': {'max_concurrent_requests': 64, 'max_queued_requests': 64, 'max_batch_size': 32, 'request_timeout_s': 600},"
-        f" 'dtype': 'bfloat16', 'model': {{'base': '{model_dir}', 'allow_dynamic_adapters': False}}}}, http_port={port})\n"
+        f" 'dtype': 'bfloat16', 'model': {{'base': '{model_dir}', 'allow_dynamic_adapters': False}}{auth}}}, http_port={port})\n"
         "print('READY', st['url'], flush=True)\n"
         "while True: time.sleep(3600)\n"
     )
@@ -277,7 +292,7 @@ def start_endpoint(model_dir: Path, engine: str, python: str, partition=None) ->
     from llmplatform.serving.environment import SERVE_FAST_PATH_ENV  # what `platformctl up` gives the Ray head
 
     env = {**SERVE_FAST_PATH_ENV, **os.environ, "RAY_AUTH_MODE": "disabled",
-           "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1"), **(partition.env() if partition else {})}
+           "PLATFORM_ENGINE_THREADS": os.environ.get("PLATFORM_ENGINE_THREADS", "1"), **(partition.env() if partition else {}), **extra_env}
     proc = subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True, cwd=ROOT, preexec_fn=cpus.pin_child(partition.front) if partition else None)
     url = _wait_ready(proc, 420)
@@ -386,7 +401,8 @@ def vllm_available() -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="llama2-tiny, 8 prompts x 16 tokens, concurrency 1 and 8")
-    ap.add_argument("--systems", default="hf_endpoint,sequential,continuous_batching,vllm_direct,vllm_endpoint")
+    ap.add_argument("--systems", default="hf_endpoint,hf_endpoint_accounted,sequential,continuous_batching,vllm_direct,vllm_endpoint,"
+                                         "vllm_endpoint_accounted", help="`*_accounted`: the endpoint with keys, limits and usage on")
     ap.add_argument("--concurrency", default=None, help="comma list; default 1,8,16,32 (quick: 1,8)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=None)
@@ -423,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "endpoint_cpu_partition": partition.to_dict() if partition else None},
               "systems": {}, "rounds_tok_per_s": {}, "skipped": {}}
     have_vllm, why = vllm_available()
-    for s in ("vllm_direct", "vllm_endpoint"):
+    for s in ("vllm_direct", "vllm_endpoint", "vllm_endpoint_accounted"):
         if s in systems and not have_vllm:
             result["skipped"][s] = why
     runs: dict[str, dict[int, list[dict]]] = {}
@@ -434,16 +450,16 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             proc = None
             try:
-                if system == "hf_endpoint":
-                    proc, url, name = start_endpoint(model_dir, "hf", sys.executable, partition)
-                elif system == "vllm_endpoint":
-                    proc, url, name = start_endpoint(model_dir, "vllm", str(VLLM_VENV / "bin/python"), partition)
+                if system in ("hf_endpoint", "hf_endpoint_accounted"):
+                    proc, url, name = start_endpoint(model_dir, "hf", sys.executable, partition, system.endswith("_accounted"))
+                elif system in ("vllm_endpoint", "vllm_endpoint_accounted"):
+                    proc, url, name = start_endpoint(model_dir, "vllm", str(VLLM_VENV / "bin/python"), partition, system.endswith("_accounted"))
                 elif system == "vllm_direct":
                     proc, url, name = start_vllm_direct(model_dir)
                 elif hf_model is None:
                     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
                 for c in levels:
-                    if system in ("hf_endpoint", "vllm_endpoint", "vllm_direct"):
+                    if system in ("hf_endpoint", "hf_endpoint_accounted", "vllm_endpoint", "vllm_endpoint_accounted", "vllm_direct"):
                         run_http(url, name, prompts[: min(4, len(prompts))], min(c, 4), 4, 30)  # warm-up
                         before = session_cpu(proc.pid)
                         res = with_cpu(run_http(url, name, prompts, c, o_tokens, cap), before, session_cpu(proc.pid))
@@ -487,6 +503,10 @@ def targets(result: dict) -> dict:
     vd, ve = tps("vllm_direct", c), tps("vllm_endpoint", c)
     out["vllm_endpoint_vs_direct"] = round(ve / vd, 3) if vd and ve else None
     out["vllm_endpoint_vs_direct_target"] = 0.9
+    for engine in ("hf", "vllm"):  # the cost of keys, limits and usage: same engine, same run, accounting on / off
+        on, off = tps(f"{engine}_endpoint_accounted", c), tps(f"{engine}_endpoint", c)
+        out[f"{engine}_accounting_vs_plain"] = round(on / off, 3) if on and off else None
+    out["accounting_vs_plain_target"] = 0.97
     for system in ("vllm_direct", "vllm_endpoint"):  # CPU the serving layer spends per output token, beside the model's
         out[f"{system}_serving_cpu_ms_per_token"] = (sysd.get(system, {}).get(str(c)) or {}).get("serving_cpu_ms_per_token")
     return out
