@@ -3,14 +3,18 @@ limits, and the usage it records.
 
 `identify` maps the bearer key to its `KeyIdentity` (keys from the deployer's env, then the
 keys file; see `llmplatform.serving.keys`); `admit` asks the deployment's limiter for keys that
-have limits (429 + Retry-After when over); `finished` / `failed` count the request in the usage
-store's tally (`llmplatform.serving.usage`) and charge its tokens to the key's limit. Nothing
-here does I/O on the event loop except the limiter round trip for limited keys.
+have limits (429 + Retry-After when over; a limiter that does not answer within
+LIMITER_TIMEOUT_S, e.g. while Serve restarts it, admits the request); `finished` / `failed`
+count the request in the usage store's tally (`llmplatform.serving.usage`) and charge its
+tokens to the key's limit. Nothing here does I/O on the event loop except the limiter round
+trip for limited keys.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from llmplatform.serving import errors as E
 from llmplatform.serving.keys import KeyIdentity, KeysFile, env_keys, hash_key, parse_keys_table
@@ -20,6 +24,11 @@ from llmplatform.serving.usage import UsageRecorder, usage_db_url
 log = logging.getLogger(__name__)
 ANONYMOUS = KeyIdentity("anonymous")  # auth off: every request is this identity
 UNAUTHENTICATED = "unauthenticated"  # the usage `key` of requests refused with 401
+LIMITER_TIMEOUT_S = 2.0  # a limiter slower than this (restarting) admits the request: limits fail open
+
+
+async def _awaited(response):
+    return await response
 
 
 def rate_limited(name: str, wait_s: float) -> E.ApiError:
@@ -38,6 +47,7 @@ class Accounting:
         if self.enabled:
             self.keys_file.table()  # read at start, so a bad file fails here rather than on the first request
         self.limiter = limiter
+        self._warned = float("-inf")
         self.metrics = metrics
         url = usage_db_url()
         self.usage = UsageRecorder(url, plan.spec.name, replica) if url else None
@@ -59,7 +69,14 @@ class Accounting:
         """429 + Retry-After when `ident` is over a per-minute limit (shared by all replicas)."""
         if not ident.limited or self.limiter is None:
             return
-        wait = await self.limiter.admit.remote(ident.name, ident.rpm, ident.tpm)
+        try:
+            wait = await asyncio.wait_for(_awaited(self.limiter.admit.remote(ident.name, ident.rpm, ident.tpm)), LIMITER_TIMEOUT_S)
+        except Exception as exc:  # the limiter is restarting or gone: serve rather than refuse (fail open)
+            now = time.monotonic()
+            if now - self._warned > 60:
+                self._warned = now
+                log.warning("limiter did not answer (%s: %s); admitting limited keys unchecked", type(exc).__name__, exc)
+            return
         if wait is not None:
             if self.metrics is not None:
                 self.metrics.rate_limited.inc()

@@ -52,7 +52,7 @@ class Client:
         self.api = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         self.lock = threading.Lock()
         self.sent = self.ok = self.prompt = self.completion = 0
-        self.limited: list[str] = []  # Retry-After of each 429
+        self.limited: list[tuple] = []  # (Retry-After, error code) of each 429
         self.other_errors: list[str] = []
 
     def one(self, i: int) -> None:
@@ -70,7 +70,7 @@ class Client:
                                                          extra_body={"ignore_eos": True}).usage
         except openai.RateLimitError as exc:
             with self.lock:
-                self.limited.append(exc.response.headers.get("retry-after"))
+                self.limited.append((exc.response.headers.get("retry-after"), exc.code))
             return
         except openai.APIError as exc:
             with self.lock:
@@ -149,7 +149,7 @@ def test_an_over_limit_key_gets_429s_across_replicas_the_other_none_and_usage_su
     assert free.ok == 16 and free.limited == []  # the other key is unaffected
     allowance = RPM + int(elapsed * RPM / 60)  # a minute's burst, then rpm/60 per second
     assert RPM <= limited.ok <= allowance and len(limited.limited) == 16 - limited.ok
-    assert all(ra is not None and int(ra) >= 1 for ra in limited.limited)  # 429 carries Retry-After in seconds
+    assert all(ra is not None and int(ra) >= 1 and code == "rate_limit_exceeded" for ra, code in limited.limited)  # Retry-After in s
     time.sleep(2 * FLUSH_S + 0.5)
     # the limit is the deployment's: both ingress replicas served the limited key, and together they
     # admitted no more than one bucket allows (each replica counting alone would admit up to 2 x RPM)

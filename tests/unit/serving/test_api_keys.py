@@ -91,3 +91,63 @@ def test_without_a_target_file_the_specs_file_is_read(tmp_path, ingress_for) -> 
     ingress, plan = ingress_for({"enabled": True, "api_keys_file": str(keys)}, Facts())
     assert plan["api_keys_file"] == str(keys) and plan.source("api_keys_file") == "spec"
     assert accepts(ingress, "local-key") and not accepts(ingress, "other")
+
+
+def test_a_key_resolves_to_its_named_identity_with_limits_from_the_file_or_the_deployers_env(tmp_path, ingress_for) -> None:
+    from llmplatform.serving.keys import KeyIdentity
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"sha256:{hash_key('team-a-key')} name=team-a rpm=2\nold-style-key\n")
+    ingress, _ = ingress_for({"enabled": True, "api_keys_file": str(keys)}, Facts())
+    assert ingress._auth(bearer("team-a-key")) == KeyIdentity("team-a", rpm=2)
+    assert ingress._auth(bearer("old-style-key")).name == f"key-{hash_key('old-style-key')[:8]}"
+
+
+class LocalLimiter:
+    """The limiter deployment's own class, called in-process (`.remote` as Serve's handle awaits it)."""
+
+    def __init__(self, slow_s: float = 0.0):
+        from llmplatform.serving.limits import RateLimiter
+
+        inner = RateLimiter.func_or_class()
+
+        class Method:
+            def __init__(self, fn):
+                self.fn = fn
+
+            async def remote(self, *args):
+                import asyncio
+
+                await asyncio.sleep(slow_s)
+                return self.fn(*args)
+
+        self.admit, self.charge = Method(inner.admit), Method(inner.charge)
+
+
+def test_over_its_limit_a_key_gets_429_with_retry_after_and_a_silent_limiter_fails_open(monkeypatch) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from llmplatform.serving.accounting import Accounting
+    from llmplatform.serving.keys import KeyIdentity
+
+    class Plan(dict):  # what Accounting reads of a resolved plan: .spec and ["api_keys_file"]
+        spec = SimpleNamespace(auth=SimpleNamespace(enabled=True, api_keys_env=None), name="chat")
+
+    monkeypatch.setenv("PLATFORM_USAGE_DB", "off")
+    acct = Accounting(Plan(api_keys_file=None), [], LocalLimiter())
+    slow = Accounting(Plan(api_keys_file=None), [], LocalLimiter(slow_s=30))
+    team = KeyIdentity("team-a", rpm=2)
+
+    async def run():
+        await acct.admit(team)
+        await acct.admit(team)
+        with pytest.raises(E.ApiError) as err:
+            await acct.admit(team)
+        await acct.admit(KeyIdentity("team-b", rpm=2))  # another key is unaffected
+        await slow.admit(team)  # no answer in LIMITER_TIMEOUT_S: admitted
+        return err.value
+
+    err = asyncio.run(run())
+    assert err.status == 429 and err.code == "rate_limit_exceeded" and err.headers == {"Retry-After": "30"}
+    assert "team-a" in err.message
