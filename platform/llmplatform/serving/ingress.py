@@ -1,17 +1,20 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve), the same whichever engine runs.
 
-Per request: API key (SHA-256 hashes, constant-time compare; the plan's `api_keys_file`, on
-Kubernetes the mounted Secret, is re-read when it changes) -> body size (413 above
+Per request: API key -> its identity (SHA-256 hashes; the plan's `api_keys_file`, on
+Kubernetes the mounted Secret, is re-read when it changes; `accounting.py`) -> body size (413 above
 `limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; large
 bodies are parsed and tokenized on a worker thread, never on the event loop) -> model lookup (404
 unknown, 400 incompatible adapter, 503 + Retry-After when the registry does not answer within
 `limits.registry_lookup_timeout_s`) -> Llama 2 chat template and token
-count (400 when prompt + max_tokens exceed max_model_len, with both numbers) -> admission against
+count (400 when prompt + max_tokens exceed max_model_len, with both numbers) -> the key's
+per-minute limits, shared by all replicas (429 + Retry-After) -> admission against
 the bounded queue (429 + Retry-After) -> the engine deployment, routed by adapter id (Serve model
 multiplexing), or the engine in this replica (topology `colocated`) -> JSON or SSE ending in
 `data: [DONE]`. A deadline (`request_timeout_s`) bounds every request. When the engine replica dies,
 a request that has no token yet is retried on a healthy replica until its deadline; one that has
 gets a JSON 503, or (streaming) an SSE error event and `data: [DONE]`. Prometheus metrics at `/metrics`.
+Each finished or refused request is counted per key, model and adapter in the usage store
+(`usage.py`), written off the request path.
 """
 
 
