@@ -94,3 +94,10 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ct
     late = sorted(m.step for m in history if m.timestamp / 1000 > killed_at)
     assert late and late[0] == resumed["step"] + 1 and late[-1] == total  # the curve continues, no step 1 again
     assert {m.step for m in history} == set(range(1, total + 1))
+    # resource metrics are cumulative over the attempts: the resumed worker starts from the run's values
+    for name in ("cpu_core_hours", "trained_tokens"):
+        values = [m.value for m in sorted(MlflowClient(local_stack.mlflow_url).get_metric_history(st["run_id"], name), key=lambda m: m.timestamp)]
+        assert values == sorted(values) and values[0] > 0, name
+        before = [m.value for m in MlflowClient(local_stack.mlflow_url).get_metric_history(st["run_id"], name) if m.timestamp / 1000 <= killed_at]
+        assert before and values[-1] > max(before), name
+    assert st["metrics"]["gpu_hours"] == 0
