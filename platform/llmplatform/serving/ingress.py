@@ -382,12 +382,15 @@ class OpenAIIngress:
 
         async def events():
             event = first
+            generated, counted = 0, usage is None  # completion tokens so far (engines send the running count)
             try:
                 while True:
                     yield event
+                    generated = event.get("completion_tokens", generated)
                     if "finish_reason" in event:
                         n = event["completion_tokens"]
                         if usage is not None:
+                            counted = True
                             usage(event["prompt_tokens"], n)  # usage store + the key's token limit
                         self.metrics.tokens_out.labels(label).inc(n)
                         if n > 1:
@@ -397,6 +400,8 @@ class OpenAIIngress:
                     event = await next_event()
             finally:
                 finish()
+                if not counted:  # ended early (client gone, engine failed): the tokens generated so far
+                    usage(prompt_tokens, generated)
 
         rid = S.new_id("chatcmpl" if chat else "cmpl")
         if not req.stream:

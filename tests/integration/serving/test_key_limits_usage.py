@@ -23,7 +23,7 @@ from conftest import BASE
 
 pytestmark = pytest.mark.integration
 APP, RPM = "tiny-keys", 4
-LIMITED_KEY, FREE_KEY = "sk-limited-test-key", "sk-free-test-key"
+LIMITED_KEY, FREE_KEY, GONE_KEY = "sk-limited-test-key", "sk-free-test-key", "sk-gone-test-key"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def keys_app(serving_env, tmp_path_factory):
 
     keys = tmp_path_factory.mktemp("limit-keys") / "keys.txt"
     keys.write_text(f"sha256:{hash_key(LIMITED_KEY)} name=team-limited rpm={RPM}\n"
-                    f"sha256:{hash_key(FREE_KEY)} name=team-free rpm=1000 tpm=1000000\n")
+                    f"sha256:{hash_key(FREE_KEY)} name=team-free rpm=1000 tpm=1000000\n"
+                    f"sha256:{hash_key(GONE_KEY)}\n")  # the old format: named key-<hash prefix>
     spec = {"name": APP, "engine": "hf", "topology": "colocated", "max_model_len": 256, "route_prefix": "/keys",
             "model": {"base": BASE, "allow_dynamic_adapters": False},
             "autoscaling": {"min_replicas": 2, "max_replicas": 2},
@@ -174,3 +175,24 @@ def test_an_over_limit_key_gets_429s_across_replicas_the_other_none_and_usage_su
         row = totals[name]
         assert (row["requests"], row["prompt_tokens"], row["completion_tokens"], row["errors"]) == (
             client.sent, client.prompt, client.completion, len(client.limited) + len(client.other_errors)), name
+
+
+def test_a_stream_the_client_abandons_still_counts_its_request_and_tokens(keys_app):
+    import httpx
+
+    from llmplatform.serving.keys import default_name, hash_key
+    from llmplatform.serving.usage import FLUSH_S
+
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Tell a long story"}], "max_tokens": 200, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", keys_app["url"] + "/chat/completions", json=body, headers={"Authorization": f"Bearer {GONE_KEY}"}) as r:
+            assert r.status_code == 200
+            chunks = 0
+            for line in r.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks >= 3:
+                    break  # leave: the connection closes mid-stream
+    time.sleep(3 + 2 * FLUSH_S)
+    row = usage_by_key()[default_name(hash_key(GONE_KEY))]
+    assert row["requests"] == 1 and row["prompt_tokens"] > 0 and 1 <= row["completion_tokens"] <= 200 and row["errors"] == 0
