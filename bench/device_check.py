@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 from llmplatform import catalog, planner  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10G": 70.0}  # dense, datasheets
+LORA_DROPOUT = 0.0  # the runs' LoRA dropout (the planner models what dropout > 0 adds)
 GPU_TYPES = {"H200": "h200-141gb", "H100": "h100-80gb", "A100": "a100-80gb", "L4": "l4-24gb"}
 
 
@@ -185,7 +186,7 @@ def train_steps(method: str, model_dir: Path, shape: catalog.ModelShape, device:
     spec = parse_spec("finetune", {
         "name": f"devcheck-{method}", "base_model": str(model_dir), "method": method,
         "data": {"train": "random-tokens", "max_seq_length": seq_len},
-        "lora": {"rank": rank, "alpha": 2 * rank, "dropout": 0.0},
+        "lora": {"rank": rank, "alpha": 2 * rank, "dropout": LORA_DROPOUT},
         "hyperparameters": {"micro_batch_size": batch, "gradient_checkpointing": checkpointing,
                             "optimizer": "adamw" if method == "lora" else "paged_adamw_32bit", "learning_rate": 1e-4},
     })
@@ -226,12 +227,14 @@ def train_steps(method: str, model_dir: Path, shape: catalog.ModelShape, device:
     median = sorted(step_s)[len(step_s) // 2]
     tokens = batch * seq_len
     return {"method": method, "seq_len": seq_len, "micro_batch": batch, "gradient_checkpointing": checkpointing, "lora_rank": rank,
+            "lora_dropout": LORA_DROPOUT,
             "load_s": round(load_s, 1), "load_peak_allocated_gib": load_peak, "step_s_median": round(median, 4), "tokens_per_s": round(tokens / median, 1),
             "loss_first": losses[0], "loss_last": losses[-1], **result, **peaks_gib(device)}
 
 
 def planner_figure(shape: catalog.ModelShape, method: str, gpu: str, seq_len: int, batch: int, rank: int, checkpointing: bool) -> dict:
-    p = planner.plan_training(shape, method, gpu, seq_len=seq_len, micro_batch=batch, lora_rank=rank, gradient_checkpointing=checkpointing)
+    p = planner.plan_training(shape, method, gpu, seq_len=seq_len, micro_batch=batch, lora_rank=rank, gradient_checkpointing=checkpointing,
+                              lora_dropout=LORA_DROPOUT)
     return {"total_gib": round(p.total_gib, 3), "without_overhead_gib": round(p.total_gib - p.memory_gib["overhead"], 3),
             "breakdown_gib": {k: round(v, 3) for k, v in p.memory_gib.items()}}
 
