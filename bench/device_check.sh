@@ -10,7 +10,7 @@
 #
 #   bash bench/device_check.sh prepare     # HERE (CPU, PyPI): wheels + 32k tokenizer into .devcarry/ (~60 MB)
 #   bash bench/device_check.sh             # ON THE GPU MACHINE, carrying .devcarry (device `run`, timeout_s 560)
-#   bash bench/device_check.sh --dry-run   # CPU, tiny shapes, ~20 s (tests/integration/test_device_check.py)
+#   bash bench/device_check.sh --dry-run   # CPU, tiny shapes, ~30 s (tests/integration/finetune/test_bench_dry_run.py)
 #
 # The device image has torch, transformers, peft and accelerate and no network: the wheels carried are
 # the GPU image's pins (constraints/gpu.txt) of what the check imports, installed with --no-deps into
@@ -58,6 +58,7 @@ fi
 DRY=""
 [ "${1:-}" = "--dry-run" ] && DRY="--dry-run"
 RESULTS=${OUT:-bench/results}
+[ -n "$DRY" ] && RESULTS=${OUT:-${TMPDIR:-/tmp}/llmp-device-check-dry-results}  # a dry run never replaces the GPU results
 mkdir -p "$RESULTS"
 if [ -z "$DRY" ]; then
   [ -d "$CARRY/wheels" ] || { echo "no $CARRY/wheels: run 'bash bench/device_check.sh prepare' here and carry .devcarry" >&2; exit 2; }
