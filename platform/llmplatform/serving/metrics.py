@@ -41,6 +41,7 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 VLLM_SERIES = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
                "vllm:request_queue_time_seconds", "vllm:num_requests_running", "vllm:num_requests_waiting",
                "vllm:kv_cache_usage_perc", "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success")
+FINISH_REASONS = ("stop", "length", "abort")  # vLLM's finished_reason values
 STATS_KEYS = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")  # an engine's `stats()`
 
 
@@ -64,6 +65,14 @@ class VLLMSeries:
         self.running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", m, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", m, registry=r)
         self.kv_cache = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", m, registry=r)
+
+    def start(self, model: str) -> None:
+        """Every series exists from the start for the engine's model, at 0, as vLLM creates them."""
+        for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
+                       self.running, self.waiting, self.kv_cache):
+            metric.labels(model)
+        for reason in FINISH_REASONS:
+            self.success.labels(model, reason)
 
 
 class ServeMetrics:
@@ -92,6 +101,14 @@ class ServeMetrics:
                                        registry=r)
         self.engine_scrape_errors = Counter("platform_engine_metrics_errors", "Scrapes where the engine did not answer in time.",
                                             registry=r)
+        # the bounded label values exist from the start, at 0, so rate() and dashboards see them
+        for reason in ("missing_key", "invalid_key"):
+            self.auth_failures.labels(reason)
+        self.rejected.labels("queue_full")
+        for result in ("ok", "failed"):
+            self.registry_lookups.labels(result)
+        if self.vllm:
+            self.vllm.start(engine_model)
 
     @staticmethod
     def label(served_as: str | None) -> str:
