@@ -37,6 +37,7 @@ def promql_metric_names(expr: str) -> set[str]:
     s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)  # grouping labels
     s = re.sub(r"label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,\s*[a-zA-Z_][a-zA-Z0-9_]*\s*\)", r" \1 ", s)
     s = re.sub(r"\$\{?[a-zA-Z_][a-zA-Z0-9_]*\}?", " ", s)  # Grafana variables outside matchers
+    s = re.sub(r"(?<![\w:])\d+(?:\.\d+)?(?:ms|[smhdwy])?(?![\w:])", " ", s)  # numbers, durations (offset 5m)
     names = set()
     for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", s):
         following = s[m.end():].lstrip()[:1]
