@@ -69,12 +69,26 @@ def mlflow_job_progress(body: dict) -> dict | None:
     return out
 
 
+def serve_metrics(port: int):
+    """Prometheus metrics of the operator process on `port` (/metrics: process_*, python_*, and
+    `platform_registry_lookups_total{result}`); returns the counted registry lookup."""
+    from prometheus_client import Counter, start_http_server
+
+    from llmplatform.serving.metrics import counted_lookups
+
+    lookups = Counter("platform_registry_lookups", "Model-registry lookups by result (ok, failed).", ["result"])
+    for result in ("ok", "failed"):
+        lookups.labels(result)
+    start_http_server(port)
+    return counted_lookups(registry_lookup, lookups)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LLMOP_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     deps = Deps(
         api=connect(),
         cfg=OperatorConfig.from_env(),
-        resolve_version=registry_lookup,
+        resolve_version=serve_metrics(int(os.environ.get("LLMOP_METRICS_PORT", "8081"))),
         job_progress=mlflow_job_progress,
         check_interval_s=float(os.environ.get("LLMOP_CHECK_INTERVAL_S", "30")),
         registry_poll_s=float(os.environ.get("LLMOP_REGISTRY_TICK_S", "5")),

@@ -168,10 +168,10 @@ class _Only:
 
 
 def counted_lookups(resolve, counter: Counter):
-    """`resolve` (the registry resolver of an AdapterTable) counting its calls by result: ok or failed."""
-    def counting(ref: str):
+    """`resolve` (a registry resolver: an AdapterTable's, the operator's) counting its calls by result: ok or failed."""
+    def counting(*args, **kwargs):
         try:
-            found = resolve(ref)
+            found = resolve(*args, **kwargs)
         except BaseException:
             counter.labels("failed").inc()
             raise
