@@ -6,6 +6,7 @@ LLMOP_CHECK_INTERVAL_S sets the health-check period; each ModelDeployment re-res
 aliases every `registry_poll_s` of its spec (LLMOP_REGISTRY_POLL_S overrides them all; the timer
 ticks every LLMOP_REGISTRY_TICK_S, default 5). Registry references are looked up in MLflow
 (MLFLOW_TRACKING_URI), metadata only; LLMOP_IMAGE_HAS_VLLM=true says the image has vLLM.
+Prometheus metrics on LLMOP_METRICS_PORT (default 8081; manifests/monitoring scrapes it).
 """
 
 from __future__ import annotations
