@@ -70,18 +70,19 @@ def mlflow_job_progress(body: dict) -> dict | None:
     return out
 
 
-def serve_metrics(port: int):
-    """Prometheus metrics of the operator process on `port` (/metrics: process_*, python_*, and
-    `platform_registry_lookups_total{result}`); returns the counted registry lookup."""
-    from prometheus_client import Counter, start_http_server
+def serve_metrics(port: int, addr: str = "0.0.0.0", registry=None, lookup=registry_lookup):
+    """Prometheus metrics of the operator process on `addr:port` (/metrics: process_*, python_*,
+    `platform_registry_lookups_total{result}`); returns (the counted `lookup`, the HTTP server)."""
+    from prometheus_client import REGISTRY, Counter, start_http_server
 
     from llmplatform.serving.metrics import counted_lookups
 
-    lookups = Counter("platform_registry_lookups", "Model-registry lookups by result (ok, failed).", ["result"])
+    registry = REGISTRY if registry is None else registry
+    lookups = Counter("platform_registry_lookups", "Model-registry lookups by result (ok, failed).", ["result"], registry=registry)
     for result in ("ok", "failed"):
         lookups.labels(result)
-    start_http_server(port)
-    return counted_lookups(registry_lookup, lookups)
+    server, _thread = start_http_server(port, addr, registry=registry)
+    return counted_lookups(lookup, lookups), server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     deps = Deps(
         api=connect(),
         cfg=OperatorConfig.from_env(),
-        resolve_version=serve_metrics(int(os.environ.get("LLMOP_METRICS_PORT", "8081"))),
+        resolve_version=serve_metrics(int(os.environ.get("LLMOP_METRICS_PORT", "8081")))[0],
         job_progress=mlflow_job_progress,
         check_interval_s=float(os.environ.get("LLMOP_CHECK_INTERVAL_S", "30")),
         registry_poll_s=float(os.environ.get("LLMOP_REGISTRY_TICK_S", "5")),
