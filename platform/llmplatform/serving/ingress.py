@@ -11,7 +11,8 @@ the bounded queue (429 + Retry-After) -> the engine deployment, routed by adapte
 multiplexing), or the engine in this replica (topology `colocated`) -> JSON or SSE ending in
 `data: [DONE]`. A deadline (`request_timeout_s`) bounds every request. When the engine replica dies,
 a request that has no token yet is retried on a healthy replica until its deadline; one that has
-gets a JSON 503, or (streaming) an SSE error event and `data: [DONE]`. Prometheus metrics at `/metrics`.
+gets a JSON 503, or (streaming) an SSE error event and `data: [DONE]`. Prometheus metrics at `/metrics`,
+in vLLM's names (llmplatform.serving.metrics).
 """
 
 
@@ -43,8 +44,8 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="llm-platform OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 INLINE_BODY_BYTES = 64 * 1024  # bodies up to this are parsed and tokenized on the event loop (~1 ms)
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
-REPLICA_GONE_BACKOFF_S = (0.2, 0.5, 1.0)
-ENGINE_METRICS_TIMEOUT_S = 2.0  # /metrics waits this long for the engine's gauges  # waits between retries of a request whose replica died before its first token
+REPLICA_GONE_BACKOFF_S = (0.2, 0.5, 1.0)  # waits between retries of a request whose replica died before its first token
+ENGINE_METRICS_TIMEOUT_S = 2.0  # /metrics waits this long for the engine's gauges
 
 
 @api.exception_handler(E.ApiError)
