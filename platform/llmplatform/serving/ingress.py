@@ -445,6 +445,9 @@ class OpenAIIngress:
                         self.metrics.finished(label, event, time.monotonic() - t0)
                         return
                     event = await next_event()
+            except BaseException:  # client gone, deadline, engine failure: finished as vLLM's "abort"
+                self.metrics.aborted(label)
+                raise
             finally:
                 finish()
 

@@ -139,6 +139,11 @@ class ServeMetrics:
             if event.get("queue_time_s") is not None:
                 self.vllm.queue.labels(label).observe(event["queue_time_s"])
 
+    def aborted(self, label: str) -> None:
+        """A request that ended without its finish event (client gone, deadline, engine failure)."""
+        if self.vllm:
+            self.vllm.success.labels(label, "abort").inc()
+
     # ------------------------------------------------------------------ exposition
 
     def render(self, engine: dict | None = None) -> bytes:

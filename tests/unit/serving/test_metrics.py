@@ -113,3 +113,12 @@ def test_registry_lookups_are_counted_by_result():
             pass
     got = {s.labels["result"]: s.value for s in families(m.render())["platform_registry_lookups"].samples if s.name.endswith("_total")}
     assert got == {"ok": 1, "failed": 3}
+
+
+def test_a_request_ended_without_its_finish_event_counts_as_abort():
+    m = ServeMetrics("llama2-tiny")
+    m.first_token("llama2-tiny", 0.05, prompt_tokens=3)
+    m.aborted("llama2-tiny")  # what the ingress does when the client goes away mid-stream
+    got = families(m.render())
+    assert value(got, "vllm:request_success_total", "llama2-tiny", finished_reason="abort") == 1
+    assert value(got, "vllm:e2e_request_latency_seconds_count", "llama2-tiny") == 0
