@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 from llmplatform import catalog, planner  # noqa: E402
+from llmplatform.export.merge import copy_tokenizer  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10G": 70.0}  # dense, datasheets
 LORA_DROPOUT = 0.0  # the runs' LoRA dropout (the planner models what dropout > 0 adds)
@@ -82,13 +83,6 @@ def write_checkpoint(shape: catalog.ModelShape, out: Path, device: torch.device)
     return time.perf_counter() - t0
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
 
 
 def free(device: torch.device) -> None:
