@@ -57,13 +57,19 @@ class Accounting:
         if not self.enabled:
             return ANONYMOUS
         if not authorization.lower().startswith("bearer ") or not authorization[7:].strip():
+            self._count_auth_failure("missing_key")
             raise E.unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
         given = hash_key(authorization[7:])
         # A dict lookup by the key's SHA-256: its timing tells nothing about any stored key's text.
         ident = self.static_keys.get(given) or self.keys_file.lookup(given)  # the env's keys, then the file's
         if ident is None:
+            self._count_auth_failure("invalid_key")
             raise E.unauthorized("Incorrect API key provided.")
         return ident
+
+    def _count_auth_failure(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_failures.labels(reason).inc()
 
     async def admit(self, ident: KeyIdentity) -> None:
         """429 + Retry-After when `ident` is over a per-minute limit (shared by all replicas)."""
@@ -79,7 +85,7 @@ class Accounting:
             return
         if wait is not None:
             if self.metrics is not None:
-                self.metrics.rate_limited.inc()
+                self.metrics.rejected.labels("rate_limited").inc()  # no key label: key names stay out of metrics
             raise rate_limited(ident.name, wait)
 
     def finished(self, ident: KeyIdentity, model: str, adapter: str, prompt_tokens: int, completion_tokens: int) -> None:
