@@ -168,6 +168,11 @@ class UsageRecorder:
                 self._alive_since -= elapsed
 
     def _run(self) -> None:
+        try:  # connect (and import SQLAlchemy) now, so the first flush of counts does not wait for it
+            self._store = UsageStore(self._url)
+        except Exception as exc:
+            log.warning("usage store %s: not reachable yet (%s: %s); retrying at each flush", self._url.split("@")[-1],
+                        type(exc).__name__, exc)
         while not self._stop.wait(self.flush_s):
             self.flush()
 

@@ -118,6 +118,21 @@ def usage_by_key() -> dict[str, dict]:
     return {r["key"]: r for r in json.loads(out.getvalue())}
 
 
+def wait_for_usage(clients: dict[str, "Client"], timeout_s: float = 30.0) -> None:
+    """Until `platformctl usage --by key` reports exactly what each client counted (requests, prompt and
+    completion tokens, errors = its 429s and other errors); fails with both after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        totals = usage_by_key()
+        got = {name: tuple(totals.get(name, {}).get(c, 0) for c in ("requests", "prompt_tokens", "completion_tokens", "errors"))
+               for name in clients}
+        want = {name: (c.sent, c.prompt, c.completion, len(c.limited) + len(c.other_errors)) for name, c in clients.items()}
+        if got == want:
+            return
+        assert time.monotonic() < deadline, f"usage store {got} != clients' counts {want}"
+        time.sleep(0.5)
+
+
 def replicas_that_served(key: str) -> set[str]:
     from sqlalchemy import text
 
@@ -151,7 +166,7 @@ def test_an_over_limit_key_gets_429s_across_replicas_the_other_none_and_usage_su
     allowance = RPM + int(elapsed * RPM / 60)  # a minute's burst, then rpm/60 per second
     assert RPM <= limited.ok <= allowance and len(limited.limited) == 16 - limited.ok
     assert all(ra is not None and int(ra) >= 1 and code == "rate_limit_exceeded" for ra, code in limited.limited)  # Retry-After in s
-    time.sleep(2 * FLUSH_S + 0.5)
+    wait_for_usage({"team-limited": limited, "team-free": free})  # every replica wrote its counts (each flushes every FLUSH_S)
     # the limit is the deployment's: both ingress replicas served the limited key, and together they
     # admitted no more than one bucket allows (each replica counting alone would admit up to 2 x RPM)
     assert len(replicas_that_served("team-limited")) == 2 and elapsed < 60 and limited.ok < 2 * RPM
@@ -168,13 +183,9 @@ def test_an_over_limit_key_gets_429s_across_replicas_the_other_none_and_usage_su
         time.sleep(1)
     free.load(4)  # after the restart: requests land on the new replica too
     limited.one(200)  # the limiter kept its count through the ingress restart: most likely 429 again
-    time.sleep(2 * FLUSH_S + 0.5)
-
-    totals = usage_by_key()
-    for name, client in (("team-limited", limited), ("team-free", free)):
-        row = totals[name]
-        assert (row["requests"], row["prompt_tokens"], row["completion_tokens"], row["errors"]) == (
-            client.sent, client.prompt, client.completion, len(client.limited) + len(client.other_errors)), name
+    wait_for_usage({"team-limited": limited, "team-free": free})
+    time.sleep(2 * FLUSH_S)
+    wait_for_usage({"team-limited": limited, "team-free": free}, timeout_s=0)  # and nothing is counted twice
 
 
 def test_a_stream_the_client_abandons_still_counts_its_request_and_tokens(keys_app):
@@ -193,6 +204,10 @@ def test_a_stream_the_client_abandons_still_counts_its_request_and_tokens(keys_a
                 chunks += line.startswith("data: ")
                 if chunks >= 3:
                     break  # leave: the connection closes mid-stream
-    time.sleep(3 + 2 * FLUSH_S)
-    row = usage_by_key()[default_name(hash_key(GONE_KEY))]
+    name, deadline = default_name(hash_key(GONE_KEY)), time.monotonic() + 30
+    while name not in usage_by_key():
+        assert time.monotonic() < deadline, "the abandoned stream was never counted"
+        time.sleep(0.5)
+    time.sleep(2 * FLUSH_S)
+    row = usage_by_key()[name]
     assert row["requests"] == 1 and row["prompt_tokens"] > 0 and 1 <= row["completion_tokens"] <= 200 and row["errors"] == 0
