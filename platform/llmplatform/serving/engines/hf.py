@@ -3,7 +3,8 @@
 A background thread owns the model. Each step it admits waiting requests (prefilled together,
 left-padded), merges their KV cache into the running batch (left-padding the shorter cache),
 decodes one token for every running sequence in a single forward pass, samples per request
-(temperature, top_p, seed), and drops finished or cancelled rows. So a request that arrives
+(logit_bias, presence/frequency penalties, temperature, top_p, seed; logprobs from the raw
+distribution), and drops finished or cancelled rows. `n > 1` runs as n sequences (`fan_out`). So a request that arrives
 while others are decoding joins at the next step instead of waiting for the batch to drain.
 LoRA adapters are peft adapters loaded into one `PeftModel`; a mixed batch runs with peft's
 per-row `adapter_names`, so requests for different adapters (and the base) share each step.
@@ -25,7 +26,7 @@ from typing import AsyncIterator
 import torch
 
 from llmplatform import cpus
-from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
+from llmplatform.serving.engines import EngineError, GenerationRequest, check_request, fan_out
 
 BASE = "__base__"
 
@@ -42,6 +43,7 @@ class _Seq:
     sent: int = 0  # characters of `text` already streamed
     finished: str | None = None
     cancelled: bool = False
+    logprobs: list[dict] = field(default_factory=list)  # entries not yet streamed (GenerationRequest.logprobs)
 
     def emit(self, event: dict) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -50,6 +52,33 @@ class _Seq:
 def _internal_name(adapter_id: str) -> str:
     """peft adapter names become module keys: no '.', '/', '@'."""
     return "a" + hashlib.sha1(adapter_id.encode()).hexdigest()[:12]
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+    """`logits` [B, V] with each row's logit_bias and presence/frequency penalties applied (over
+    the tokens it generated, as OpenAI and vLLM do); the input itself when no row asks for any."""
+    rows = [i for i, s in enumerate(seqs) if s.req.logit_bias or (s.out_ids and (s.req.presence_penalty or s.req.frequency_penalty))]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        req = seqs[i].req
+        if req.logit_bias:
+            ids = torch.tensor(list(req.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(req.logit_bias.values()), device=logits.device)
+        if seqs[i].out_ids and (req.presence_penalty or req.frequency_penalty):
+            counts = torch.bincount(torch.tensor(seqs[i].out_ids, device=logits.device), minlength=vocab)[:vocab].float()  # [V]
+            logits[i] -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    """The logprob entry of `token` under the raw distribution `logits` [V], with the `top` best alternatives."""
+    lp = torch.log_softmax(logits, dim=-1)
+    best = lp.topk(top) if top else None
+    return {"id": token, "logprob": float(lp[token]),
+            "top": [[int(t), float(v)] for v, t in zip(best.values, best.indices)] if best is not None else []}
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:
@@ -147,7 +176,11 @@ class HFEngine:
             self._wake.set()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[dict]:
-        """Stream events for one request; cancelling the iterator frees its batch slot."""
+        """Stream events for one request (`n` choices as `n` sequences); cancelling the iterator frees their batch slots."""
+        async for event in fan_out(self._generate_one, req):
+            yield event
+
+    async def _generate_one(self, req: GenerationRequest) -> AsyncIterator[dict]:
         if check_request(req, self.max_model_len, self.adapters):
             await asyncio.to_thread(self.load_adapter, req.adapter_id, req.adapter_path)
         adapter = self.adapters[req.adapter_id] if req.adapter_id else BASE
@@ -168,7 +201,8 @@ class HFEngine:
                         yield event
                         event = nxt
                         break
-                    event = {"text": event["text"] + nxt["text"], "completion_tokens": nxt["completion_tokens"]}
+                    event = {"text": event["text"] + nxt["text"], "completion_tokens": nxt["completion_tokens"],
+                             **({"logprobs": event["logprobs"] + nxt["logprobs"]} if "logprobs" in event else {})}
                 if "error" in event:
                     raise EngineError(event["error"], 500, "engine_failure")
                 yield event
@@ -266,7 +300,7 @@ class HFEngine:
         self._drop_cancelled()
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        logits = logits.float()  # [B, V]
+        logits = adjust_logits(logits, seqs)  # [B, V] float
         greedy = logits.argmax(-1).tolist()
         tokens = []
         for i, s in enumerate(seqs):
@@ -283,13 +317,16 @@ class HFEngine:
         return tokens
 
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        for s, tok in zip(seqs, self._sample(seqs, logits)):
+        logits = logits.float()  # [B, V]
+        for i, (s, tok) in enumerate(zip(seqs, self._sample(seqs, logits))):
             if s.cancelled or s.finished:
                 continue
             if tok == self.eos_id and not s.req.ignore_eos:
                 s.finished = "stop"
             else:
                 s.out_ids.append(tok)
+                if s.req.logprobs is not None:
+                    s.logprobs.append(token_logprobs(logits[i], tok, s.req.logprobs))
                 s.text = self.tokenizer.decode(s.out_ids, skip_special_tokens=True)
                 hit = [s.text.find(x) for x in s.req.stop if x in s.text]
                 if hit:
@@ -299,11 +336,14 @@ class HFEngine:
             safe = len(s.text) if s.finished else len(s.text) - _stop_holdback(s.text, s.req.stop)
             if not s.finished:
                 safe = min(safe, len(s.text.rstrip("\ufffd")))  # an incomplete UTF-8 byte sequence
+            extra = {}
+            if s.req.logprobs is not None:
+                extra, s.logprobs = {"logprobs": s.logprobs}, []
             if safe > s.sent:
-                s.emit({"text": s.text[s.sent:safe], "completion_tokens": len(s.out_ids)})
+                s.emit({"text": s.text[s.sent:safe], "completion_tokens": len(s.out_ids), **extra})
                 s.sent = safe
-            elif not s.finished:
-                s.emit({"text": "", "completion_tokens": len(s.out_ids)})
+            elif not s.finished or extra.get("logprobs"):
+                s.emit({"text": "", "completion_tokens": len(s.out_ids), **extra})
             if s.finished:
                 s.emit({"finish_reason": s.finished, "prompt_tokens": len(s.req.prompt_ids), "completion_tokens": len(s.out_ids),
                         "token_ids": list(s.out_ids)})
