@@ -355,9 +355,8 @@ class OpenAIIngress:
         except S.FieldRefused as exc:
             raise E.bad_request(str(exc), exc.field, "invalid_value") from None
 
-    def _token_text(self, token_id: int) -> str:
-        """A token as logprobs show it (SentencePiece's word marker as a space)."""
-        return self.tokenizer.convert_ids_to_tokens(token_id).replace("\u2581", " ")
+    def _token_text(self, token_id: int) -> tuple[str, list[int]]:
+        return S.token_text(self.tokenizer.convert_ids_to_tokens(token_id))
 
     def _logprobs(self, entries: list[dict] | None, chat: bool, offset: int = 0) -> dict | None:
         if entries is None:

@@ -301,28 +301,42 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- logprobs
-# Engines send per token {"id", "logprob", "top": [[id, logprob], ...]}; `token_text(id)` names a token.
+# Engines send per token {"id", "logprob", "top": [[id, logprob], ...]}; `token_text(id)` gives a
+# token's (text, UTF-8 bytes): a byte-fallback token is one byte, perhaps part of a character.
 
 
-def _entry(token_text: Callable[[int], str], tid: int, lp: float) -> dict:
-    t = token_text(tid)
-    return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", "replace"))}
+def _entry(token_text: Callable[[int], tuple[str, list[int]]], tid: int, lp: float) -> dict:
+    text, raw = token_text(tid)
+    return {"token": text, "logprob": lp, "bytes": raw}
 
 
-def chat_logprobs(entries: list[dict], token_text: Callable[[int], str]) -> dict:
+def token_text(piece: str) -> tuple[str, list[int]]:
+    """A SentencePiece piece as logprobs show it: (text, its UTF-8 bytes); the word marker is a
+    space, and a byte-fallback piece `<0xNN>` is that one byte (text: the character, or U+FFFD)."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            raw = bytes([int(piece[3:5], 16)])
+            return raw.decode("utf-8", "replace"), list(raw)
+        except ValueError:
+            pass
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def chat_logprobs(entries: list[dict], token_text: Callable[[int], tuple[str, list[int]]]) -> dict:
     return {"content": [{**_entry(token_text, e["id"], e["logprob"]),
                          "top_logprobs": [_entry(token_text, tid, lp) for tid, lp in e["top"]]} for e in entries],
             "refusal": None}
 
 
-def completion_logprobs(entries: list[dict], token_text: Callable[[int], str], offset: int = 0) -> dict:
-    tokens = [token_text(e["id"]) for e in entries]
+def completion_logprobs(entries: list[dict], token_text: Callable[[int], tuple[str, list[int]]], offset: int = 0) -> dict:
+    tokens = [token_text(e["id"])[0] for e in entries]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{token_text(tid): lp for tid, lp in e["top"]} for e in entries], "text_offset": offsets}
+            "top_logprobs": [{token_text(tid)[0]: lp for tid, lp in e["top"]} for e in entries], "text_offset": offsets}
 
 
 # ---------------------------------------------------------------------------- responses

@@ -121,9 +121,16 @@ def test_engine_fields_apply_the_deployments_limits():
         S.engine_fields(validate_chat({"logit_bias": {"100": 1}}), vocab_size=100, max_n=4)
 
 
+def test_byte_fallback_pieces_are_one_byte_and_word_markers_spaces():
+    assert S.token_text("\u2581sea") == (" sea", list(b" sea"))
+    assert S.token_text("<0x09>") == ("\t", [9])
+    assert S.token_text("<0xBA>") == ("\ufffd", [0xBA])  # part of a character: the bytes still rebuild the text
+    assert S.token_text("<0xZZ>") == ("<0xZZ>", list(b"<0xZZ>"))
+
+
 def test_logprobs_render_in_openai_shapes():
     entries = [{"id": 1, "logprob": -0.5, "top": [[1, -0.5], [2, -1.5]]}, {"id": 3, "logprob": -2.0, "top": [[4, -0.1]]}]
-    names = {1: " the", 2: " a", 3: "sea", 4: "x"}.__getitem__
+    names = {1: S.token_text("\u2581the"), 2: S.token_text("\u2581a"), 3: S.token_text("sea"), 4: S.token_text("x")}.__getitem__
     chat = S.chat_logprobs(entries, names)
     assert chat["content"][0] == {"token": " the", "logprob": -0.5, "bytes": list(b" the"),
                                   "top_logprobs": [{"token": " the", "logprob": -0.5, "bytes": list(b" the")},
