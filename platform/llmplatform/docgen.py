@@ -132,7 +132,7 @@ def api_reference() -> str:
     out = [HEADER, "# OpenAI API: request fields per engine\n",
            "`POST /v1/chat/completions` and `POST /v1/completions` accept exactly the fields below. A field marked "
            "`refused` for the deployment's engine, or one not listed, is answered with HTTP 400 whose `error.param` is the "
-           "field and whose message names the engine; no field is silently ignored. `null` counts as not sent. A field "
+           "field and whose message names the engine (`partly`: the values the note names are refused so); no field is silently ignored. `null` counts as not sent. A field "
            "behaves the same way with `stream: true` as without, and on both endpoints where it is listed for both.\n",
            "Logprobs are log-probabilities of the model's raw distribution (before temperature, penalties and "
            "`logit_bias`), as vLLM reports them. With `n > 1` and a `seed`, choice i samples with seed + i; "

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MIN_TEMPERATURE = 1e-4  # lower temperatures are greedy decoding (they pick the argmax anyway)
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs bound; vLLM's default max_logprobs)
 ENGINES = ("hf", "vllm")
-WORKS, REFUSED = "works", "refused"
+WORKS, REFUSED, PARTLY = "works", "refused", "partly"  # partly: some values are refused (see the note)
 CHAT, COMPLETIONS = "chat", "completions"
 BOTH = (CHAT, COMPLETIONS)
 
@@ -36,9 +36,19 @@ class FieldRule:
     vllm: str
     note: str  # what it does here, or why it is refused
     neutral: tuple = ()  # values accepted even where refused: they change nothing
+    refuse_if: tuple = ()  # (engine, predicate(value), reason): values one engine refuses where the field works
 
     def support(self, engine: str) -> str:
-        return getattr(self, engine)
+        base = getattr(self, engine)
+        return PARTLY if base == WORKS and any(e == engine for e, _, _ in self.refuse_if) else base
+
+    def refusal(self, engine: str, value: Any) -> str | None:
+        """Why `engine` refuses `value` for this field, or None when it honours it."""
+        if value is None or value in self.neutral:
+            return None
+        if getattr(self, engine) == REFUSED:
+            return self.note
+        return next((why for e, refused, why in self.refuse_if if e == engine and refused(value)), None)
 
 
 def _both(note: str, endpoints: tuple[str, ...] = BOTH) -> FieldRule:
@@ -75,9 +85,12 @@ FIELDS: dict[str, FieldRule] = {
     "parallel_tool_calls": _both("accepted; it means nothing without `tools` (refused)", (CHAT,)),
     "echo": _both("prepends the prompt to the text; refused together with `logprobs`", (COMPLETIONS,)),
     "ignore_eos": _both("vLLM's extension: generate `max_tokens` even past the end-of-sequence token (benchmarks)"),
-    "response_format": FieldRule((CHAT,), REFUSED, WORKS,
-                                 "`json_object` / `json_schema`: vLLM constrains decoding (structured outputs); "
-                                 "the hf engine has no constrained decoding", ({"type": "text"},)),
+    "response_format": FieldRule((CHAT,), WORKS, WORKS,
+                                 "`json_object`: the output is one JSON object (constrained decoding: vLLM's structured outputs; "
+                                 "hf: a JSON automaton, no whitespace outside strings, closed within `max_tokens`); "
+                                 "`json_schema`: vLLM only", ({"type": "text"},),
+                                 (("hf", lambda v: isinstance(v, dict) and v.get("type") == "json_schema",
+                                   "`json_schema` needs a schema grammar, which the hf engine lacks (`json_object` works)"),)),
     "tools": _refused("the served chat templates (Llama 2) have no tool support, and no tool-call parser is configured",
                       neutral=([],)),
     "tool_choice": _refused("as `tools`", neutral=("none", "auto")),
@@ -113,8 +126,9 @@ def check_fields(body: dict, endpoint: str, engine: str) -> None:
         if rule is None or endpoint not in rule.endpoints:
             raise FieldRefused(name, f"Unrecognized request argument supplied: '{name}' is not a field of {path} "
                                      f"on this server (engine {engine}); docs/openai-api.md lists the fields.")
-        if value is not None and rule.support(engine) == REFUSED and value not in rule.neutral:
-            raise FieldRefused(name, f"'{name}' is not supported by engine {engine}: {rule.note}.")
+        why = rule.refusal(engine, value)
+        if why:
+            raise FieldRefused(name, f"'{name}' is not supported by engine {engine}: {why}.")
     if endpoint == COMPLETIONS and body.get("echo") and body.get("logprobs") is not None:
         raise FieldRefused("echo", f"'echo' together with 'logprobs' is not supported by engine {engine}: "
                                    "prompt tokens have no log-probabilities here; drop one of them.")

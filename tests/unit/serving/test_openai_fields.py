@@ -45,7 +45,7 @@ def test_each_field_works_or_is_refused_naming_field_and_engine(name, engine):
     rule = S.FIELDS[name]
     for endpoint in S.BOTH:
         body = {name: SAMPLES[name]}
-        if endpoint not in rule.endpoints or rule.support(engine) == S.REFUSED:
+        if endpoint not in rule.endpoints or rule.refusal(engine, SAMPLES[name]):
             with pytest.raises(S.FieldRefused) as err:
                 S.check_fields(body, endpoint, engine)
             assert err.value.field == name and f"'{name}'" in str(err.value) and engine in str(err.value)
@@ -64,8 +64,17 @@ def test_the_docs_list_is_the_field_table():
     committed = (REPO / "docs/openai-api.md").read_text()
     rows = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[3:5]]
             for line in committed.splitlines() if line.startswith("| `")}
-    assert rows == {name: [rule.hf, rule.vllm] for name, rule in S.FIELDS.items()}
+    assert rows == {name: [rule.support("hf"), rule.support("vllm")] for name, rule in S.FIELDS.items()}
     assert "\n".join(docgen.field_rows()) in committed
+
+
+def test_hf_takes_json_object_and_refuses_json_schema():
+    S.check_fields({"response_format": {"type": "json_object"}}, S.CHAT, "hf")
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    with pytest.raises(S.FieldRefused, match="'response_format' is not supported by engine hf: `json_schema`"):
+        S.check_fields({"response_format": schema}, S.CHAT, "hf")
+    S.check_fields({"response_format": schema}, S.CHAT, "vllm")
+    assert S.FIELDS["response_format"].support("hf") == S.PARTLY
 
 
 def test_unknown_fields_and_bad_combinations_are_refused():
@@ -217,3 +226,36 @@ def test_hf_n_choices_penalties_and_logit_bias(hf_engine):
     assert len(set(plain)) < len(plain), "the tiny model's greedy text should repeat tokens"
     assert len(set(penalized)) > len(set(plain))
     assert generate(hf_engine, prompt_ids=ids, max_tokens=3, logit_bias={500: 100.0})[-1]["token_ids"] == [500] * 3
+
+
+def test_hf_json_object_output_parses_greedy_sampled_and_tight(hf_engine):
+    import json
+
+    ids = hf_engine.tokenizer("Tell me about the sea").input_ids
+    fmt = {"type": "json_object"}
+    for kw in ({"max_tokens": 32}, {"max_tokens": 48, "temperature": 1.0, "seed": 3, "n": 2}, {"max_tokens": 4, "temperature": 1.0, "seed": 1}):
+        events = generate(hf_engine, prompt_ids=ids, response_format=fmt, **kw)
+        assert len(texts(events)) == kw.get("n", 1)
+        for text in texts(events).values():
+            assert isinstance(json.loads(text), dict), text
+        assert events[-1]["completion_tokens"] <= kw["max_tokens"] * kw.get("n", 1)
+    assert texts(generate(hf_engine, prompt_ids=ids, response_format=fmt, max_tokens=2)) == {0: "{}"}
+
+
+def test_json_automaton_accepts_json_objects_only_and_closes_any_prefix():
+    import json
+
+    from llmplatform.serving.engines import json_constraint as J
+
+    for good in ['{}', '{"a":1}', '{"a":[1,2.5e-3,true,null,{"b":"x\\u00e9"}],"c":-0}']:
+        assert J.is_done(J.feed_text(J.START, good)), good
+    for bad in ['{ }', '[1]', '{"a":01}', '{"a":1}}', '{"a\n":1}', '{"a":1,}', '"x"']:
+        assert not J.is_done(J.feed_text(J.START, bad)), bad
+    for prefix in ['{', '{"a"', '{"a":', '{"a":[1', '{"a":"x\\u0', '{"a":tr', '{"a":-', '{"a":{"b":1,', '{"a":1.5e']:
+        assert isinstance(json.loads(prefix + J.closer(J.feed_text(J.START, prefix))), dict), prefix
+    texts = ['{', '}', '"', 'a', ':', '1', ' x']
+    # a token whose completion would not fit is passed over: with 2 tokens left, '{' then '}'
+    assert J.choose(J.START, [0], texts, 2) == (0, J.feed_text(J.START, "{"))
+    assert J.choose(J.feed_text(J.START, "{"), [2, 1], texts, 1)[0] == 1
+    assert J.choose(J.START, [6], texts, 5) is None  # whitespace outside strings never fits
+    assert J.piece_text("<0x22>") == '"' and J.piece_text("<0xE2>") is None and J.piece_text("\u2581the") == " the"

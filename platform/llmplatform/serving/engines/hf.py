@@ -4,7 +4,8 @@ A background thread owns the model. Each step it admits waiting requests (prefil
 left-padded), merges their KV cache into the running batch (left-padding the shorter cache),
 decodes one token for every running sequence in a single forward pass, samples per request
 (logit_bias, presence/frequency penalties, temperature, top_p, seed; logprobs from the raw
-distribution), and drops finished or cancelled rows. `n > 1` runs as n sequences (`fan_out`). So a request that arrives
+distribution; `json_object` through `json_constraint`), and drops finished or cancelled rows.
+`n > 1` runs as n sequences (`fan_out`). So a request that arrives
 while others are decoding joins at the next step instead of waiting for the batch to drain.
 LoRA adapters are peft adapters loaded into one `PeftModel`; a mixed batch runs with peft's
 per-row `adapter_names`, so requests for different adapters (and the base) share each step.
@@ -26,7 +27,7 @@ from typing import AsyncIterator
 import torch
 
 from llmplatform import cpus
-from llmplatform.serving.engines import EngineError, GenerationRequest, check_request, fan_out
+from llmplatform.serving.engines import EngineError, GenerationRequest, check_request, fan_out, json_constraint
 
 BASE = "__base__"
 
@@ -44,6 +45,7 @@ class _Seq:
     finished: str | None = None
     cancelled: bool = False
     logprobs: list[dict] = field(default_factory=list)  # entries not yet streamed (GenerationRequest.logprobs)
+    json_state: tuple | None = None  # json_constraint state when response_format is json_object
 
     def emit(self, event: dict) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -79,6 +81,20 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
     best = lp.topk(top) if top else None
     return {"id": token, "logprob": float(lp[token]),
             "top": [[int(t), float(v)] for v, t in zip(best.values, best.indices)] if best is not None else []}
+
+
+def preference_scores(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores [V] whose descending order is the engine's preference for the next token: the logits
+    when greedy; else log-probs at `temperature` (top_p's tail at -inf) plus Gumbel noise, so the
+    best-scoring token of any allowed subset is a sample from the distribution restricted to it."""
+    if temperature <= 0:
+        return logits
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = logp.exp().sort(descending=True)
+        logp[order[sorted_p.cumsum(-1) - sorted_p > top_p]] = float("-inf")
+    u = torch.rand(logits.shape, generator=generator, device=generator.device if generator else "cpu").to(logits.device)
+    return logp - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:
@@ -187,6 +203,8 @@ class HFEngine:
         seq = _Seq(req=req, loop=asyncio.get_running_loop(), queue=asyncio.Queue(), adapter=adapter)
         if req.temperature > 0:
             seq.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
+        if (req.response_format or {}).get("type") == "json_object":
+            seq.json_state = json_constraint.START
         with self._use_lock:
             self._in_use[adapter] = self._in_use.get(adapter, 0) + 1
         self._waiting.append(seq)
@@ -304,6 +322,9 @@ class HFEngine:
         greedy = logits.argmax(-1).tolist()
         tokens = []
         for i, s in enumerate(seqs):
+            if s.json_state is not None:
+                tokens.append(self._json_token(s, logits[i]))
+                continue
             if s.req.temperature <= 0:
                 tokens.append(greedy[i])
                 continue
@@ -316,12 +337,30 @@ class HFEngine:
             tokens.append(int(torch.multinomial(probs, 1, generator=s.generator)))
         return tokens
 
+    def _json_token(self, s: _Seq, logits: torch.Tensor) -> int:
+        """The preferred token that keeps `s`'s text a JSON object's prefix closable in the tokens
+        left (advancing `s.json_state`); -1 when none does."""
+        vocab = logits.shape[-1]
+        if getattr(self, "_json_texts", None) is None or len(self._json_texts) != vocab:
+            special = set(self.tokenizer.all_special_ids)
+            pieces = self.tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(self.tokenizer)))))
+            texts = [None if i in special else json_constraint.piece_text(p) for i, p in enumerate(pieces)]
+            self._json_texts = texts + [None] * (vocab - len(texts))
+        order = torch.argsort(preference_scores(logits, s.req.temperature, s.req.top_p, s.generator), descending=True).tolist()
+        picked = json_constraint.choose(s.json_state, order, self._json_texts, s.req.max_tokens - len(s.out_ids))
+        if picked is None:
+            return -1
+        s.json_state = picked[1]
+        return picked[0]
+
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         logits = logits.float()  # [B, V]
         for i, (s, tok) in enumerate(zip(seqs, self._sample(seqs, logits))):
             if s.cancelled or s.finished:
                 continue
-            if tok == self.eos_id and not s.req.ignore_eos:
+            if tok < 0:  # response_format: no token keeps the JSON closable in the tokens left
+                s.finished = "length"
+            elif tok == self.eos_id and not s.req.ignore_eos:
                 s.finished = "stop"
             else:
                 s.out_ids.append(tok)
@@ -331,6 +370,8 @@ class HFEngine:
                 hit = [s.text.find(x) for x in s.req.stop if x in s.text]
                 if hit:
                     s.text, s.finished = s.text[: min(hit)], "stop"
+                elif json_constraint.is_done(s.json_state):  # the object is complete: nothing may follow it
+                    s.finished = "stop"
                 elif len(s.out_ids) >= s.req.max_tokens:
                     s.finished = "length"
             safe = len(s.text) if s.finished else len(s.text) - _stop_holdback(s.text, s.req.stop)
