@@ -355,6 +355,13 @@ class OpenAIIngress:
         except S.FieldRefused as exc:
             raise E.bad_request(str(exc), exc.field, "invalid_value") from None
 
+    def _echo(self, req, chat: bool) -> str:
+        """The prompt that completions' `echo` puts before the text (token-id prompts decoded)."""
+        if chat or not req.echo:
+            return ""
+        ids = req.prompt_token_ids()
+        return self.tokenizer.decode(ids) if ids is not None else req.prompt_text()
+
     def _token_text(self, token_id: int) -> tuple[str, list[int]]:
         return S.token_text(self.tokenizer.convert_ids_to_tokens(token_id))
 
@@ -477,7 +484,7 @@ class OpenAIIngress:
             raise E.replica_failed("engine closed the stream before finishing") from None
         build = S.chat_response if chat else S.completion_response
         finishes = {c["index"]: c["finish_reason"] for c in final.get("choices", [{"index": 0, "finish_reason": final["finish_reason"]}])}
-        head = req.prompt_text() if not chat and req.echo else ""
+        head = self._echo(req, chat)
         choice = S.chat_choice if chat else S.completion_choice
         choices = [choice(i, head + "".join(texts[i]), finishes[i], self._logprobs(logprobs[i], chat)) for i in range(req.n)]
         return JSONResponse(build(rid, req.model, choices[0].get("text", ""), final["finish_reason"], final["prompt_tokens"],
@@ -512,6 +519,9 @@ class OpenAIIngress:
         if chat:
             for i in range(req.n):
                 yield data(S.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None, created, i))
+        elif req.echo:
+            for i in range(req.n):
+                yield data(S.completion_chunk(rid, req.model, self._echo(req, chat), None, created, i))
         try:
             async for ev in events:
                 if "finish_reason" in ev:

@@ -101,6 +101,13 @@ def test_completions_logprobs_sync_and_stream(fields_app, scorer):
     assert streamed == lp.tokens
 
 
+def test_completions_echo_sync_and_stream(fields_app):
+    r = fields_app.completions.create(model=BASE, prompt="one two", max_tokens=5, echo=True, **GREEDY)
+    streamed = "".join(c.text for chunk in fields_app.completions.create(model=BASE, prompt="one two", max_tokens=5, echo=True,
+                                                                         stream=True, **GREEDY) for c in chunk.choices)
+    assert r.choices[0].text.startswith("one two") and streamed == r.choices[0].text
+
+
 def test_n_choices_with_a_seed_sync_and_stream(fields_app):
     kw = {"model": BASE, "messages": USER, "max_tokens": 8, "temperature": 1.0, "seed": 21, "n": 3, "extra_body": {"ignore_eos": True}}
     r = fields_app.chat.completions.create(**kw)
