@@ -2,7 +2,8 @@
 
 Per request: API key (SHA-256 hashes, constant-time compare; the plan's `api_keys_file`, on
 Kubernetes the mounted Secret, is re-read when it changes) -> body size (413 above
-`limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; large
+`limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; a field
+the engine does not honour is refused naming the field and the engine, per `openai_schema.FIELDS`; large
 bodies are parsed and tokenized on a worker thread, never on the event loop) -> model lookup (404
 unknown, 400 incompatible adapter, 503 + Retry-After when the registry does not answer within
 `limits.registry_lookup_timeout_s`) -> Llama 2 chat template and token
@@ -252,7 +253,7 @@ class OpenAIIngress:
         return b"".join(chunks)
 
     @staticmethod
-    def _parse(raw: bytes, chat: bool, engine: str = "hf"):
+    def _parse(raw: bytes, chat: bool, engine: str):
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
