@@ -5,7 +5,8 @@ bytes), the unit CUDA and `nvidia-smi` report. The estimates are the standard ac
 
 - weights: 16-bit = 2 bytes/param; QLoRA keeps the linear layers in NF4 with double
   quantisation (4 bits + 8-bit absmax per 64 weights + fp32 constant per 256 blocks = 4.127
-  bits/param, QLoRA paper section 3) and embeddings, lm_head and norms in 16-bit.
+  bits/param, QLoRA paper section 3). Serving keeps embeddings, lm_head and norms in 16-bit;
+  QLoRA training holds them in fp32 (peft's `prepare_model_for_kbit_training` upcasts them).
 - LoRA adapters (peft defaults): A (r x in) + B (out x r) per targeted linear layer, fp32 weights,
   fp32 gradients, AdamW m and v in fp32: 16 bytes per trainable parameter.
 - full fine-tuning, mixed-precision AdamW (ZeRO paper accounting): 16-bit weights and gradients
@@ -174,13 +175,22 @@ def weight_bytes(model: ModelShape | str, dtype: str) -> float:
     return linear * WEIGHT_BYTES[dtype] + (m.params - linear) * 2.0
 
 
+def qlora_weight_bytes(model: ModelShape | str) -> float:
+    """QLoRA training's frozen base: NF4 linear layers, and embeddings, lm_head and norms in fp32
+    (peft's `prepare_model_for_kbit_training` upcasts every non-quantised parameter)."""
+    m = get_model(model)
+    linear = m.layers * m.layer_linear_params
+    return linear * WEIGHT_BYTES["nf4"] + (m.params - linear) * 4.0
+
+
 def activation_bytes(model: ModelShape | str, seq_len: int, micro_batch: int, checkpointing: bool = True, lora: bool = True) -> float:
     """Training activations held for backward (16-bit, SDPA/flash attention: no seq^2 term).
 
     Per token and layer a Llama decoder layer saves 9h + 3*kv_dim + 4*ffn values: two RMSNorm
     inputs (fp32, 2h each), the normalised inputs of attention and MLP (h each), q and k before
     RoPE and q, k, v, output for attention (3h + 3*kv_dim), and gate, up, SiLU(gate) and their
-    product (4*ffn). LoRA with dropout adds the dropped-out inputs of its seven modules (6h + ffn).
+    product (4*ffn). LoRA with dropout adds the dropped-out inputs of its seven modules (6h + ffn);
+    with dropout 0 peft passes the layer input itself and saves nothing more.
     With gradient checkpointing only each layer's input (h) is kept, plus one layer recomputed
     at a time. The loss adds b*s*vocab*10 bytes (bf16 logits, fp32 copy, fp32 log-softmax).
     """
@@ -221,6 +231,7 @@ def plan_training(
     lora_targets: Iterable[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     adapter_dtype: Literal["float32", "bfloat16"] = "float32",
     cpus_per_worker: float = 4.0,
+    lora_dropout: float = 0.05,
 ) -> TrainingPlan:
     """Memory breakdown and the smallest GPU placement for LoRA, QLoRA or full fine-tuning.
 
@@ -245,7 +256,7 @@ def plan_training(
         trainable = lora_params(m, lora_rank, lora_targets)
         adapter_bytes = 2 if adapter_dtype == "bfloat16" else LORA_STATE_BYTES["adapter"]
         memory = {
-            "weights": weight_bytes(m, "nf4" if method == "qlora" else "bfloat16"),
+            "weights": qlora_weight_bytes(m) if method == "qlora" else weight_bytes(m, "bfloat16"),
             "adapter": trainable * adapter_bytes,
             "gradients": trainable * adapter_bytes,
             "optimizer": trainable * LORA_STATE_BYTES["optimizer"],
@@ -253,8 +264,8 @@ def plan_training(
         share = 100 * trainable / m.params
         notes.append(f"LoRA r={lora_rank} on {', '.join(lora_targets)}: {trainable / 1e6:.1f}M trainable params ({share:.2f}%)")
         if method == "qlora":
-            notes.append(f"QLoRA: linear weights NF4 + double quant ({NF4_BITS:.3f} bits/param); embeddings, lm_head, norms 16-bit")
-    memory["activations"] = activation_bytes(m, seq_len, micro_batch, gradient_checkpointing, lora=method != "full")
+            notes.append(f"QLoRA: linear weights NF4 + double quant ({NF4_BITS:.3f} bits/param); embeddings, lm_head, norms fp32 (upcast for training)")
+    memory["activations"] = activation_bytes(m, seq_len, micro_batch, gradient_checkpointing, lora=method != "full" and lora_dropout > 0)
     memory = {k: v / GIB for k, v in memory.items()}
     memory["overhead"] = FRAMEWORK_OVERHEAD_GIB
     memory["total"] = sum(memory.values())

@@ -44,7 +44,7 @@ def _plan(spec: FineTuneSpec, gpu_type: str | None, problems: list[Problem]) -> 
     try:
         plan = planner.plan_training(shape, spec.method, gpu, spec.data.max_seq_length if spec.data.max_seq_length <= shape.context else None,
                                      hp.micro_batch_size, spec.lora.rank, hp.gradient_checkpointing, _targets(spec),
-                                     cpus_per_worker=spec.resources.cpus_per_worker)
+                                     cpus_per_worker=spec.resources.cpus_per_worker, lora_dropout=spec.lora.dropout)
     except planner.PlanError as exc:
         problems.append(Problem("data.max_seq_length", str(exc), spec.data.max_seq_length))
         return None, str(exc)

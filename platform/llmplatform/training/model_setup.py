@@ -86,7 +86,9 @@ def load_for_training(spec: FineTuneSpec, base_dir: str | Path, device: torch.de
     checkpointing = spec.hyperparameters.gradient_checkpointing
     model.train()
     if spec.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        # non-reentrant checkpointing, as for LoRA (torch warns on the implicit reentrant default, seen on the GPU run)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

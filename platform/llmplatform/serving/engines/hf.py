@@ -30,6 +30,39 @@ from llmplatform import cpus
 from llmplatform.serving.engines import EngineError, GenerationRequest, check_request, fan_out, json_constraint
 
 BASE = "__base__"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str = "auto", cuda_available: bool | None = None) -> torch.device:
+    """The replica's device: its first visible GPU when it has one (Ray Serve sets
+    CUDA_VISIBLE_DEVICES to the replica's `num_gpus`), else the CPU."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "auto":
+        return torch.device("cuda", 0) if cuda else torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not cuda:
+        raise EngineError(f"device {requested!r}: this replica sees no CUDA GPU; give it one (resources.gpus_per_shard) or use 'auto'", 500, "engine_failure")
+    return device
+
+
+def pick_dtype(dtype: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that computes in it (else float16), float32 on CPU (fast kernels there)."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise EngineError(f"dtype {dtype!r}: the transformers engine serves {', '.join(_DTYPES)} weights; use one of those or 'auto', "
+                              "or engine: vllm for quantised weights", 500, "engine_failure")
+        return _DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def check_tensor_parallel(tensor_parallel: int, device: torch.device) -> None:
+    """One replica of this engine runs on one GPU: a tensor-parallel group of GPUs needs vLLM."""
+    if tensor_parallel > 1 and device.type == "cuda":
+        raise EngineError(f"tensor_parallel={tensor_parallel}: the transformers engine runs a replica on one GPU; shard a model over "
+                          "GPUs with engine: vllm (an image with vLLM), or fit one GPU (a larger GPU, dtype nf4/int8)", 500, "engine_failure")
 
 
 @dataclass
@@ -112,18 +145,21 @@ class HFEngine:
     """Batched transformers generation; see the module docstring."""
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", max_batch_size: int = 32, max_model_len: int = 4096,
-                 tensor_parallel: int = 1, threads: int = 1, max_loaded_adapters: int = 8):
+                 tensor_parallel: int = 1, threads: int = 1, max_loaded_adapters: int = 8, device: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
         self.model_dir = str(model_dir)
-        self.tensor_parallel = tensor_parallel  # recorded; transformers runs one shard per replica
+        self.device = pick_device(device)
+        check_tensor_parallel(tensor_parallel, self.device)
+        self.tensor_parallel = tensor_parallel  # on CPU a placement reservation only: one shard runs
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.max_loaded_adapters = max_loaded_adapters
-        torch_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype).eval()
+        on_gpu = {"device_map": str(self.device)} if self.device.type == "cuda" else {}  # weights straight to the GPU
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype, **on_gpu).eval()
         self.eos_id = self.tokenizer.eos_token_id
         self.peft = None
         self.adapters: dict[str, str] = {}  # adapter id -> internal name
@@ -150,6 +186,7 @@ class HFEngine:
 
     def info(self) -> dict:
         return {"engine": "hf", "model_dir": self.model_dir, "tensor_parallel": self.tensor_parallel,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters),
                 "running": len(self._running), "waiting": len(self._waiting), "decode_steps": self.steps,
                 "decode_cpus": cpus.format_cpu_list(self.partition.model) if self.partition else None}
@@ -283,8 +320,8 @@ class HFEngine:
             return
         width = max(len(s.req.prompt_ids) for s in new)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(s.req.prompt_ids)) + s.req.prompt_ids for s in new])  # [b, width]
-        mask = torch.tensor([[0] * (width - len(s.req.prompt_ids)) + [1] * len(s.req.prompt_ids) for s in new])
+        ids = torch.tensor([[pad] * (width - len(s.req.prompt_ids)) + s.req.prompt_ids for s in new], device=self.device)  # [b, width]
+        mask = torch.tensor([[0] * (width - len(s.req.prompt_ids)) + [1] * len(s.req.prompt_ids) for s in new], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(ids, mask, pos, None, [s.adapter for s in new])
         self._merge(new, out.past_key_values, mask)
@@ -308,8 +345,8 @@ class HFEngine:
         self._running.extend(new)
 
     def _step(self) -> None:
-        last = torch.tensor([[s.out_ids[-1]] for s in self._running])  # [B, 1]
-        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
+        last = torch.tensor([[s.out_ids[-1]] for s in self._running], device=self.device)  # [B, 1]
+        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype, device=self.device)], dim=1)
         pos = self._mask.sum(-1, keepdim=True) - 1  # [B, 1]
         out = self._forward(last, self._mask, pos, self._cache, [s.adapter for s in self._running])
         self._cache = out.past_key_values
@@ -318,7 +355,7 @@ class HFEngine:
         self._drop_cancelled()
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        logits = adjust_logits(logits, seqs)  # [B, V] float
+        logits = adjust_logits(logits, seqs)  # [B, V] float on the CPU (_sample_and_emit moved it)
         greedy = logits.argmax(-1).tolist()
         tokens = []
         for i, s in enumerate(seqs):
@@ -354,7 +391,7 @@ class HFEngine:
         return picked[0]
 
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        logits = logits.float()  # [B, V]
+        logits = logits.float().cpu()  # [B, V]; sampling (seeded per request) and logprobs run on the CPU on every device
         for i, (s, tok) in enumerate(zip(seqs, self._sample(seqs, logits))):
             if s.cancelled or s.finished:
                 continue
@@ -399,7 +436,7 @@ class HFEngine:
         if not keep:
             self._running, self._cache, self._mask = [], None, None
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(index)
         self._mask = self._mask[index]
         self._running = [self._running[i] for i in keep]
