@@ -6,6 +6,7 @@ LLMOP_CHECK_INTERVAL_S sets the health-check period; each ModelDeployment re-res
 aliases every `registry_poll_s` of its spec (LLMOP_REGISTRY_POLL_S overrides them all; the timer
 ticks every LLMOP_REGISTRY_TICK_S, default 5). Registry references are looked up in MLflow
 (MLFLOW_TRACKING_URI), metadata only; LLMOP_IMAGE_HAS_VLLM=true says the image has vLLM.
+Prometheus metrics on LLMOP_METRICS_PORT (default 8081; manifests/monitoring scrapes it).
 """
 
 from __future__ import annotations
@@ -69,12 +70,27 @@ def mlflow_job_progress(body: dict) -> dict | None:
     return out
 
 
+def serve_metrics(port: int, addr: str = "0.0.0.0", registry=None, lookup=registry_lookup):
+    """Prometheus metrics of the operator process on `addr:port` (/metrics: process_*, python_*,
+    `platform_registry_lookups_total{result}`); returns (the counted `lookup`, the HTTP server)."""
+    from prometheus_client import REGISTRY, Counter, start_http_server
+
+    from llmplatform.serving.metrics import counted_lookups
+
+    registry = REGISTRY if registry is None else registry
+    lookups = Counter("platform_registry_lookups", "Model-registry lookups by result (ok, failed).", ["result"], registry=registry)
+    for result in ("ok", "failed"):
+        lookups.labels(result)
+    server, _thread = start_http_server(port, addr, registry=registry)
+    return counted_lookups(lookup, lookups), server
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LLMOP_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     deps = Deps(
         api=connect(),
         cfg=OperatorConfig.from_env(),
-        resolve_version=registry_lookup,
+        resolve_version=serve_metrics(int(os.environ.get("LLMOP_METRICS_PORT", "8081")))[0],
         job_progress=mlflow_job_progress,
         check_interval_s=float(os.environ.get("LLMOP_CHECK_INTERVAL_S", "30")),
         registry_poll_s=float(os.environ.get("LLMOP_REGISTRY_TICK_S", "5")),

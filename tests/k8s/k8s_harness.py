@@ -40,6 +40,19 @@ def kuberay_crd_dir() -> Path:
                 "(ray-operator/config/crd/bases) in one of them.")
 
 
+def prometheus_operator_crd_dir() -> Path:
+    """PodMonitor/ServiceMonitor CRD schemas (Prometheus Operator 0.93.0): ../shared/prometheus-operator-crds
+    or $PLATFORM_PROMETHEUS_OPERATOR_CRDS."""
+    env = os.environ.get("PLATFORM_PROMETHEUS_OPERATOR_CRDS")
+    shared = REPO.parent / "shared" / "prometheus-operator-crds"
+    for cand in ([Path(env)] if env else []) + [shared]:
+        if (cand / "monitoring.coreos.com_podmonitors.yaml").is_file():
+            return cand
+    pytest.fail(f"Prometheus Operator CRD schemas not found: looked in $PLATFORM_PROMETHEUS_OPERATOR_CRDS={env or '(unset)'} and "
+                f"{shared}. Put monitoring.coreos.com_podmonitors.yaml and monitoring.coreos.com_servicemonitors.yaml from "
+                "prometheus-operator (example/prometheus-operator-crd/) in one of them.")
+
+
 def close_schema(node: Any) -> Any:
     """Copy of an openAPIV3Schema with unknown fields rejected wherever Kubernetes would prune them."""
     if isinstance(node, list):
@@ -78,7 +91,8 @@ class ManifestValidator:
         import kubernetes_validate  # noqa: F401  (fail early with a clear import error)
 
         kuberay = kuberay_crd_dir()
-        self.crds = crd_validators(sorted(kuberay.glob("ray.io_*.yaml")) + sorted((REPO / "manifests" / "crds").glob("llmplatform.io_*.yaml")))
+        self.crds = crd_validators(sorted(kuberay.glob("ray.io_*.yaml")) + sorted((REPO / "manifests" / "crds").glob("llmplatform.io_*.yaml"))
+                                   + sorted(prometheus_operator_crd_dir().glob("monitoring.coreos.com_*.yaml")))
         self.custom_schemas = crd_validators(sorted((Path(__file__).parent / "schemas").glob("*.yaml")))
 
     def validate(self, obj: dict) -> str:

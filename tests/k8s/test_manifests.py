@@ -1,7 +1,8 @@
 """Every manifest we ship renders with `kubectl kustomize` and every object validates.
 
 Built-in kinds: kubernetes-validate, strict, Kubernetes 1.32 (K8S_VERSION). ray.io/v1: KubeRay
-v1.7.0's CRD schemas from ../shared/kuberay-crds (or $PLATFORM_KUBERAY_CRDS). Ours: the CRDs we
+v1.7.0's CRD schemas from ../shared/kuberay-crds (or $PLATFORM_KUBERAY_CRDS). monitoring.coreos.com/v1
+(PodMonitor): Prometheus Operator 0.93.0's from ../shared/prometheus-operator-crds. Ours: the CRDs we
 generate. Argo CD Applications: the subset schema in tests/k8s/schemas. Unknown fields fail.
 Also: the committed CRDs match a fresh render from the pydantic specs, and they are structural.
 """
@@ -20,7 +21,7 @@ from k8s_harness import REPO, close_schema
 from llmoperator import crdgen
 
 KUSTOMIZATIONS = ["manifests/overlays/dev", "manifests/overlays/prod", "manifests/clusters/dev", "manifests/clusters/prod", "manifests/crds",
-                  "manifests/examples/model-cache", "jobs/k8s"]
+                  "manifests/examples/model-cache", "manifests/monitoring", "jobs/k8s"]
 
 
 def kustomize(path: str) -> list[dict]:
@@ -175,3 +176,33 @@ def test_closing_keeps_maps_open() -> None:
     resources = schema["properties"]["spec"]["properties"]["resources"]
     assert resources["additionalProperties"] is False
     assert resources["properties"]["node_selector"]["additionalProperties"] == {"type": "string"}
+
+
+def test_podmonitors_select_the_pods_the_operator_builds_on_their_named_ports(rendered) -> None:
+    """manifests/monitoring: the serving PodMonitor scrapes /metrics on the `serve` port of the pods a
+    ModelDeployment's RayService runs (by the operator's label), the operator's on its `metrics` port;
+    the Grafana dashboard ships as a sidecar-labelled ConfigMap holding the JSON under manifests/."""
+    import json
+
+    from llmplatform.backends.k8s import model_deployment_cr
+    from llmplatform.specs import parse_spec
+    from llmoperator.reconcile import deployment
+    from llmoperator.reconcile.common import LABEL_DEPLOYMENT, OperatorConfig
+
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in rendered["manifests/monitoring"]}
+    cr = model_deployment_cr(parse_spec("serve", {"name": "chat", "model": {"base": "llama2-7b-chat"}}), "ns")
+    cr["metadata"]["uid"] = "u-1"
+    head = deployment.rayservice_for(cr, OperatorConfig(image="registry.example/llm-platform:1"), {})["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    serving = objs[("PodMonitor", "llm-platform-serving")]["spec"]
+    assert serving["selector"]["matchExpressions"] == [{"key": LABEL_DEPLOYMENT, "operator": "Exists"}]
+    assert LABEL_DEPLOYMENT in head["metadata"]["labels"]
+    [endpoint] = serving["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["port"] in {p["name"] for c in head["spec"]["containers"] for p in c.get("ports", [])}
+    operator_pod = next(o for o in rendered["manifests/overlays/prod"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "llm-operator")
+    op = objs[("PodMonitor", "llm-operator")]["spec"]
+    assert op["selector"]["matchLabels"].items() <= operator_pod["spec"]["template"]["metadata"]["labels"].items()
+    assert op["podMetricsEndpoints"][0]["port"] in {p["name"] for c in operator_pod["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+    dashboards = objs[("ConfigMap", "llm-platform-grafana-dashboards")]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = REPO / "manifests" / "monitoring" / "dashboards" / "llm-platform-serving.json"
+    assert json.loads(dashboards["data"]["llm-platform-serving.json"]) == json.loads(shipped.read_text())

@@ -12,7 +12,8 @@ the bounded queue (429 + Retry-After) -> the engine deployment, routed by adapte
 multiplexing), or the engine in this replica (topology `colocated`) -> JSON or SSE ending in
 `data: [DONE]`. A deadline (`request_timeout_s`) bounds every request. When the engine replica dies,
 a request that has no token yet is retried on a healthy replica until its deadline; one that has
-gets a JSON 503, or (streaming) an SSE error event and `data: [DONE]`. Prometheus metrics at `/metrics`.
+gets a JSON 503, or (streaming) an SSE error event and `data: [DONE]`. Prometheus metrics at `/metrics`,
+in vLLM's names (llmplatform.serving.metrics).
 """
 
 
@@ -35,8 +36,8 @@ from ray import serve
 
 from llmplatform.serving import errors as E
 from llmplatform.serving import openai_schema as S
-from llmplatform.serving.adapters import AdapterTable, Target, TargetError
-from llmplatform.serving.metrics import ServeMetrics
+from llmplatform.serving.adapters import AdapterTable, Target, TargetError, default_resolver
+from llmplatform.serving.metrics import ServeMetrics, counted_lookups
 from llmplatform.resolve import Resolved, served_spec
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ api = FastAPI(title="llm-platform OpenAI-compatible API", docs_url=None, redoc_u
 INLINE_BODY_BYTES = 64 * 1024  # bodies up to this are parsed and tokenized on the event loop (~1 ms)
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
 REPLICA_GONE_BACKOFF_S = (0.2, 0.5, 1.0)  # waits between retries of a request whose replica died before its first token
+ENGINE_METRICS_TIMEOUT_S = 2.0  # /metrics waits this long for the engine's gauges
 
 
 @api.exception_handler(E.ApiError)
@@ -146,8 +148,10 @@ class OpenAIIngress:
         self.engine = engine
         self.base_name = self.plan["base_model"]
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.table = AdapterTable(served_spec(self.plan), self.base_name, base_dir, miss_ttl_s=self.plan["registry_poll_s"])
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics(self.base_name, engine_publishes_vllm=self.plan["engine"] == "vllm")
+        served = served_spec(self.plan)
+        self.table = AdapterTable(served, self.base_name, base_dir, miss_ttl_s=self.plan["registry_poll_s"],
+                                  resolver=counted_lookups(default_resolver(served.tracking_uri), self.metrics.registry_lookups))
         self.key_hashes = set(key_hashes or []) | env_key_hashes(self.spec.auth)  # the deployer's env, then this replica's
         self.keys_file = KeysFile(self.plan["api_keys_file"])
         if self.spec.auth.enabled:
@@ -186,7 +190,17 @@ class OpenAIIngress:
     async def metrics(self, request: Request) -> PlainTextResponse:
         if not self.spec.auth.public_metrics:
             self._auth(request)
-        return PlainTextResponse(self.metrics.render().decode(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(self.metrics.render(await self._engine_metrics()).decode(), media_type="text/plain; version=0.0.4")
+
+    async def _engine_metrics(self) -> dict:
+        """The engine's metrics snapshot (`EngineCore.metrics`); {} when it doesn't answer within 2 s,
+        so /metrics still answers while the engine replica is down."""
+        try:
+            return await asyncio.wait_for(self.engine.metrics.remote(), ENGINE_METRICS_TIMEOUT_S)
+        except Exception as exc:
+            self.metrics.engine_scrape_errors.inc()
+            log.info("engine metrics unavailable: %s: %s", type(exc).__name__, str(exc)[:200])
+            return {}
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
@@ -233,9 +247,11 @@ class OpenAIIngress:
             return
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
+            self.metrics.auth_failures.labels("missing_key").inc()
             raise E.unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
         given = hash_key(header[7:])
         if not any(hmac.compare_digest(given, h) for h in self.key_hashes | self.keys_file.hashes()):
+            self.metrics.auth_failures.labels("invalid_key").inc()
             raise E.unauthorized("Incorrect API key provided.")
 
     async def _read_body(self, request: Request) -> bytes:
@@ -338,7 +354,7 @@ class OpenAIIngress:
             if max_tokens < 1 or len(prompt_ids) + max_tokens > self.spec.max_model_len:
                 raise E.context_too_long(len(prompt_ids), max(max_tokens, 1), self.spec.max_model_len)
             if self.inflight >= self.limit:
-                self.metrics.rejected.inc()
+                self.metrics.rejected.labels("queue_full").inc()
                 raise E.overloaded(1 + self.inflight // max(1, self.spec.limits.max_concurrent_requests), self.inflight, self.limit)
             payload = {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                        "stop": req.stop_list(), "seed": req.seed, "adapter_id": target.adapter_id,
@@ -375,7 +391,6 @@ class OpenAIIngress:
         deadline = t0 + self.spec.limits.request_timeout_s
         self.inflight += 1
         self.metrics.in_flight.set(self.inflight)
-        self.metrics.queue_depth.set(max(0, self.inflight - self.spec.limits.max_batch_size))
 
         def start():
             return self.engine.options(stream=True, multiplexed_model_id=target.adapter_id or "").generate.remote(payload)
@@ -409,7 +424,6 @@ class OpenAIIngress:
                 done = True
                 self.inflight -= 1
                 self.metrics.in_flight.set(self.inflight)
-                self.metrics.queue_depth.set(max(0, self.inflight - self.spec.limits.max_batch_size))
                 try:
                     stream.cancel()
                 except Exception as exc:  # the replica is gone already: nothing left to cancel
@@ -439,23 +453,26 @@ class OpenAIIngress:
             finish()
             raise
         ttft = time.monotonic() - t0
-        self.metrics.ttft.labels(label).observe(ttft)
         prompt_tokens = len(payload["prompt_ids"])
-        self.metrics.tokens_in.labels(label).inc(prompt_tokens)
+        self.metrics.first_token(label, ttft, prompt_tokens)
 
         async def events():
-            event = first
+            event, seen, last = first, 0, time.monotonic()  # tokens counted so far; when the previous ones came
             try:
                 while True:
                     yield event
+                    n = event.get("completion_tokens", seen)
+                    if n > seen:
+                        now = time.monotonic()
+                        self.metrics.tokens(label, n - seen, now - last if seen else None)  # None: the first tokens' gap is TTFT's
+                        seen, last = n, now
                     if "finish_reason" in event:
-                        n = event["completion_tokens"]
-                        self.metrics.tokens_out.labels(label).inc(n)
-                        if n > 1:
-                            self.metrics.tpot.labels(label).observe((time.monotonic() - t0 - ttft) / (n - 1))
-                        self.metrics.e2e.labels(label).observe(time.monotonic() - t0)
+                        self.metrics.finished(label, event, time.monotonic() - t0)
                         return
                     event = await next_event()
+            except BaseException:  # client gone, deadline, engine failure: finished as vLLM's "abort"
+                self.metrics.aborted(label)
+                raise
             finally:
                 finish()
 

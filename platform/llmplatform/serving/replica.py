@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class _LoadedAdapter:
-    """What the multiplexer caches; unloading it frees the engine's copy."""
+    """What the multiplexer caches; unloading it (LRU eviction) frees the engine's copy."""
 
-    def __init__(self, engine, adapter_id: str):
-        self.engine, self.adapter_id = engine, adapter_id
+    def __init__(self, engine, adapter_id: str, counts: dict | None = None):
+        self.engine, self.adapter_id, self.counts = engine, adapter_id, counts
 
     def __del__(self):
         try:
             self.engine.unload_adapter(self.adapter_id)
+            if self.counts is not None:
+                self.counts["adapter_evictions"] += 1
         except Exception:  # interpreter shutdown
             pass
 
@@ -43,7 +45,8 @@ def build_engine(plan: Resolved, base_dir: str):
 
         return VLLMEngine(base_dir, dtype=spec.dtype, max_model_len=plan["max_model_len"], tensor_parallel=plan["tensor_parallel"],
                           max_batch_size=spec.limits.max_batch_size, max_loaded_adapters=spec.max_loaded_adapters,
-                          enable_lora=plan["enable_lora"], max_lora_rank=plan["max_lora_rank"] or 16)
+                          enable_lora=plan["enable_lora"], max_lora_rank=plan["max_lora_rank"] or 16,
+                          served_name=str(plan["base_model"]))
     from llmplatform.serving.engines.hf import HFEngine
 
     threads = int(os.environ.get("PLATFORM_ENGINE_THREADS", "1"))
@@ -62,6 +65,7 @@ class EngineCore:
         self.started = time.time()
         self.engine = build_engine(self.plan, base_dir)
         self._paths: dict[str, str] = {}
+        self.counts = {"adapter_loads": 0, "adapter_evictions": 0}  # platform_adapter_* on /metrics
 
         async def load(adapter_id: str) -> _LoadedAdapter:  # a plain function: the multiplexer caches on it
             return await self._load_adapter(adapter_id)
@@ -73,7 +77,8 @@ class EngineCore:
         if not path:
             raise EngineError(f"adapter {adapter_id!r} has no path", 404, "model_not_found")
         await asyncio.to_thread(self.engine.load_adapter, adapter_id, path)
-        return _LoadedAdapter(self.engine, adapter_id)
+        self.counts["adapter_loads"] += 1
+        return _LoadedAdapter(self.engine, adapter_id, self.counts)
 
     async def generate(self, request: dict):
         adapter_id = serve.get_multiplexed_model_id() or request.get("adapter_id")
@@ -103,6 +108,12 @@ class EngineCore:
         except Exception:
             info["placement_group"] = None
         return info
+
+    def metrics(self) -> dict:
+        """The snapshot the ingress's /metrics shows (llmplatform.serving.metrics): the engine's
+        scheduler gauges (`stats()`), vLLM's own exposition when the engine is vLLM, adapter counts."""
+        exposition = getattr(self.engine, "exposition", None)
+        return {"stats": self.engine.stats(), "exposition": exposition() if exposition else None, **self.counts}
 
     def check_health(self) -> None:
         thread = getattr(self.engine, "_thread", None)
@@ -142,6 +153,10 @@ class LocalEngine:
         self.core = core
         self.generate = _Method(lambda payload: LocalStream(core.generate(payload)))
         self.info = _Method(self._info)
+        self.metrics = _Method(self._metrics)
+
+    async def _metrics(self) -> dict:
+        return self.core.metrics()
 
     async def _info(self) -> dict:
         return {**self.core.info(), "topology": "colocated"}

@@ -43,3 +43,19 @@ def test_streams_base_and_adapter_requests_with_exact_counts(colocated):
     assert "a" in client.models.list().model_dump_json()
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-adapter", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_metrics_show_the_in_replica_engine(colocated):
+    """/metrics reads the engine in this replica: its gauges and vLLM-named series, adapter loads."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmplatform.serving.metrics import VLLM_SERIES
+
+    status, _ = colocated
+    text = httpx.get(status["url"].removesuffix("/v1") + "/metrics", timeout=30).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(VLLM_SERIES) <= set(fams)
+    assert [s.value for s in fams["vllm:num_requests_running"].samples] == [0]  # idle after the tests above
+    assert sum(s.value for s in fams["platform_adapter_loads"].samples) >= 1  # adapter `a` was loaded for a request
+    assert sum(s.value for s in fams["platform_engine_metrics_errors"].samples if s.name.endswith("_total")) == 0

@@ -126,7 +126,7 @@ def test_unknown_registry_names_are_forgotten_truncated_and_not_labelled(tiny_ap
     deployment = httpx.get(url + "/deployment", headers=auth).json()
     assert not any("junk" in ref for ref in deployment["served_versions"])  # not followed: never polled
     metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers=auth).text
-    assert "junk" not in metrics and "jjjj" not in metrics and 'model="unknown"' in metrics
+    assert "junk" not in metrics and "jjjj" not in metrics and 'model_name="unknown"' in metrics
     assert len(metrics) < 100_000
 
 
@@ -331,7 +331,7 @@ def engine_pid(app_name: str, dashboard_url: str) -> int:
 async def first_tokens_seen(client: httpx.AsyncClient) -> float:
     """How many requests the ingress has had a first token for (its TTFT histogram's count)."""
     text = (await client.get("/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("llm_time_to_first_token_seconds_count"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:time_to_first_token_seconds_count"))
 
 
 def test_killed_engine_replica_ends_streams_with_error_and_done_and_new_requests_are_held(faults_app, local_stack):

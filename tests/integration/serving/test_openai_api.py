@@ -167,9 +167,10 @@ def test_auth_bad_json_and_metrics(tiny_app):
     assert roles.status_code == 400
     assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401  # auth.public_metrics is off by default
     metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers=auth).text
-    assert "llm_time_to_first_token_seconds_count" in metrics
-    assert 'llm_requests_total{endpoint="chat",model="unknown",status="401"}' in metrics  # unserved names are "unknown"
-    assert "llm_completion_tokens_total" in metrics and "llm_queue_depth" in metrics
+    assert "vllm:time_to_first_token_seconds_count" in metrics
+    assert 'platform_requests_total{endpoint="chat",model_name="unknown",status="401"}' in metrics  # unserved names are "unknown"
+    assert 'platform_auth_failures_total{reason="invalid_key"}' in metrics
+    assert "vllm:generation_tokens_total" in metrics and "vllm:num_requests_waiting" in metrics
 
 
 def test_full_queue_answers_429_with_retry_after(tiny_app):

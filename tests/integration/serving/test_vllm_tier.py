@@ -100,7 +100,15 @@ SCRIPT = FIELDS_CHECK + PRELUDE + r'''
     chunks = list(c.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
                                             extra_body={"ignore_eos": True}))
     out["stream_chunks"] = len(chunks)
-    out["fields"] = fields_check(c, base)
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(st["url"].removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+    fams = list(text_string_to_metric_families(text))
+    out["metrics"] = {"families": sorted({f.name for f in fams}), "samples": sorted({s.name for f in fams for s in f.samples}),
+                      "running_labels": [s.labels for f in fams if f.name == "vllm:num_requests_running" for s in f.samples],
+                      "generation_tokens": sum(s.value for f in fams if f.name == "vllm:generation_tokens" for s in f.samples
+                                               if s.name.endswith("_total"))}
+    out["fields"] = fields_check(c, base)  # after the scrape: its token counts are the three requests above
     from llmplatform import cpus
     procs = [(pid, comm) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
     out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in procs}
@@ -175,6 +183,17 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     assert f["penalty_changes"]
     assert json.loads(f["json_schema"])["a"] in ("x", "y") and isinstance(json.loads(f["json_object"]), dict)
     assert f["tools"]["param"] == "tools" and "engine vllm" in f["tools"]["message"]
+    # /metrics: vLLM's own series (vLLM labels them `engine` too), model_name = the served base name
+    from llmplatform.serving.metrics import VLLM_SERIES
+    from test_metrics_dashboard import DASHBOARDS, dashboard_queries, promql_metric_names
+
+    m = out["metrics"]
+    assert set(VLLM_SERIES) <= set(m["families"]), set(VLLM_SERIES) - set(m["families"])
+    assert m["running_labels"] and all(ls["model_name"] == str(base) and "engine" in ls for ls in m["running_labels"])
+    assert m["generation_tokens"] >= 12 + 12 + 8
+    for path in DASHBOARDS:  # the shipped dashboard reads only series a vllm deployment exports too
+        for expr in dashboard_queries(json.loads(path.read_text())):
+            assert promql_metric_names(expr) <= set(m["samples"]), (path.name, expr)
 
 
 TP_SCRIPT = PRELUDE + r'''

@@ -102,8 +102,12 @@ async def fan_out(generate_one: Callable[[GenerationRequest], AsyncIterator[dict
                 finals[i] = event
             else:
                 yield {**event, "index": i, "completion_tokens": sum(tokens)}
-        yield {"finish_reason": finals[0]["finish_reason"], "prompt_tokens": finals[0]["prompt_tokens"],
-               "completion_tokens": sum(tokens), "choices": [{"index": i, "finish_reason": finals[i]["finish_reason"]} for i in range(req.n)]}
+        final = {k: v for k, v in finals[0].items() if k != "token_ids"}  # choice 0's finish, the prompt's tokens, ...
+        waits = [f["queue_time_s"] for f in finals.values() if f.get("queue_time_s") is not None]
+        if waits:
+            final["queue_time_s"] = max(waits)  # the request waited until its last choice was admitted
+        yield {**final, "completion_tokens": sum(tokens),
+               "choices": [{"index": i, "finish_reason": finals[i]["finish_reason"]} for i in range(req.n)]}
     finally:
         for task in tasks:
             task.cancel()

@@ -79,6 +79,8 @@ class _Seq:
     cancelled: bool = False
     logprobs: list[dict] = field(default_factory=list)  # entries not yet streamed (GenerationRequest.logprobs)
     json_state: tuple | None = None  # json_constraint state when response_format is json_object
+    arrived: float = field(default_factory=time.monotonic)  # reached this engine
+    queue_time_s: float | None = None  # arrived -> admitted to the running batch (vLLM's request_queue_time)
 
     def emit(self, event: dict) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -190,6 +192,15 @@ class HFEngine:
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters),
                 "running": len(self._running), "waiting": len(self._waiting), "decode_steps": self.steps,
                 "decode_cpus": cpus.format_cpu_list(self.partition.model) if self.partition else None}
+
+    def stats(self) -> dict:
+        """The scheduler's gauges in vLLM's meanings (see llmplatform.serving.metrics): rows decoding,
+        requests waiting for a row, and `kv_cache_usage_perc` = the dense KV cache's slots (rows x
+        padded length: left padding takes memory too) / the capacity max_batch_size x max_model_len."""
+        running, mask = self._running, self._mask  # read once: the decode thread replaces them
+        slots = mask.shape[0] * mask.shape[1] if mask is not None and running else 0
+        return {"num_requests_running": len(running), "num_requests_waiting": len(self._waiting),
+                "kv_cache_usage_perc": min(1.0, slots / max(1, self.max_batch_size * self.max_model_len))}
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         """Load a peft adapter under `adapter_id` (idempotent). Raises EngineError if it doesn't fit."""
@@ -314,6 +325,7 @@ class HFEngine:
             if seq.cancelled:
                 self._release(seq)
                 continue
+            seq.queue_time_s = time.monotonic() - seq.arrived
             new.append(seq)
             free -= 1
         if not new:
@@ -424,7 +436,7 @@ class HFEngine:
                 s.emit({"text": "", "completion_tokens": len(s.out_ids), **extra})
             if s.finished:
                 s.emit({"finish_reason": s.finished, "prompt_tokens": len(s.req.prompt_ids), "completion_tokens": len(s.out_ids),
-                        "token_ids": list(s.out_ids)})
+                        "token_ids": list(s.out_ids), "queue_time_s": s.queue_time_s})
 
     def _drop_cancelled(self) -> None:
         keep = [i for i, s in enumerate(self._running) if not (s.cancelled or s.finished)]

@@ -25,16 +25,21 @@ logger = logging.getLogger(__name__)
 
 
 def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parallel: int, max_batch_size: int,
-                max_loaded_adapters: int, max_lora_rank: int = 64, enable_lora: bool = True, cuda: bool | None = None) -> dict:
+                max_loaded_adapters: int, max_lora_rank: int = 64, enable_lora: bool = True, cuda: bool | None = None,
+                served_name: str | None = None) -> dict:
     """AsyncEngineArgs keywords (pure, so tests can check them without vLLM).
 
+    `served_name` becomes vLLM's `served_model_name`, the `model_name` label of vLLM's metrics (else
+    vLLM labels them with the weights' path). Stats stay on: vLLM's PrometheusStatLogger feeds /metrics.
     `enable_lora=False` for base-only deployments: vLLM's LoRA layers cost every request time,
     adapter or not (on CPU they cut base-model throughput by several times)."""
     args = {
         "model": model_dir, "tokenizer": model_dir, "dtype": "auto" if dtype == "auto" else dtype,
         "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel, "max_num_seqs": max_batch_size,
-        "enable_prefix_caching": False, "enable_lora": enable_lora,
+        "enable_prefix_caching": False, "enable_lora": enable_lora, "disable_log_stats": False,
     }
+    if served_name:
+        args["served_model_name"] = served_name
     if enable_lora:
         args.update({"max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
                      "max_cpu_loras": max_loaded_adapters * 2})
@@ -167,6 +172,18 @@ def _start_partitioned(start, partition: cpus.CpuPartition) -> tuple[object, int
     return engine, nice
 
 
+def _prometheus_registry():
+    """The registry vLLM's PrometheusStatLogger writes to in this process (the global one unless
+    PROMETHEUS_MULTIPROC_DIR is set, as vLLM's own API server decides)."""
+    try:
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+    except ImportError:  # older vLLM
+        from prometheus_client import REGISTRY
+
+        return REGISTRY
+    return get_prometheus_registry()
+
+
 def _has_cuda() -> bool:
     try:
         import torch
@@ -180,7 +197,8 @@ class VLLMEngine:
     """vLLM AsyncLLM behind the engine interface (generate / load_adapter / unload_adapter / info)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", max_model_len: int = 4096, tensor_parallel: int = 1,
-                 max_batch_size: int = 32, max_loaded_adapters: int = 8, enable_lora: bool = True, max_lora_rank: int = 64):
+                 max_batch_size: int = 32, max_loaded_adapters: int = 8, enable_lora: bool = True, max_lora_rank: int = 64,
+                 served_name: str | None = None):
         from vllm import AsyncEngineArgs
 
         try:
@@ -195,7 +213,7 @@ class VLLMEngine:
         cuda = _has_cuda()
         self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
                                 max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora,
-                                max_lora_rank=max_lora_rank, cuda=cuda)
+                                max_lora_rank=max_lora_rank, cuda=cuda, served_name=served_name)
         partition = None if cuda else cpus.from_env()
         binding = None
         if not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -219,6 +237,19 @@ class VLLMEngine:
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters), "requests": self.requests,
                 "executor": self.args.get("distributed_executor_backend", "uni"), "lora_enabled": self.args["enable_lora"],
                 "cpu_binding": self.cpu_binding, "scheduler_nice": self.scheduler_nice, "max_lora_rank": self.args.get("max_lora_rank")}
+
+    def stats(self) -> dict:
+        """vLLM's own scheduler gauges (num_requests_running/waiting, kv_cache_usage_perc), read back
+        from the Prometheus registry its stat logger writes in this process."""
+        from llmplatform.serving.metrics import vllm_stats
+
+        return vllm_stats(_prometheus_registry())
+
+    def exposition(self) -> str:
+        """vLLM's own `vllm:` metrics as Prometheus text: what vLLM's server would show at /metrics."""
+        from llmplatform.serving.metrics import vllm_exposition
+
+        return vllm_exposition(_prometheus_registry())
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         if adapter_id not in self.adapters:
