@@ -322,6 +322,38 @@ def write_lora_adapter(shape: catalog.ModelShape, out: Path, rank: int = 8, seed
     return out
 
 
+async def request_fields(engine, prompt: list[int], out_tokens: int) -> dict:
+    """The OpenAI request fields the engine implements, on this device: logprobs against the model's own
+    forward pass, a frequency penalty, json_object, n=3."""
+    from llmplatform.serving.engines import GenerationRequest
+
+    async def run(**kw) -> tuple[dict, str, list, dict]:
+        last, text, logprobs, by_choice = {}, "", [], {}
+        async for event in engine.generate(GenerationRequest(prompt_ids=prompt, max_tokens=kw.pop("max_tokens", out_tokens), **kw)):
+            text += event.get("text", "")
+            by_choice[event.get("index", 0)] = by_choice.get(event.get("index", 0), "") + event.get("text", "")
+            logprobs += event.get("logprobs", [])
+            last = event
+        return last, text, logprobs, by_choice
+
+    greedy, _, lps, _ = await run(temperature=0.0, ignore_eos=True, logprobs=2)
+    ids = torch.tensor([prompt + greedy["token_ids"]], device=engine.device)
+    with engine._lock, torch.inference_mode():
+        scores = torch.log_softmax(engine.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), dim=-1)
+    own = scores.gather(-1, ids[0, len(prompt):, None]).squeeze(-1).tolist()
+    penalised, _, _, _ = await run(temperature=0.0, ignore_eos=True, frequency_penalty=1.5)
+    _, text, _, _ = await run(temperature=0.0, response_format={"type": "json_object"}, max_tokens=min(24, engine.max_model_len - len(prompt)))
+    try:
+        parses = isinstance(json.loads(text), dict)
+    except ValueError:
+        parses = False
+    _, _, _, choices = await run(temperature=1.0, seed=5, n=3, ignore_eos=True)
+    return {"logprobs_tokens_match": [e["id"] for e in lps] == greedy["token_ids"],
+            "logprobs_sum_vs_forward_abs_diff": round(abs(sum(e["logprob"] for e in lps) - sum(own)), 5),
+            "frequency_penalty_changes_greedy": penalised["token_ids"] != greedy["token_ids"],
+            "json_object_parses": parses, "n3_distinct_choices": len(set(choices.values()))}
+
+
 async def engine_features(engine, shape: catalog.ModelShape, prompts: list[list[int]], adapter_dir: Path, out_tokens: int) -> dict:
     """What else the engine does on this device: seeded sampling repeats, and one batch that mixes the
     base with a LoRA adapter (peft's per-row adapter_names) gives the adapter's rows different tokens."""
@@ -333,6 +365,7 @@ async def engine_features(engine, shape: catalog.ModelShape, prompts: list[list[
             last = event
         return last.get("token_ids", [])
 
+    fields = await request_fields(engine, prompts[0], out_tokens)  # before any adapter: peft wraps the model in place
     sampled = [await tokens(prompts[0], temperature=0.8, top_p=0.9, seed=11) for _ in range(2)]
     path = str(write_lora_adapter(shape, adapter_dir))
     t0 = time.perf_counter()
@@ -340,7 +373,7 @@ async def engine_features(engine, shape: catalog.ModelShape, prompts: list[list[
                                    for i, p in enumerate(prompts[:8])])
     mixed_s = time.perf_counter() - t0
     base = await asyncio.gather(*[tokens(p, temperature=0.0) for p in prompts[:8]])
-    return {"seeded_sampling_repeats": sampled[0] == sampled[1] and len(sampled[0]) == out_tokens,
+    return {**fields, "seeded_sampling_repeats": sampled[0] == sampled[1] and len(sampled[0]) == out_tokens,
             "adapter_rows_differ_from_base": all(mixed[i] != base[i] for i in range(1, len(mixed), 2)),
             "base_rows_unchanged_in_mixed_batch": all(mixed[i] == base[i] for i in range(0, len(mixed), 2)),
             "mixed_batch_tok_per_s": round(sum(len(m) for m in mixed) / mixed_s, 1), "adapters_loaded": engine.info()["adapters_loaded"]}
@@ -392,7 +425,7 @@ def part_serve(args, device: torch.device, report: Report) -> None:
             sequential_generate(engine.model, prompts[:1], 4, device)  # warm-up
             seq = sequential_generate(engine.model, prompts[:3], out_tokens, device)
         report.add({"system": "sequential_generate", "concurrency": 1, **seq})
-        report.data["features"] = asyncio.run(engine_features(engine, shape, prompts, args.workdir / "adapter", out_tokens // 4))
+        report.data["features"] = asyncio.run(engine_features(engine, shape, prompts, args.workdir / "adapter", max(8, out_tokens // 4)))
         report.write()
     finally:
         engine.shutdown()

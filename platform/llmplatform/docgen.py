@@ -1,8 +1,8 @@
-"""Reference docs generated from the code itself: the CLI tree and the spec models.
+"""Reference docs generated from the code itself: the CLI tree, the spec models, the API fields.
 
-`docs/cli.md` comes from platformctl's command tree (each command's help and options) and
-`docs/specs.md` from the pydantic specs (each field's type, default and description), so the
-docs can't drift: a test regenerates both and fails when the committed files differ.
+`docs/cli.md` comes from platformctl's command tree (each command's help and options),
+`docs/specs.md` from the pydantic specs (each field's type, default and description), and
+`docs/openai-api.md` from the serving field table (`openai_schema.FIELDS`), so the docs can't drift: a test regenerates both and fails when the committed files differ.
 Run `python -m llmplatform.docgen` to rewrite them.
 """
 
@@ -114,7 +114,36 @@ def sizing_reference() -> str:
     return "\n".join(out)
 
 
-GENERATED = {"docs/cli.md": cli_reference, "docs/specs.md": spec_reference, "docs/sizing.md": sizing_reference}
+def field_rows() -> list[str]:
+    """The markdown table of OpenAI request fields: endpoints, per-engine support, notes."""
+    from llmplatform.serving.openai_schema import ENGINES, FIELDS
+
+    rows = ["| field | endpoints | " + " | ".join(f"engine `{e}`" for e in ENGINES) + " | notes |",
+            "|---|---|" + "---|" * len(ENGINES) + "---|"]
+    for name, rule in FIELDS.items():
+        neutral = f" Accepted when {', '.join(f'`{json.dumps(v)}`' for v in rule.neutral)} (changes nothing)." if rule.neutral else ""
+        rows.append(f"| `{name}` | {', '.join(rule.endpoints)} | " + " | ".join(rule.support(e) for e in ENGINES)
+                    + f" | {rule.note}.{neutral} |")
+    return rows
+
+
+def api_reference() -> str:
+    """What each field of OpenAI's chat completions and completions requests does, per engine."""
+    out = [HEADER, "# OpenAI API: request fields per engine\n",
+           "`POST /v1/chat/completions` and `POST /v1/completions` accept exactly the fields below. A field marked "
+           "`refused` for the deployment's engine, or one not listed, is answered with HTTP 400 whose `error.param` is the "
+           "field and whose message names the engine (`partly`: the values the note names are refused so); no field is silently ignored. `null` counts as not sent. A field "
+           "behaves the same way with `stream: true` as without, and on both endpoints where it is listed for both.\n",
+           "Logprobs are log-probabilities of the model's raw distribution (before temperature, penalties and "
+           "`logit_bias`), as vLLM reports them. With `n > 1` and a `seed`, choice i samples with seed + i; "
+           "`usage.completion_tokens` counts the tokens of every choice.\n"]
+    out.extend(field_rows())
+    out.append("")
+    return "\n".join(out)
+
+
+GENERATED = {"docs/cli.md": cli_reference, "docs/specs.md": spec_reference, "docs/sizing.md": sizing_reference,
+             "docs/openai-api.md": api_reference}
 
 
 def write_all(repo: Path) -> list[Path]:

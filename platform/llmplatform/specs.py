@@ -249,6 +249,7 @@ class LimitsSpec(StrictModel):
     max_batch_size: int = Field(default=32, ge=1, description="Sequences decoded together per step (hf engine).")
     request_timeout_s: float = Field(default=120.0, gt=0, description="A request running longer is ended with an error; no connection hangs.")
     default_max_tokens: int = Field(default=256, ge=1, description="`max_tokens` when a request does not set it.")
+    max_n: int = Field(default=4, ge=1, le=128, description="Most choices (`n`) one request may ask for; each choice is decoded as its own sequence in the batch. A larger `n` is refused with 400 naming `n`.")
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body in bytes (default 1 MiB); a larger one is refused with 413 before it is read or parsed.")
     registry_lookup_timeout_s: float = Field(default=5.0, gt=0, le=600, description="Longest a request waits for the registry to resolve a name not yet loaded (`NAME@ALIAS`, `NAME/VERSION`), and never past `request_timeout_s`; then 503 with Retry-After. Names already loaded never wait for the registry.")
     stream_interval_ms: float = Field(default=50.0, ge=0, le=1000, description="After a replica sends a stream chunk it waits this long before taking the next; tokens generated meanwhile go out as one chunk. The first token is never held back. Fewer, larger chunks cost the serving path less CPU per token (as Ray Serve LLM's stream batching, also 50 ms); 0 sends every token on its own.")

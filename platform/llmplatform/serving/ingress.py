@@ -2,7 +2,8 @@
 
 Per request: API key -> its identity (SHA-256 hashes; the plan's `api_keys_file`, on
 Kubernetes the mounted Secret, is re-read when it changes; `accounting.py`) -> body size (413 above
-`limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; large
+`limits.max_request_bytes`, before reading it) -> body validation (400 naming the field; a field
+the engine does not honour is refused naming the field and the engine, per `openai_schema.FIELDS`; large
 bodies are parsed and tokenized on a worker thread, never on the event loop) -> model lookup (404
 unknown, 400 incompatible adapter, 503 + Retry-After when the registry does not answer within
 `limits.registry_lookup_timeout_s`) -> Llama 2 chat template and token
@@ -217,7 +218,7 @@ class OpenAIIngress:
         return b"".join(chunks)
 
     @staticmethod
-    def _parse(raw: bytes, chat: bool):
+    def _parse(raw: bytes, chat: bool, engine: str):
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -231,7 +232,10 @@ class OpenAIIngress:
                 raise E.bad_request("Request body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
                                     "send valid Unicode text.", None, "invalid_value") from None
         try:
-            return (S.ChatCompletionRequest if chat else S.CompletionRequest).model_validate(body)
+            S.check_fields(body, S.CHAT if chat else S.COMPLETIONS, engine)  # every field works here or is refused
+            return (S.ChatCompletionRequest if chat else S.CompletionRequest).model_validate(body, context={"engine": engine})
+        except S.FieldRefused as exc:
+            raise E.bad_request(str(exc), exc.field, "unsupported_field") from None
         except ValidationError as exc:
             raise E.from_validation(exc) from None
 
@@ -252,7 +256,7 @@ class OpenAIIngress:
                 return ids
             self._refuse_overlong(len(req.prompt_text()))
             return self.tokenizer(req.prompt_text()).input_ids
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
         self._refuse_overlong(sum(len(m["content"]) for m in messages))
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -292,7 +296,7 @@ class OpenAIIngress:
             ident = self._auth(request)
             raw = await self._read_body(request)
             off_loop = len(raw) > INLINE_BODY_BYTES  # JSON and tokenizer work on a large body would stall every stream
-            req = await self._cpu(off_loop, self._parse, raw, chat)
+            req = await self._cpu(off_loop, self._parse, raw, chat, self.plan["engine"])
             target = await self._target(req.model, t0 + self.spec.limits.request_timeout_s)
             model_label = self.metrics.label(target.served_as)
             prompt_ids = await self._cpu(off_loop, self._prompt_ids, req, chat)
@@ -305,7 +309,7 @@ class OpenAIIngress:
                 raise E.overloaded(1 + self.inflight // max(1, self.spec.limits.max_concurrent_requests), self.inflight, self.limit)
             payload = {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                        "stop": req.stop_list(), "seed": req.seed, "adapter_id": target.adapter_id,
-                       "adapter_path": target.adapter_path, "ignore_eos": req.ignore_eos}
+                       "adapter_path": target.adapter_path, "ignore_eos": req.ignore_eos, **self._engine_fields(req)}
             usage = self._usage_of(ident, target)
             response = await self._run(req, target, payload, chat, t0, model_label,
                                        usage=lambda p, c: self.accounting.finished(*usage, p, c))
@@ -320,6 +324,27 @@ class OpenAIIngress:
         """(identity, base model, adapter name or "") under which a request's usage is recorded."""
         adapter = (target.served_as or target.model) if target is not None and target.adapter_id else ""
         return ident, self.base_name, adapter
+
+    def _engine_fields(self, req) -> dict:
+        try:
+            return S.engine_fields(req, len(self.tokenizer), self.spec.limits.max_n)
+        except S.FieldRefused as exc:
+            raise E.bad_request(str(exc), exc.field, "invalid_value") from None
+
+    def _echo(self, req, chat: bool) -> str:
+        """The prompt that completions' `echo` puts before the text (token-id prompts decoded)."""
+        if chat or not req.echo:
+            return ""
+        ids = req.prompt_token_ids()
+        return self.tokenizer.decode(ids) if ids is not None else req.prompt_text()
+
+    def _token_text(self, token_id: int) -> tuple[str, list[int]]:
+        return S.token_text(self.tokenizer.convert_ids_to_tokens(token_id))
+
+    def _logprobs(self, entries: list[dict] | None, chat: bool, offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return S.chat_logprobs(entries, self._token_text) if chat else S.completion_logprobs(entries, self._token_text, offset)
 
     async def _run(self, req, target: Target, payload: dict, chat: bool, t0: float, label: str, usage=None):
         deadline = t0 + self.spec.limits.request_timeout_s
@@ -423,22 +448,30 @@ class OpenAIIngress:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _collect(self, events, rid: str, req, chat: bool) -> JSONResponse:
-        parts, final = [], None
+        texts = {i: [] for i in range(req.n)}  # choice -> text deltas
+        logprobs = {i: ([] if req.top_k_logprobs() is not None else None) for i in range(req.n)}
+        final = None
         try:
             async for ev in events:
                 if "finish_reason" in ev:
                     final = ev
-                elif ev.get("text"):
-                    parts.append(ev["text"])
+                    continue
+                i = ev.get("index", 0)
+                if ev.get("text"):
+                    texts[i].append(ev["text"])
+                if logprobs[i] is not None:
+                    logprobs[i] += ev.get("logprobs", [])
         except asyncio.TimeoutError:
             raise E.timed_out(self.spec.limits.request_timeout_s) from None
         except StopAsyncIteration:
             raise E.replica_failed("engine closed the stream before finishing") from None
         build = S.chat_response if chat else S.completion_response
-        text = "".join(parts)
-        if not chat and req.echo:
-            text = req.prompt_text() + text
-        return JSONResponse(build(rid, req.model, text, final["finish_reason"], final["prompt_tokens"], final["completion_tokens"]))
+        finishes = {c["index"]: c["finish_reason"] for c in final.get("choices", [{"index": 0, "finish_reason": final["finish_reason"]}])}
+        head = self._echo(req, chat)
+        choice = S.chat_choice if chat else S.completion_choice
+        choices = [choice(i, head + "".join(texts[i]), finishes[i], self._logprobs(logprobs[i], chat)) for i in range(req.n)]
+        return JSONResponse(build(rid, req.model, choices[0].get("text", ""), final["finish_reason"], final["prompt_tokens"],
+                                  final["completion_tokens"], choices))
 
     async def _sse(self, events, rid: str, req, chat: bool, prompt_tokens: int):
         created = int(time.time())
@@ -455,17 +488,35 @@ class OpenAIIngress:
         def text(delta: str) -> str:
             return f"data: {head}{json.dumps(delta)}{tail}\n\n"
 
+        plain = req.n == 1 and req.top_k_logprobs() is None  # one choice, no logprobs: the template above
+        offsets = {i: 0 for i in range(req.n)}  # completions' text_offset per choice
+
+        def rich(ev: dict) -> str:
+            i, lp = ev.get("index", 0), ev.get("logprobs")
+            logprobs = self._logprobs(lp, chat, offsets[i]) if lp else None
+            offsets[i] += len(ev.get("text", ""))
+            if chat:
+                return data(S.chat_chunk(rid, req.model, {"content": ev.get("text", "")}, None, created, i, logprobs))
+            return data(S.completion_chunk(rid, req.model, ev.get("text", ""), None, created, i, logprobs))
+
         if chat:
-            yield data(S.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None, created))
+            for i in range(req.n):
+                yield data(S.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None, created, i))
+        elif req.echo:
+            for i in range(req.n):
+                yield data(S.completion_chunk(rid, req.model, self._echo(req, chat), None, created, i))
         try:
             async for ev in events:
                 if "finish_reason" in ev:
-                    if chat:
-                        yield data(S.chat_chunk(rid, req.model, {}, ev["finish_reason"], created))
-                    else:
-                        yield data(S.completion_chunk(rid, req.model, "", ev["finish_reason"], created))
+                    for c in ev.get("choices", [{"index": 0, "finish_reason": ev["finish_reason"]}]):
+                        if chat:
+                            yield data(S.chat_chunk(rid, req.model, {}, c["finish_reason"], created, c["index"]))
+                        else:
+                            yield data(S.completion_chunk(rid, req.model, "", c["finish_reason"], created, c["index"]))
                     if req.include_usage():
                         yield data(S.usage_chunk(rid, req.model, obj, created, ev["prompt_tokens"], ev["completion_tokens"]))
+                elif not plain and (ev.get("text") or ev.get("logprobs")):
+                    yield rich(ev)
                 elif ev.get("text"):
                     yield text(ev["text"])
         except (asyncio.TimeoutError, E.ApiError, StopAsyncIteration) as exc:

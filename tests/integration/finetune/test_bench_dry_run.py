@@ -34,6 +34,8 @@ def test_the_device_check_runs_all_three_parts_on_cpu_and_reports_what_the_gpu_r
     assert serve["engine"]["device"] == "cpu" and set(serve["engine_vs_sequential"]) == {"1", "2"}
     features = serve["features"]  # on the GPU run these say the engine samples, and mixes adapters, right on CUDA
     assert features["seeded_sampling_repeats"] and features["adapter_rows_differ_from_base"] and features["base_rows_unchanged_in_mixed_batch"]
+    assert features["logprobs_tokens_match"] and features["logprobs_sum_vs_forward_abs_diff"] <= 1e-3
+    assert features["frequency_penalty_changes_greedy"] and features["json_object_parses"] and features["n3_distinct_choices"] == 3
     assert [r["layers"] for r in probe["results"]] == [1, 2] and probe["extrapolation"]["layers"] > 2
     assert "engine_vs_sequential" in proc.stdout and "extrapolation" in proc.stdout
     assert {f: f.read_bytes() for f in committed} == committed  # a dry run leaves the GPU results alone

@@ -133,7 +133,7 @@ def test_adapters_change_answers_and_names_resolve(client, registry_versions):
     ({"top_p": 0}, 400, "top_p"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": 600}, 400, "600"),
-    ({"n": 3}, 400, "n"),
+    ({"n": 5}, 400, "limits.max_n"),
     ({"model": "no-such-model"}, 404, "no-such-model"),
     ({"model": f"{REGISTERED}/99"}, 404, "99"),
     ({"messages": []}, 400, "messages"),

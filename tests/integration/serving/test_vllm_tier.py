@@ -34,7 +34,57 @@ if __name__ == "__main__":
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rv", dir="/tmp"), log_to_driver=False)
 '''
 
-SCRIPT = PRELUDE + r'''
+FIELDS_CHECK = r'''
+def fields_check(c, base):
+    """docs/openai-api.md's vllm column through the SDK: logprobs vs a transformers greedy loop, n, penalty, JSON, refusals."""
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmplatform.serving.openai_schema import token_text
+    user = [{"role": "user", "content": "Tell me about the sea."}]
+    out = {}
+    r = c.chat.completions.create(model=base, messages=user, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+    start, total = len(ids), 0.0
+    with torch.no_grad():
+        for _ in range(8):
+            lp = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            ids.append(int(lp.argmax()))
+            total += float(lp[ids[-1]])
+    out["logprobs"] = {"served": [e.token for e in r.choices[0].logprobs.content],
+                       "model": [token_text(p)[0] for p in tok.convert_ids_to_tokens(ids[start:])],
+                       "served_sum": sum(e.logprob for e in r.choices[0].logprobs.content), "model_sum": total}
+    kw = dict(model=base, messages=user, max_tokens=8, temperature=1.0, seed=21, n=3, extra_body={"ignore_eos": True})
+    out["n_texts"] = [ch.message.content for ch in c.chat.completions.create(**kw).choices]
+    streamed = {}
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+    out["n_streamed"] = [streamed.get(i) for i in range(3)]
+
+    def greedy(**k):
+        return c.chat.completions.create(model=base, messages=user, max_tokens=24, temperature=0, extra_body={"ignore_eos": True},
+                                         **k).choices[0].message.content
+
+    out["penalty_changes"] = greedy() != greedy(frequency_penalty=2.0)
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"], "additionalProperties": False}
+    j = c.chat.completions.create(model=base, messages=user, max_tokens=64, temperature=0,
+                                  response_format={"type": "json_schema", "json_schema": {"name": "ab", "schema": schema}})
+    out["json_schema"] = j.choices[0].message.content
+    j = c.chat.completions.create(model=base, messages=user, max_tokens=64, temperature=0, response_format={"type": "json_object"})
+    out["json_object"] = j.choices[0].message.content
+    try:
+        c.chat.completions.create(model=base, messages=user, max_tokens=4, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        out["tools"] = None
+    except openai.BadRequestError as e:
+        out["tools"] = e.response.json()["error"]
+    return out
+'''
+
+SCRIPT = FIELDS_CHECK + PRELUDE + r'''
     spec = {"name": "vt", "engine": "vllm", "model": {"base": base, "adapters": [{"name": "a", "source": sys.argv[2]}]},
             "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}, "topology": sys.argv[3]}
     st = deploy_spec(spec, timeout_s=400)
@@ -58,6 +108,7 @@ SCRIPT = PRELUDE + r'''
                       "running_labels": [s.labels for f in fams if f.name == "vllm:num_requests_running" for s in f.samples],
                       "generation_tokens": sum(s.value for f in fams if f.name == "vllm:generation_tokens" for s in f.samples
                                                if s.name.endswith("_total"))}
+    out["fields"] = fields_check(c, base)  # after the scrape: its token counts are the three requests above
     from llmplatform import cpus
     procs = [(pid, comm) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
     out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in procs}
@@ -125,6 +176,13 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     assert out["base_tokens"] == 12
     assert out["lora_text"] != out["base_text"]
     assert out["stream_chunks"] >= 3
+    f = out["fields"]  # docs/openai-api.md, engine vllm
+    assert f["logprobs"]["served"] == f["logprobs"]["model"]
+    assert abs(f["logprobs"]["served_sum"] - f["logprobs"]["model_sum"]) < 1e-3, f["logprobs"]
+    assert len(set(f["n_texts"])) == 3 and f["n_streamed"] == f["n_texts"]
+    assert f["penalty_changes"]
+    assert json.loads(f["json_schema"])["a"] in ("x", "y") and isinstance(json.loads(f["json_object"]), dict)
+    assert f["tools"]["param"] == "tools" and "engine vllm" in f["tools"]["message"]
     # /metrics: vLLM's own series (vLLM labels them `engine` too), model_name = the served base name
     from llmplatform.serving.metrics import VLLM_SERIES
     from test_metrics_dashboard import DASHBOARDS, dashboard_queries, promql_metric_names

@@ -3,7 +3,9 @@
 A background thread owns the model. Each step it admits waiting requests (prefilled together,
 left-padded), merges their KV cache into the running batch (left-padding the shorter cache),
 decodes one token for every running sequence in a single forward pass, samples per request
-(temperature, top_p, seed), and drops finished or cancelled rows. So a request that arrives
+(logit_bias, presence/frequency penalties, temperature, top_p, seed; logprobs from the raw
+distribution; `json_object` through `json_constraint`), and drops finished or cancelled rows.
+`n > 1` runs as n sequences (`fan_out`). So a request that arrives
 while others are decoding joins at the next step instead of waiting for the batch to drain.
 LoRA adapters are peft adapters loaded into one `PeftModel`; a mixed batch runs with peft's
 per-row `adapter_names`, so requests for different adapters (and the base) share each step.
@@ -25,7 +27,7 @@ from typing import AsyncIterator
 import torch
 
 from llmplatform import cpus
-from llmplatform.serving.engines import EngineError, GenerationRequest, check_request
+from llmplatform.serving.engines import EngineError, GenerationRequest, check_request, fan_out, json_constraint
 
 BASE = "__base__"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +77,8 @@ class _Seq:
     sent: int = 0  # characters of `text` already streamed
     finished: str | None = None
     cancelled: bool = False
+    logprobs: list[dict] = field(default_factory=list)  # entries not yet streamed (GenerationRequest.logprobs)
+    json_state: tuple | None = None  # json_constraint state when response_format is json_object
     arrived: float = field(default_factory=time.monotonic)  # reached this engine
     queue_time_s: float | None = None  # arrived -> admitted to the running batch (vLLM's request_queue_time)
 
@@ -85,6 +89,47 @@ class _Seq:
 def _internal_name(adapter_id: str) -> str:
     """peft adapter names become module keys: no '.', '/', '@'."""
     return "a" + hashlib.sha1(adapter_id.encode()).hexdigest()[:12]
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+    """`logits` [B, V] with each row's logit_bias and presence/frequency penalties applied (over
+    the tokens it generated, as OpenAI and vLLM do); the input itself when no row asks for any."""
+    rows = [i for i, s in enumerate(seqs) if s.req.logit_bias or (s.out_ids and (s.req.presence_penalty or s.req.frequency_penalty))]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        req = seqs[i].req
+        if req.logit_bias:
+            ids = torch.tensor(list(req.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(req.logit_bias.values()), device=logits.device)
+        if seqs[i].out_ids and (req.presence_penalty or req.frequency_penalty):
+            counts = torch.bincount(torch.tensor(seqs[i].out_ids, device=logits.device), minlength=vocab)[:vocab].float()  # [V]
+            logits[i] -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    """The logprob entry of `token` under the raw distribution `logits` [V], with the `top` best alternatives."""
+    lp = torch.log_softmax(logits, dim=-1)
+    best = lp.topk(top) if top else None
+    return {"id": token, "logprob": float(lp[token]),
+            "top": [[int(t), float(v)] for v, t in zip(best.values, best.indices)] if best is not None else []}
+
+
+def preference_scores(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores [V] whose descending order is the engine's preference for the next token: the logits
+    when greedy; else log-probs at `temperature` (top_p's tail at -inf) plus Gumbel noise, so the
+    best-scoring token of any allowed subset is a sample from the distribution restricted to it."""
+    if temperature <= 0:
+        return logits
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = logp.exp().sort(descending=True)
+        logp[order[sorted_p.cumsum(-1) - sorted_p > top_p]] = float("-inf")
+    u = torch.rand(logits.shape, generator=generator, device=generator.device if generator else "cpu").to(logits.device)
+    return logp - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:
@@ -195,13 +240,19 @@ class HFEngine:
             self._wake.set()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[dict]:
-        """Stream events for one request; cancelling the iterator frees its batch slot."""
+        """Stream events for one request (`n` choices as `n` sequences); cancelling the iterator frees their batch slots."""
+        async for event in fan_out(self._generate_one, req):
+            yield event
+
+    async def _generate_one(self, req: GenerationRequest) -> AsyncIterator[dict]:
         if check_request(req, self.max_model_len, self.adapters):
             await asyncio.to_thread(self.load_adapter, req.adapter_id, req.adapter_path)
         adapter = self.adapters[req.adapter_id] if req.adapter_id else BASE
         seq = _Seq(req=req, loop=asyncio.get_running_loop(), queue=asyncio.Queue(), adapter=adapter)
         if req.temperature > 0:
             seq.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
+        if (req.response_format or {}).get("type") == "json_object":
+            seq.json_state = json_constraint.START
         with self._use_lock:
             self._in_use[adapter] = self._in_use.get(adapter, 0) + 1
         self._waiting.append(seq)
@@ -216,7 +267,8 @@ class HFEngine:
                         yield event
                         event = nxt
                         break
-                    event = {"text": event["text"] + nxt["text"], "completion_tokens": nxt["completion_tokens"]}
+                    event = {"text": event["text"] + nxt["text"], "completion_tokens": nxt["completion_tokens"],
+                             **({"logprobs": event["logprobs"] + nxt["logprobs"]} if "logprobs" in event else {})}
                 if "error" in event:
                     raise EngineError(event["error"], 500, "engine_failure")
                 yield event
@@ -315,10 +367,13 @@ class HFEngine:
         self._drop_cancelled()
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        logits = logits.float().cpu()  # [B, V]; sampling (seeded per request) runs on the CPU on every device
+        logits = adjust_logits(logits, seqs)  # [B, V] float on the CPU (_sample_and_emit moved it)
         greedy = logits.argmax(-1).tolist()
         tokens = []
         for i, s in enumerate(seqs):
+            if s.json_state is not None:
+                tokens.append(self._json_token(s, logits[i]))
+                continue
             if s.req.temperature <= 0:
                 tokens.append(greedy[i])
                 continue
@@ -331,28 +386,54 @@ class HFEngine:
             tokens.append(int(torch.multinomial(probs, 1, generator=s.generator)))
         return tokens
 
+    def _json_token(self, s: _Seq, logits: torch.Tensor) -> int:
+        """The preferred token that keeps `s`'s text a JSON object's prefix closable in the tokens
+        left (advancing `s.json_state`); -1 when none does."""
+        vocab = logits.shape[-1]
+        if getattr(self, "_json_texts", None) is None or len(self._json_texts) != vocab:
+            special = set(self.tokenizer.all_special_ids)
+            pieces = self.tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(self.tokenizer)))))
+            texts = [None if i in special else json_constraint.piece_text(p) for i, p in enumerate(pieces)]
+            self._json_texts = texts + [None] * (vocab - len(texts))
+        order = torch.argsort(preference_scores(logits, s.req.temperature, s.req.top_p, s.generator), descending=True).tolist()
+        picked = json_constraint.choose(s.json_state, order, self._json_texts, s.req.max_tokens - len(s.out_ids))
+        if picked is None:
+            return -1
+        s.json_state = picked[1]
+        return picked[0]
+
     def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        for s, tok in zip(seqs, self._sample(seqs, logits)):
+        logits = logits.float().cpu()  # [B, V]; sampling (seeded per request) and logprobs run on the CPU on every device
+        for i, (s, tok) in enumerate(zip(seqs, self._sample(seqs, logits))):
             if s.cancelled or s.finished:
                 continue
-            if tok == self.eos_id and not s.req.ignore_eos:
+            if tok < 0:  # response_format: no token keeps the JSON closable in the tokens left
+                s.finished = "length"
+            elif tok == self.eos_id and not s.req.ignore_eos:
                 s.finished = "stop"
             else:
                 s.out_ids.append(tok)
+                if s.req.logprobs is not None:
+                    s.logprobs.append(token_logprobs(logits[i], tok, s.req.logprobs))
                 s.text = self.tokenizer.decode(s.out_ids, skip_special_tokens=True)
                 hit = [s.text.find(x) for x in s.req.stop if x in s.text]
                 if hit:
                     s.text, s.finished = s.text[: min(hit)], "stop"
+                elif json_constraint.is_done(s.json_state):  # the object is complete: nothing may follow it
+                    s.finished = "stop"
                 elif len(s.out_ids) >= s.req.max_tokens:
                     s.finished = "length"
             safe = len(s.text) if s.finished else len(s.text) - _stop_holdback(s.text, s.req.stop)
             if not s.finished:
                 safe = min(safe, len(s.text.rstrip("\ufffd")))  # an incomplete UTF-8 byte sequence
+            extra = {}
+            if s.req.logprobs is not None:
+                extra, s.logprobs = {"logprobs": s.logprobs}, []
             if safe > s.sent:
-                s.emit({"text": s.text[s.sent:safe], "completion_tokens": len(s.out_ids)})
+                s.emit({"text": s.text[s.sent:safe], "completion_tokens": len(s.out_ids), **extra})
                 s.sent = safe
-            elif not s.finished:
-                s.emit({"text": "", "completion_tokens": len(s.out_ids)})
+            elif not s.finished or extra.get("logprobs"):
+                s.emit({"text": "", "completion_tokens": len(s.out_ids), **extra})
             if s.finished:
                 s.emit({"finish_reason": s.finished, "prompt_tokens": len(s.req.prompt_ids), "completion_tokens": len(s.out_ids),
                         "token_ids": list(s.out_ids), "queue_time_s": s.queue_time_s})

@@ -5,8 +5,9 @@ shard workers in the placement group the Serve replica already reserved (one bun
 vLLM's CPU backend has no Ray executor: there the shards are local processes (`mp`) on the
 replica's node, each bound to its own share of the CPUs (STRICT_PACK reserved them). LoRA
 adapters become `LoRARequest`s with a stable integer id per adapter id; vLLM loads them lazily
-and keeps `max_loras` on the device. Events match the hf engine's, so the ingress can't tell
-them apart.
+and keeps `max_loras` on the device. `n`, logprobs, penalties, logit_bias and structured outputs
+(`response_format`) are vLLM's own (`sampling_kwargs`). Events match the hf engine's, so the
+ingress can't tell them apart.
 """
 
 from __future__ import annotations
@@ -52,6 +53,37 @@ def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parall
         # On the CPU backend this is the share of *host* memory vLLM reserves (default 0.92 fails on a shared box).
         args["gpu_memory_utilization"] = float(fraction)
     return args
+
+
+def structured_outputs(response_format: dict | None) -> dict | None:
+    """OpenAI's `response_format` as `StructuredOutputsParams` keywords (vLLM >= 0.11), or None for plain text."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        return {"json": response_format["json_schema"]["schema"]}
+    return None
+
+
+def sampling_kwargs(req: GenerationRequest) -> dict:
+    """SamplingParams keywords for a request (pure, so tests can check them without vLLM);
+    `structured_outputs` stays a dict here and becomes StructuredOutputsParams in `generate`."""
+    kwargs = {"n": req.n, "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or None,
+              "seed": req.seed, "ignore_eos": req.ignore_eos, "presence_penalty": req.presence_penalty,
+              "frequency_penalty": req.frequency_penalty, "logit_bias": dict(req.logit_bias) or None, "logprobs": req.logprobs}
+    structured = structured_outputs(req.response_format)
+    if structured:
+        kwargs["structured_outputs"] = structured
+    return kwargs
+
+
+def logprob_entries(token_ids, logprobs, top: int) -> list[dict]:
+    """vLLM's per-token logprobs (dicts token id -> Logprob with `.logprob`, `.rank`) as engine events' entries."""
+    out = []
+    for tid, alts in zip(token_ids, logprobs or []):
+        best = sorted(((t, lp) for t, lp in alts.items() if lp.rank is not None and lp.rank <= top), key=lambda x: x[1].rank)
+        out.append({"id": int(tid), "logprob": float(alts[tid].logprob), "top": [[int(t), float(lp.logprob)] for t, lp in best[:top]]})
+    return out
 
 
 def check_rank(adapter_id: str, path: str, max_lora_rank: int | None) -> None:
@@ -241,23 +273,38 @@ class VLLMEngine:
         if req.adapter_id:
             lora_id, path = self.adapters[req.adapter_id]
             lora = LoRARequest(req.adapter_id, lora_id, path)
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop or None,
-                                seed=req.seed, ignore_eos=req.ignore_eos, output_kind=RequestOutputKind.DELTA)
+        kwargs = sampling_kwargs(req)
+        if "structured_outputs" in kwargs:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
         rid = uuid.uuid4().hex
         self.requests += 1
         tokens = 0
+        finishes: dict[int, str] = {}
         try:
+            params = SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
             # DELTA (as vLLM's own server streams): each output carries only what is new, and outputs
             # a slow reader hasn't taken yet are merged instead of re-sending the whole text.
             async for out in self.engine.generate({"prompt_token_ids": list(req.prompt_ids)}, params, rid, lora_request=lora):
-                o = out.outputs[0]
-                tokens += len(o.token_ids)
-                if o.text or o.token_ids:
-                    yield {"text": o.text, "completion_tokens": tokens}
+                for o in out.outputs:
+                    tokens += len(o.token_ids)
+                    if o.text or o.token_ids:
+                        event = {"text": o.text, "completion_tokens": tokens}
+                        if req.n > 1:
+                            event["index"] = o.index
+                        if req.logprobs is not None:
+                            event["logprobs"] = logprob_entries(o.token_ids, o.logprobs, req.logprobs)
+                        yield event
+                    if o.finish_reason:
+                        finishes[o.index] = o.finish_reason
                 if out.finished:
-                    yield {"finish_reason": o.finish_reason or "stop", "prompt_tokens": len(req.prompt_ids), "completion_tokens": tokens}
+                    final = {"finish_reason": finishes.get(0, "stop"), "prompt_tokens": len(req.prompt_ids), "completion_tokens": tokens}
+                    if req.n > 1:
+                        final["choices"] = [{"index": i, "finish_reason": finishes.get(i, "stop")} for i in range(req.n)]
+                    yield final
                     return
-        except ValueError as exc:  # vLLM rejects bad LoRA files / params with ValueError
+        except ValueError as exc:  # vLLM rejects bad LoRA files / params with ValueError (VLLMValidationError too)
             raise EngineError(f"vllm refused the request: {exc}") from exc
 
     def shutdown(self) -> None:
