@@ -15,6 +15,7 @@ macOS alike (no /proc reads).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from llmplatform.cpus import pin_child
 # State files written before psutil recorded the start time in clock ticks since boot (Linux
 # /proc/<pid>/stat field 22); a create time in seconds since the epoch is always above this.
 _EPOCH_FLOOR = 1e9
+logger = logging.getLogger(__name__)
 START_TIME_TOLERANCE = 0.05  # seconds; psutil derives the same create time each call, this only absorbs rounding
 
 
@@ -178,6 +180,8 @@ def start_process(command: list[str], log_path: Path, env: dict[str, str | None]
     start = proc_start_time(proc.pid)
     if start is None:  # exited at once; keep a record so the caller reports its log
         start = -1
+    logger.info("started pid %d (session leader)%s: %s; log %s", proc.pid, f" on CPUs {sorted(cpus)}" if cpus else "",
+             " ".join(command), log_path)
     return ProcessRecord(pid=proc.pid, pgid=proc.pid, start_time=start, command=command, log=str(log_path))
 
 
@@ -198,6 +202,12 @@ def stop_groups(records: list[ProcessRecord], timeout: float = 5.0) -> list[bool
     ours = [group_is_ours(r) for r in records]
     targets = [r for r, mine in zip(records, ours) if mine]
     below = {r.pid: leader_descendants(r) for r in targets}  # found before the leader exits and its tree is lost
+    for record, mine in zip(records, ours):
+        if mine:
+            logger.info("stopping process group %d: %d session members, %d descendants", record.pgid,
+                     len(group_members(record.pgid)), len(below[record.pid]))
+        else:
+            logger.info("leaving pid %d alone: it is no longer the process we started", record.pid)
     for record in targets:
         _signal_group(record.pgid, signal.SIGTERM, below[record.pid])
     for sig, wait in ((signal.SIGKILL, timeout), (None, 5.0)):
