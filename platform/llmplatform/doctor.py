@@ -104,8 +104,9 @@ def _torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def check_port(component: str, port: int, flag: str, own_pids: Iterable[int] = (), host: str = HOST) -> Check:
-    """Free, or held by this user's local stack: ok. Held by another process: error naming it."""
+def check_port(component: str, port: int, flag: str | None, own_pids: Iterable[int] = (), host: str = HOST) -> Check:
+    """Free, or held by this user's local stack: ok. Held by another process: error naming it.
+    `flag` is the `platformctl up` option that moves the component elsewhere (None: no such flag)."""
     name = f"port {port}"
     if port_is_free(port, host):
         return Check(name, OK, f"{host}:{port} is free ({component})")
@@ -114,9 +115,9 @@ def check_port(component: str, port: int, flag: str, own_pids: Iterable[int] = (
     if owner is not None and (owner.pid in own or own & set(owner.ancestors)):
         return Check(name, OK, f"{host}:{port} is held by the local stack's {component} (pid {owner.pid})")
     who = f"pid {owner.pid} ({owner.describe()})" if owner is not None else "a process this user cannot inspect"
+    elsewhere = f"start the stack elsewhere: `platformctl up {flag} <free port>`" if flag else "use another port"
     return Check(name, ERROR, f"{host}:{port} ({component}) is taken by {who}",
-                 f"stop that process{f' (kill {owner.pid})' if owner is not None else ''}, or start the stack elsewhere: "
-                 f"`platformctl up {flag} <free port>`")
+                 f"stop that process{f' (kill {owner.pid})' if owner is not None else ''}, or {elsewhere}")
 
 
 def check_disk(cache: Path | None = None, usage: Callable[[str], tuple] = shutil.disk_usage) -> Check:
@@ -197,7 +198,15 @@ def own_stack_pids(home: Path | None = None) -> list[int]:
     return [c.process.pid for c in comps.values()]
 
 
-def run_checks(ports: Sequence[tuple[str, int, str]] = STACK_PORTS, *, cluster: bool = True) -> list[Check]:
+def ports_to_check(wanted: Sequence[int]) -> list[tuple[str, int, str | None]]:
+    """(component, port, `up` flag) for each wanted port: the stack's own where it is a default port."""
+    if not wanted:
+        return list(STACK_PORTS)
+    known = {port: (component, flag) for component, port, flag in STACK_PORTS}
+    return [(known[p][0], p, known[p][1]) if p in known else ("requested", p, None) for p in wanted]
+
+
+def run_checks(ports: Sequence[tuple[str, int, str | None]] = STACK_PORTS, *, cluster: bool = True) -> list[Check]:
     """All checks, in the order a user fixes them."""
     own = own_stack_pids()
     log.info("checking ports %s (processes of this home's stack: %s)", [p for _, p, _ in ports], own or "none")

@@ -65,7 +65,7 @@ def test_a_port_taken_by_another_process_is_an_error_naming_port_and_process(lap
     assert code == 1 and table_code == 1 and report["ok"] is False
     assert check["status"] == "error"
     assert f"127.0.0.1:{port}" in check["detail"] and f"pid {os.getpid()}" in check["detail"] and "python" in check["detail"]
-    assert f"kill {os.getpid()}" in check["fix"] and "platformctl up" in check["fix"]
+    assert f"kill {os.getpid()}" in check["fix"] and "another port" in check["fix"]
     assert f"pid {os.getpid()}" in table and "1 error(s)" in table
 
 
@@ -124,3 +124,14 @@ def test_kubeconfig_and_operator(tmp_path):
 def test_vllm_missing_is_a_warning_with_the_make_target():
     check = doctor.check_vllm(find_spec=lambda _: None)
     assert check.status == "warning" and ".venv-vllm" in check.fix
+
+
+def test_a_default_port_names_the_up_flag_that_moves_it():
+    component, port, flag = doctor.ports_to_check([5000])[0]
+    assert (component, port, flag) == ("MLflow server", 5000, "--mlflow-port")
+    assert doctor.ports_to_check([]) == list(doctor.STACK_PORTS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        check = doctor.check_port("MLflow server", sock.getsockname()[1], "--mlflow-port")
+    assert check.status == "error" and "platformctl up --mlflow-port <free port>" in check.fix

@@ -38,7 +38,7 @@ class Shell(str, Enum):
 def completion(shell: Shell = typer.Argument(..., help="bash, zsh or fish.")) -> None:
     """Print the shell completion script. Install: bash `eval "$(platformctl completion bash)"` in ~/.bashrc;
     zsh `eval "$(platformctl completion zsh)"` in ~/.zshrc; fish `platformctl completion fish > ~/.config/fish/completions/platformctl.fish`."""
-    from typer._completion_shared import get_completion_script
+    from typer._completion_shared import get_completion_script  # typer is pinned (pyproject); its scripts call back into platformctl
 
     typer.echo(get_completion_script(prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell.value))
 
@@ -53,8 +53,7 @@ def doctor(
     kubeconfig and the operator; each problem with its fix. Exit 1 when any check is an error (warnings are fine)."""
     from llmplatform import doctor as checks
 
-    ports = [("port", p, "--<component>-port") for p in port] if port else list(checks.STACK_PORTS)
-    found = checks.run_checks(ports, cluster=cluster)
+    found = checks.run_checks(checks.ports_to_check(port or []), cluster=cluster)
     rows = [c.to_dict() for c in found]
     if output == OutputFormat.json:
         emit({"ok": checks.exit_code(found) == 0, "checks": rows}, output)
