@@ -66,13 +66,14 @@ def _process(pid: int) -> psutil.Process | None:
     """The live (non-zombie) process `pid`, or None."""
     try:
         proc = psutil.Process(pid)
-        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-            return None
-        return proc
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
-    except psutil.AccessDenied:  # another user's process (macOS): alive, but not one we started
-        return psutil.Process(pid) if psutil.pid_exists(pid) else None
+    try:
+        return None if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else proc
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # another user's process (macOS): alive, and never one we started
+        return proc
 
 
 def pid_alive(pid: int) -> bool:
