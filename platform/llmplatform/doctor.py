@@ -113,7 +113,7 @@ def check_port(component: str, port: int, flag: str | None, own_pids: Iterable[i
     owner = processinfo.port_owner(port)
     own = set(own_pids)
     if owner is not None and (owner.pid in own or own & set(owner.ancestors)):
-        return Check(name, OK, f"{host}:{port} is held by the local stack's {component} (pid {owner.pid})")
+        return Check(name, OK, f"{host}:{port} is held by this home's local stack (pid {owner.pid}, {owner.name})")
     who = f"pid {owner.pid} ({owner.describe()})" if owner is not None else "a process this user cannot inspect"
     elsewhere = f"start the stack elsewhere: `platformctl up {flag} <free port>`" if flag else "use another port"
     return Check(name, ERROR, f"{host}:{port} ({component}) is taken by {who}",
