@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
-import pytest
 
 from llmplatform.cli.output import LiveLines, OutputFormat, StepBar, deploy_progress, emit, replica_summary
 from llmplatform.serving.app import deploy_snapshot
