@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 from llmplatform import catalog, planner  # noqa: E402
+from llmplatform.export.merge import copy_tokenizer  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10G": 70.0}  # dense, datasheets
 LORA_DROPOUT = 0.0  # the runs' LoRA dropout (the planner models what dropout > 0 adds)
@@ -82,13 +83,6 @@ def write_checkpoint(shape: catalog.ModelShape, out: Path, device: torch.device)
     return time.perf_counter() - t0
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
 
 
 def free(device: torch.device) -> None:
@@ -308,6 +302,50 @@ async def _level(engine, prompts: list[list[int]], concurrency: int, out_tokens:
             "ttft_p50_ms": round(1000 * ttfts[len(ttfts) // 2], 1), "ttft_max_ms": round(1000 * ttfts[-1], 1)}
 
 
+def write_lora_adapter(shape: catalog.ModelShape, out: Path, rank: int = 8, seed: int = 0) -> Path:
+    """A peft LoRA adapter (q_proj, v_proj) for `shape` with random non-zero weights, written directly as
+    adapter_config.json + adapter_model.safetensors (no second copy of the base model needed)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(shape.layers):
+        for module, width in (("q_proj", shape.hidden), ("v_proj", shape.kv_dim)):
+            key = f"base_model.model.model.layers.{i}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, shape.hidden, generator=g) / shape.hidden**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=g) * 0.5
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": None, "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+async def engine_features(engine, shape: catalog.ModelShape, prompts: list[list[int]], adapter_dir: Path, out_tokens: int) -> dict:
+    """What else the engine does on this device: seeded sampling repeats, and one batch that mixes the
+    base with a LoRA adapter (peft's per-row adapter_names) gives the adapter's rows different tokens."""
+    from llmplatform.serving.engines import GenerationRequest
+
+    async def tokens(prompt, **kw) -> list[int]:
+        last = {}
+        async for event in engine.generate(GenerationRequest(prompt_ids=prompt, max_tokens=out_tokens, ignore_eos=True, **kw)):
+            last = event
+        return last.get("token_ids", [])
+
+    sampled = [await tokens(prompts[0], temperature=0.8, top_p=0.9, seed=11) for _ in range(2)]
+    path = str(write_lora_adapter(shape, adapter_dir))
+    t0 = time.perf_counter()
+    mixed = await asyncio.gather(*[tokens(p, temperature=0.0, **({"adapter_id": "bench/1", "adapter_path": path} if i % 2 else {}))
+                                   for i, p in enumerate(prompts[:8])])
+    mixed_s = time.perf_counter() - t0
+    base = await asyncio.gather(*[tokens(p, temperature=0.0) for p in prompts[:8]])
+    return {"seeded_sampling_repeats": sampled[0] == sampled[1] and len(sampled[0]) == out_tokens,
+            "adapter_rows_differ_from_base": all(mixed[i] != base[i] for i in range(1, len(mixed), 2)),
+            "base_rows_unchanged_in_mixed_batch": all(mixed[i] == base[i] for i in range(0, len(mixed), 2)),
+            "mixed_batch_tok_per_s": round(sum(len(m) for m in mixed) / mixed_s, 1), "adapters_loaded": engine.info()["adapters_loaded"]}
+
+
 def sequential_generate(model, prompts: list[list[int]], out_tokens: int, device: torch.device) -> dict:
     """The peer: transformers `generate`, one request after another, greedy, no EOS stop."""
     total, t0 = 0, time.perf_counter()
@@ -337,7 +375,7 @@ def part_serve(args, device: torch.device, report: Report) -> None:
     levels = [1, 2] if args.dry_run else [1, 8, 16]
     prompt_len, out_tokens = (16, 8) if args.dry_run else (64, 128)
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, shape.vocab) for _ in range(prompt_len)] for _ in range(2 * max(levels))]
+    prompts = [[rng.randrange(3, shape.vocab) for _ in range(prompt_len)] for _ in range(max(8, 2 * max(levels)))]
     report.data["workload"] = {"model": f"{model} (random init)", "prompt_tokens": prompt_len, "output_tokens": out_tokens,
                                "greedy": True, "ignore_eos": True, "concurrency": levels}
     reset_peak(device)
@@ -354,6 +392,8 @@ def part_serve(args, device: torch.device, report: Report) -> None:
             sequential_generate(engine.model, prompts[:1], 4, device)  # warm-up
             seq = sequential_generate(engine.model, prompts[:3], out_tokens, device)
         report.add({"system": "sequential_generate", "concurrency": 1, **seq})
+        report.data["features"] = asyncio.run(engine_features(engine, shape, prompts, args.workdir / "adapter", out_tokens // 4))
+        report.write()
     finally:
         engine.shutdown()
     by_c = {r["concurrency"]: r["tok_per_s"] for r in report.data["results"] if r["system"] == "hf_engine"}

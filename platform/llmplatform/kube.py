@@ -26,6 +26,14 @@ KINDS: dict[str, tuple[str, str, str]] = {  # kind -> (group, version, plural)
     "RayCluster": ("ray.io", "v1", "rayclusters"),
 }
 
+SERVE_PORT = 8000
+
+
+def serve_service(ray_service: str) -> str:
+    """The Service KubeRay puts in front of a RayService's Serve application (`<name>-serve-svc`)."""
+    return f"{ray_service}-serve-svc"
+
+
 # In a pod, the namespace of its service account (what kubectl uses there too).
 SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 

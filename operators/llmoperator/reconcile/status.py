@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from llmplatform.kube import SERVE_PORT, serve_service
+
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 
 
@@ -137,7 +139,7 @@ def deployment_status(rayservice: Mapping[str, Any] | None, current: Mapping[str
     wanted["serviceStatus"] = service_status or None
     name = rayservice["metadata"]["name"]
     ns = rayservice["metadata"].get("namespace", "default")
-    wanted["endpoint"] = f"http://{name}-serve-svc.{ns}.svc:8000"
+    wanted["endpoint"] = f"http://{serve_service(name)}.{ns}.svc:{SERVE_PORT}"
     wanted["rayServiceName"] = name
     active = (st.get("activeServiceStatus") or {}).get("rayClusterName")
     wanted["rayClusterName"] = active

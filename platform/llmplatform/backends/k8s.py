@@ -17,7 +17,7 @@ import time
 from typing import Iterator
 
 from llmplatform.errors import JobError, ServeError
-from llmplatform.kube import GROUP, VERSION, KubeApi, api_client, connect  # noqa: F401 (connect: re-exported for callers)
+from llmplatform.kube import GROUP, SERVE_PORT, VERSION, KubeApi, api_client, connect, serve_service  # noqa: F401 (connect: re-exported)
 from llmplatform.specs import FineTuneSpec, ServeSpec
 
 CANCEL_ANNOTATION = f"{GROUP}/cancel"
@@ -314,6 +314,6 @@ def chat_base_url(row: dict, url: str | None = None) -> str:
 
 
 def port_forward_hint(row: dict) -> str:
-    service = f"{row.get('ray_service') or row['name']}-serve-svc"
-    return (f"from outside the cluster run `kubectl port-forward -n {row['namespace']} svc/{service} 8000:8000` "
-            f"and pass --url http://127.0.0.1:8000")
+    service = serve_service(row.get("ray_service") or row["name"])
+    return (f"from outside the cluster run `kubectl port-forward -n {row['namespace']} svc/{service} {SERVE_PORT}:{SERVE_PORT}` "
+            f"and pass --url http://127.0.0.1:{SERVE_PORT}")

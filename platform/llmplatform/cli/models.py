@@ -14,7 +14,7 @@ import typer
 
 from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit, emit_json, render_table
 
-app = typer.Typer(help="Registered adapters (MLflow model registry): list, show, promote, rollback.", no_args_is_help=True)
+app = typer.Typer(help="Registered adapters (MLflow model registry): list, show, promote, rollback, export.", no_args_is_help=True)
 
 TRACKING_OPTION = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
                                help="MLflow tracking server; default: the running local stack (platformctl up).")
@@ -98,6 +98,32 @@ def rollback_cmd(name: str = typer.Argument(..., help="Registered model name."),
 
     record = rollback(resolve_tracking_uri(tracking_uri), name, alias, actor=actor, reason=reason)
     _emit_record(record, output)
+
+
+@app.command("export")
+def export_cmd(ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION (models:/ prefix optional)."),
+               fmt: str = typer.Option(..., "--format", "-f", help="merged (base + adapter folded in, safetensors), "
+                                       "gguf (the merged model for llama.cpp) or adapter (the peft folder)."),
+               out: str = typer.Option(..., "--out", "-o", help="A new (or empty) folder to write the export into."),
+               dtype: str = typer.Option("auto", "--dtype", help="merged: auto (the base's dtype), float32, bfloat16 or float16."),
+               gguf_type: str = typer.Option("bf16", "--gguf-type", help="gguf: bf16, f16 or q8_0 (norms stay float32)."),
+               base: Optional[str] = typer.Option(None, "--base", help="Base checkpoint folder (default: the version's lineage base_model)."),
+               register: bool = typer.Option(True, "--register/--no-register", help="Log the export as an artifact of the version's "
+                                             "run and tag the version export.<format>."),
+               tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Export a registered adapter: merged weights, GGUF or the adapter folder, with its lineage in export.json."""
+    from llmplatform.registry.export import export
+
+    full = ref if ref.startswith("models:/") else f"models:/{ref}"
+    record = export(resolve_tracking_uri(tracking_uri), full, fmt, out, dtype=dtype, gguf_type=gguf_type, register=register, base_dir=base)
+    if output == OutputFormat.json:
+        emit_json(record)
+        return
+    typer.echo(f"exported {record['name']} v{record['version']} as {fmt} to {record['out']} (base {record['base_model']})")
+    for name, sha in record["files"].items():
+        typer.echo(f"  {name}  sha256:{sha[:16]}")
+    if record["artifact"]:
+        typer.echo(f"recorded on the version: tag export.{fmt}, artifact {record['artifact']}")
 
 
 def _emit_record(record, output: OutputFormat) -> None:

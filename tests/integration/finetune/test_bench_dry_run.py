@@ -32,6 +32,8 @@ def test_the_device_check_runs_all_three_parts_on_cpu_and_reports_what_the_gpu_r
     assert systems == [("hf_engine", 1), ("hf_engine", 2), ("sequential_generate", 1)]
     assert all(r["output_tokens"] == r["requests"] * serve["workload"]["output_tokens"] for r in serve["results"])
     assert serve["engine"]["device"] == "cpu" and set(serve["engine_vs_sequential"]) == {"1", "2"}
+    features = serve["features"]  # on the GPU run these say the engine samples, and mixes adapters, right on CUDA
+    assert features["seeded_sampling_repeats"] and features["adapter_rows_differ_from_base"] and features["base_rows_unchanged_in_mixed_batch"]
     assert [r["layers"] for r in probe["results"]] == [1, 2] and probe["extrapolation"]["layers"] > 2
     assert "engine_vs_sequential" in proc.stdout and "extrapolation" in proc.stdout
     assert {f: f.read_bytes() for f in committed} == committed  # a dry run leaves the GPU results alone
