@@ -14,7 +14,9 @@ environment variables. Model work then moves itself:
   process on every CPU and raises its priority (it sits on the critical path of every step);
 - the hf engine's decode thread moves onto the model CPUs;
 - fine-tuning workers and job entrypoints use every CPU of the partition (`use_all_cpus`).
-Hosts with a GPU, or fewer than 2 CPUs, get no partition from `auto`.
+Hosts with a GPU, or fewer than 2 CPUs, get no partition from `auto`. Nor do operating systems
+without a CPU affinity call (macOS has no `sched_setaffinity`): there `auto` skips partitioning
+with one INFO line, and every helper below is a no-op that reports it did nothing.
 
 It lives beside, not inside, stack/: the stack plans and pins the partition, while engines and
 training workers (cluster code, which never imports stack/) only read it from the environment.
@@ -22,12 +24,18 @@ training workers (cluster code, which never imports stack/) only read it from th
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import psutil
+
 from llmplatform.errors import StackError
+
+log = logging.getLogger(__name__)
 
 FRONT_ENV = "PLATFORM_FRONT_CPUS"
 MODEL_ENV = "PLATFORM_MODEL_CPUS"
@@ -81,6 +89,31 @@ def front_share(n: int) -> int:
     return max(1, n // 8)
 
 
+def affinity_supported() -> bool:
+    """Whether this OS lets a process choose its CPUs (Linux: yes; macOS, Windows: no)."""
+    return hasattr(os, "sched_setaffinity") and hasattr(os, "sched_getaffinity")
+
+
+def allowed_cpus() -> tuple[int, ...]:
+    """The CPUs this process may run on: its affinity mask where the OS has one, else all CPUs."""
+    if affinity_supported():
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def plan_for_host(mode: str, gpu: bool) -> CpuPartition | None:
+    """`plan` over this process's CPUs; without an affinity call, `auto` and `off` give no partition
+    (one INFO line says why) and explicit CPUs are an error naming the fix."""
+    if affinity_supported():
+        return plan(mode, allowed_cpus(), gpu)
+    if mode not in ("auto", "off"):
+        raise StackError(f"--cpu-partition {mode!r}: this OS ({sys.platform}) cannot pin processes to CPUs; "
+                         "use --cpu-partition auto or off.")
+    if mode == "auto":
+        log.info("CPU partitioning skipped: %s has no CPU affinity call; Ray and the model share all CPUs", sys.platform)
+    return None
+
+
 def plan(mode: str, allowed: Iterable[int], gpu: bool) -> CpuPartition | None:
     """The partition for `--cpu-partition MODE` (pure).
 
@@ -125,15 +158,20 @@ def from_env(env: Mapping[str, str] | None = None) -> CpuPartition | None:
     return CpuPartition(front, model) if front and model else None
 
 
-def pin_child(cpus: Iterable[int]) -> Callable[[], None]:
-    """A Popen `preexec_fn` that starts the child (and so all it starts) on `cpus`."""
+def pin_child(cpus: Iterable[int]) -> Callable[[], None] | None:
+    """A Popen `preexec_fn` that starts the child (and so all it starts) on `cpus`; None (no
+    pinning) where the OS has no affinity call."""
+    if not affinity_supported():
+        return None
     mask = set(cpus)
     return lambda: os.sched_setaffinity(0, mask)
 
 
 def set_thread_cpus(cpus: Iterable[int]) -> bool:
     """Move the calling thread (and the threads it starts later) onto `cpus`. False when the
-    kernel refuses (CPUs outside this cgroup's cpuset): the thread then stays where it was."""
+    kernel refuses (CPUs outside this cgroup's cpuset) or the OS has no affinity call."""
+    if not affinity_supported():
+        return False
     try:
         os.sched_setaffinity(0, set(cpus))  # pid 0 = the calling thread on Linux
     except OSError:
@@ -142,15 +180,18 @@ def set_thread_cpus(cpus: Iterable[int]) -> bool:
 
 
 def thread_ids(pid: int) -> list[int]:
-    """The thread ids of `pid` (empty when it has exited)."""
+    """The thread ids of `pid` (empty when it has exited or may not be inspected)."""
     try:
-        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
+        return [t.id for t in psutil.Process(pid).threads()]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return []
 
 
 def set_process_cpus(pid: int, cpus: Iterable[int]) -> None:
-    """Move every thread of `pid` onto `cpus`; threads that exit meanwhile are skipped."""
+    """Move every thread of `pid` onto `cpus`; threads that exit meanwhile are skipped. A no-op
+    where the OS has no affinity call."""
+    if not affinity_supported():
+        return
     mask = set(cpus)
     for tid in thread_ids(pid):
         try:
@@ -162,7 +203,14 @@ def set_process_cpus(pid: int, cpus: Iterable[int]) -> None:
 def set_process_nice(pid: int, nice: int) -> bool:
     """Give every thread of `pid` the scheduling priority `nice` (Linux: nice is per thread;
     threads started later inherit their creator's). False when `pid` is gone or the kernel
-    refuses: a nice below the current one needs root, CAP_SYS_NICE or a raised `RLIMIT_NICE`."""
+    refuses: a nice below the current one needs root, CAP_SYS_NICE or a raised `RLIMIT_NICE`.
+    Elsewhere (macOS) nice is per process."""
+    if not sys.platform.startswith("linux"):
+        try:
+            psutil.Process(pid).nice(nice)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+        return True
     tids = thread_ids(pid)
     for tid in tids:
         try:
@@ -181,26 +229,18 @@ def use_all_cpus() -> None:
         set_process_cpus(os.getpid(), part.all)
 
 
-def proc_stats():
-    """(pid, command name, /proc/<pid>/stat fields after the name) of every live process."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        yield int(entry), stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-
-
 def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command name) of every live process below `pid`."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for child, comm, fields in proc_stats():
-        children.setdefault(int(fields[1]), []).append((child, comm))  # fields[1]: parent pid
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child[0])
+    """(pid, process name) of every live process below `pid` (empty when `pid` is gone)."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+    found = []
+    for child in children:
+        try:
+            found.append((child.pid, child.name()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # exited meanwhile
+        except psutil.AccessDenied:
+            found.append((child.pid, ""))
     return found

@@ -39,11 +39,9 @@ def _param_line(param: Any) -> str:
 
 def cli_reference() -> str:
     """Markdown for every platformctl command: usage, help text, arguments and options."""
-    import typer.main
+    from llmplatform.cli.main import build_command
 
-    from llmplatform.cli.main import build_app
-
-    root = typer.main.get_command(build_app())
+    root = build_command()
     out = [HEADER, "# platformctl command reference\n"]
     for path, cmd in _walk(root, ["platformctl"]):
         if getattr(cmd, "hidden", False):

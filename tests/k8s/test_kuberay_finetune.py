@@ -87,9 +87,9 @@ def events_of(run, kind: str) -> list[dict]:
 
 
 def all_dead(pids: list[int]) -> bool:
-    from llmplatform.stack.processes import _stat_fields
+    from llmplatform.stack.processes import pid_alive
 
-    return all(_stat_fields(p) is None or _stat_fields(p)[0] in ("Z", "X") for p in pids)
+    return not any(pid_alive(p) for p in pids)
 
 
 def test_finetunejob_trains_registers_and_deleting_it_leaves_nothing(api, rayjobs, dataset, mlflow_server, manifest_validator) -> None:

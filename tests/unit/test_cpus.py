@@ -61,7 +61,9 @@ def test_gpu_device_nodes_turn_auto_off(tmp_path):
     assert cpus.gpu_present(tmp_path)
 
 
-needs_two = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+needs_two = pytest.mark.skipif(not cpus.affinity_supported() or len(cpus.allowed_cpus()) < 2, reason="needs 2 CPUs and CPU affinity (Linux)")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice and RLIMIT_NICE are Linux's")
+needs_affinity = pytest.mark.skipif(not cpus.affinity_supported(), reason="CPU affinity is Linux-only")
 
 CHILD = r"""
 import json, os, subprocess, sys
@@ -108,12 +110,14 @@ def test_set_process_cpus_moves_every_thread(four_threads):
     assert len(tids) >= 4 and all(os.sched_getaffinity(t) == target for t in tids)
 
 
+@needs_affinity
 def test_a_refused_move_leaves_the_thread_where_it_was():
     before = os.sched_getaffinity(0)
     assert not cpus.set_thread_cpus({4096})  # no such CPU
     assert os.sched_getaffinity(0) == before
 
 
+@linux_only
 def test_set_process_nice_sets_every_thread(four_threads):
     assert cpus.set_process_nice(four_threads.pid, 7)  # a higher nice needs no privilege
     tids = cpus.thread_ids(four_threads.pid)
@@ -134,6 +138,7 @@ print(cpus.set_process_nice(os.getpid(), -10), os.getpriority(os.PRIO_PROCESS, 0
 '''
 
 
+@linux_only
 def test_a_refused_priority_is_reported_and_leaves_the_process_as_it_was():
     """Without root, CAP_SYS_NICE or RLIMIT_NICE a lower nice is refused: the engine logs it and
     runs on (vLLM's scheduler keeps its priority)."""

@@ -23,6 +23,7 @@ from llmplatform.stack.processes import (
     group_members,
     group_is_ours,
     is_ours,
+    pid_alive,
     proc_start_time,
     start_process,
     stop_group,
@@ -37,11 +38,7 @@ IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IG
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
+    return pid_alive(pid)
 
 
 def _wait_for(predicate, timeout: float = 5.0) -> bool:

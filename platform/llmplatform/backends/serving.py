@@ -7,6 +7,8 @@ registry versions), resolve the spec once, and hand the resolved plan to `servin
 
 from __future__ import annotations
 
+from typing import Callable
+
 from llmplatform.backends.facts import serve_facts
 from llmplatform.resolve import Resolved, resolve
 from llmplatform.specs import ServeSpec, parse_spec
@@ -44,11 +46,12 @@ def resolve_on_cluster(spec: ServeSpec | dict, target: str = "local", gpu_type: 
 
 
 def deploy_spec(spec: ServeSpec | dict, ray_address: str | None = None, *, target: str = "local", http_port: int | None = None,
-                timeout_s: float | None = None, keep_failed: bool = False) -> dict:
-    """Resolve `spec` against the cluster at `ray_address` (connected already if None) and deploy it."""
+                timeout_s: float | None = None, keep_failed: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+    """Resolve `spec` against the cluster at `ray_address` (connected already if None) and deploy it;
+    `progress` gets the deploy's snapshots (see `serving.app.deploy`)."""
     from llmplatform.serving import app
 
     app.connect(ray_address)
     plan = resolve_on_cluster(spec, target).require()
     kwargs = {"timeout_s": timeout_s} if timeout_s is not None else {}
-    return app.deploy(plan, http_port=http_port, keep_failed=keep_failed, **kwargs)
+    return app.deploy(plan, http_port=http_port, keep_failed=keep_failed, progress=progress, **kwargs)

@@ -16,8 +16,8 @@ import typer
 
 from llmplatform.backends import records
 from llmplatform.backends.base import TARGETS, JobRecord
-from llmplatform.cli.output import (CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat, emit,
-                                    emit_json)
+from llmplatform.cli.output import (CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat, StepBar,
+                                    emit, emit_json)
 from llmplatform.errors import JobError, PlatformError
 
 app = typer.Typer(help="Submit and manage LoRA/QLoRA fine-tuning jobs.", no_args_is_help=True)
@@ -44,8 +44,14 @@ def progress_line(record: JobRecord, width: int = 24) -> str:
     total, step = record.total or 0, record.step
     filled = int(width * step / total) if total else 0
     bar = "#" * filled + "." * (width - filled)
+    return f"[{bar}] {step}/{total or '?'}  {progress_detail(record)}"
+
+
+def progress_detail(record: JobRecord) -> str:
+    """`running  loss 1.2340  tok/s 5400  ETA 1m10s`: the job's state and latest step metrics."""
+    total, step = record.total or 0, record.step
     m = record.metrics
-    parts = [f"[{bar}] {step}/{total or '?'}", record.state]
+    parts = [record.state]
     if "loss" in m:
         parts.append(f"loss {m['loss']:.4f}")
     if "tokens_per_s" in m:
@@ -113,26 +119,20 @@ def validate_before_submit(spec, target: str = "local") -> dict:
 
 
 def wait_for(record: JobRecord, follow: bool, poll_s: float = 1.0) -> JobRecord:
-    """Poll until the job ends; with `follow`, draw the progress bar on the way."""
-    tty = sys.stdout.isatty()
-    last = ""
-    while True:
-        record = refresh(record)
-        if follow:
-            line = progress_line(record)
-            if line != last:
-                if tty:
-                    sys.stdout.write("\r" + line.ljust(len(last)))
-                    sys.stdout.flush()
-                else:
-                    typer.echo(line)
-                last = line
-        if record.terminal:
-            break
-        time.sleep(poll_s)
-    if follow and tty:
-        sys.stdout.write("\n")
-    return record
+    """Poll until the job ends; with `follow`, show progress on the way (a rich bar on a terminal,
+    a `progress_line` per change otherwise)."""
+    bar = StepBar(f"job {record.id}") if follow else None
+    try:
+        while True:
+            record = refresh(record)
+            if bar is not None:
+                bar.update(record.step, record.total, progress_detail(record), progress_line(record))
+            if record.terminal:
+                return record
+            time.sleep(poll_s)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @app.command("submit")

@@ -1,11 +1,16 @@
-"""Printing for the CLI: tables for people, `--output json` for scripts."""
+"""Printing for the CLI: tables for people, `--output json` for scripts, live progress on a terminal.
+
+On a terminal, tables and progress (fine-tune steps, deploy replica states) are drawn with rich;
+when stdout/stderr is not a terminal, or with `--output json`, the same information is plain text
+(one line per change), so logs, pipes and scripts see stable output. JSON shapes never change.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from enum import Enum
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import typer
 
@@ -49,6 +54,110 @@ def emit(data: Any, output: OutputFormat, *, columns: Iterable[str] | None = Non
         typer.echo(text)
     elif columns is not None:
         rows = data if isinstance(data, list) else [data]
-        typer.echo(render_table(rows, columns) if rows else "(none)")
+        if rows and sys.stdout.isatty():
+            print_rich_table(rows, columns)
+        else:
+            typer.echo(render_table(rows, columns) if rows else "(none)")
     else:
         typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def print_rich_table(rows: Sequence[dict], columns: Iterable[str]) -> None:
+    """The table of `render_table`, drawn by rich for a terminal (column widths fit the window)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns = list(columns)
+    for col in columns:
+        table.add_column(col.upper(), overflow="fold")
+    for row in rows:
+        table.add_row(*[_cell(row.get(c)) for c in columns])
+    Console().print(table)
+
+
+def replica_summary(snapshot: dict) -> str:
+    """`DEPLOYING  LLMServer UPDATING (STARTING 1)  Ingress HEALTHY (RUNNING 1)` from a deploy snapshot."""
+    parts = [snapshot.get("state") or "PENDING"]
+    for name, dep in sorted(snapshot.get("deployments", {}).items()):
+        replicas = ", ".join(f"{state} {n}" for state, n in sorted(dep.get("replicas", {}).items()) if n)
+        parts.append(f"{name} {dep.get('status', '?')}" + (f" ({replicas})" if replicas else ""))
+    return "  ".join(parts)
+
+
+class LiveLines:
+    """Progress on stderr: a rich spinner line (terminal) or one plain line per change (otherwise).
+
+    `update(text)` shows the latest text; `close()` leaves the last text on screen. `enabled=False`
+    (e.g. `--output json`) prints nothing, so stdout and stderr stay quiet for scripts.
+    """
+
+    def __init__(self, title: str, *, enabled: bool = True, terminal: bool | None = None) -> None:
+        self.title, self.enabled, self.last = title, enabled, ""
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self._status = None
+        if enabled and self.terminal:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+            self._status = self._console.status(title)
+            self._status.start()
+
+    def update(self, text: str) -> None:
+        if not self.enabled or text == self.last:
+            return
+        self.last = text
+        if self._status is not None:
+            self._status.update(f"{self.title}: {text}")
+        else:
+            typer.echo(f"{self.title}: {text}", err=True)
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            if self.last:
+                self._console.print(f"{self.title}: {self.last}")
+
+    def __enter__(self) -> "LiveLines":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def deploy_progress(title: str, output: OutputFormat) -> tuple[LiveLines, Callable[[dict], None]]:
+    """A LiveLines for a deploy and the callback that feeds it deploy snapshots (elapsed time too)."""
+    lines = LiveLines(title, enabled=output != OutputFormat.json)
+    return lines, lambda snap: lines.update(f"{replica_summary(snap)}  ({snap.get('elapsed_s', 0):.0f}s)")
+
+
+class StepBar:
+    """Fine-tune progress on stdout: a rich bar (terminal) or `fallback(record)` lines per change."""
+
+    def __init__(self, title: str, *, terminal: bool | None = None) -> None:
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.last = ""
+        self._progress = None
+        if self.terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[detail]}"))
+            self._task = self._progress.add_task(title, total=None, detail="")
+            self._progress.start()
+
+    def update(self, step: int, total: int | None, detail: str, plain_line: str) -> None:
+        """Move the bar to `step` of `total`; `plain_line` is what a non-terminal gets on a change."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, total=total or None, detail=detail)
+        elif plain_line != self.last:
+            typer.echo(plain_line)
+        self.last = plain_line
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -11,7 +11,7 @@ from enum import Enum
 
 import typer
 
-from llmplatform.cli.output import CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat, emit
+from llmplatform.cli.output import CONTEXT_OPTION, deploy_progress, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat, emit
 from llmplatform.errors import ServeError
 
 app = typer.Typer(help="Deploy and manage OpenAI-compatible endpoints.", no_args_is_help=True)
@@ -76,7 +76,9 @@ def deploy(
     from llmplatform.backends.serving import deploy_spec
 
     _connect(ray_address, start_local=target == Target.local)
-    result = deploy_spec(spec, target=target.value, timeout_s=timeout, keep_failed=keep_failed)
+    lines, progress = deploy_progress(f"deploying {spec.name}", output)
+    with lines:
+        result = deploy_spec(spec, target=target.value, timeout_s=timeout, keep_failed=keep_failed, progress=progress)
     emit(result, output, text=f"deployed {spec.name}: {result['status']} at {result['url']}\n"
                               f"try: platformctl serve chat {spec.name} \"Hello\"")
 

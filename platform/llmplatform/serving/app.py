@@ -18,7 +18,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llmplatform.errors import ServeError
 from llmplatform.resolve import Resolved
@@ -137,13 +137,15 @@ def _route_prefixes() -> dict[str, str | None]:
     return {name: app.get("route_prefix") for name, app in (details.get("applications") or {}).items()}
 
 
-def deploy(plan: Resolved, *, http_port: int | None = None, timeout_s: float = READY_TIMEOUT_S, keep_failed: bool = False) -> dict:
+def deploy(plan: Resolved, *, http_port: int | None = None, timeout_s: float = READY_TIMEOUT_S, keep_failed: bool = False,
+           progress: Callable[[dict], None] | None = None) -> dict:
     """Deploy (or update) a resolved serve plan on the connected Ray cluster and wait until it is
     RUNNING; returns its status dict. `llmplatform.backends.serving.deploy_spec` resolves a spec first.
 
     A replica whose constructor raises fails the deploy at once with that exception (Serve would
     retry it until the timeout). A new application that fails or times out is deleted again
-    unless `keep_failed`; an update of an existing one is left to Serve's rollback."""
+    unless `keep_failed`; an update of an existing one is left to Serve's rollback. `progress`
+    gets a `deploy_snapshot` each poll (state and replica states, for the CLI's live line)."""
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -157,10 +159,13 @@ def deploy(plan: Resolved, *, http_port: int | None = None, timeout_s: float = R
     app = build_app(plan.to_dict())
     serve.run_many([RunTarget(target=app, name=spec.name, route_prefix=_route_prefix(spec))],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-    deadline = time.time() + timeout_s
+    started = time.time()
+    deadline = started + timeout_s
     while True:
         app_status = serve.status().applications.get(spec.name)
         state = str(getattr(app_status, "status", "")).rsplit(".", 1)[-1]
+        if progress is not None:
+            progress(deploy_snapshot(app_status, time.time() - started))
         if state == "RUNNING":
             return status(spec.name, _any_key(spec))
         if state in ("DEPLOY_FAILED", "UNHEALTHY") or (app_status is not None and replica_start_failed(app_status)):
@@ -182,6 +187,17 @@ def _give_up(name: str, remove: bool, message: str) -> None:
         raise ServeError(f"{message} The application was removed (keep a failed one for inspection with --keep-failed).")
     raise ServeError(f"{message} The full traceback is in `platformctl serve status {name} --output json`; "
                      f"remove it with `platformctl serve delete {name}`.")
+
+
+def deploy_snapshot(app_status, elapsed_s: float) -> dict:
+    """{state, elapsed_s, deployments: {name: {status, replicas: {STATE: n}}}} of an application
+    status (None before Serve lists it: state PENDING)."""
+    if app_status is None:
+        return {"state": "PENDING", "elapsed_s": elapsed_s, "deployments": {}}
+    deployments = {name: {"status": str(d.status).rsplit(".", 1)[-1],
+                          "replicas": {str(k).rsplit(".", 1)[-1]: v for k, v in d.replica_states.items()}}
+                   for name, d in app_status.deployments.items()}
+    return {"state": str(app_status.status).rsplit(".", 1)[-1], "elapsed_s": elapsed_s, "deployments": deployments}
 
 
 def replica_start_failed(app_status) -> bool:

@@ -78,7 +78,12 @@ class UsageStore:
             def _wal(dbapi_conn, _record):
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
         self.md, self.usage, self.replicas = _tables()
-        self.md.create_all(self.engine, checkfirst=True)
+        from sqlalchemy.exc import DatabaseError
+
+        try:
+            self.md.create_all(self.engine, checkfirst=True)
+        except DatabaseError:  # another replica created the tables between the check and the CREATE
+            self.md.create_all(self.engine, checkfirst=True)
 
     def add(self, rows: list[dict], replica_rows: list[dict] = ()) -> None:
         with self.engine.begin() as conn:
@@ -180,6 +185,8 @@ class UsageRecorder:
         if not self._stop.is_set():
             self._stop.set()
             self.flush(final=True)
+            if self._tally:  # that write failed: one more try before the counts go with the process
+                self.flush(final=True)
 
 
 def replica_gpus(plan) -> float:

@@ -167,7 +167,7 @@ def up(
     when a component fails to start.
     """
     home = _home(home)
-    partition = cpus.plan(cpu_partition, os.sched_getaffinity(0), cpus.gpu_present())  # a bad value starts nothing
+    partition = cpus.plan_for_host(cpu_partition, cpus.gpu_present())  # a bad value starts nothing
     with _locked(home):
         comps = read_state(home)
         dead = [c for c in comps.values() if not is_ours(c.process)]

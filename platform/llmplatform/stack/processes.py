@@ -4,14 +4,18 @@ A component is started with `start_new_session=True`, so its PID is also its pro
 (pgid) and session id (sid). Everything it spawns (uvicorn workers, raylet, GCS, dashboard)
 stays in that group; Ray's task workers get their own process groups but stay in the session,
 so "the group" here means every live process whose session id is the leader's PID. We record
-the leader's start time from /proc/<pid>/stat; before signalling we check that the PID still
+the leader's start time (psutil's create time); before signalling we check that the PID still
 belongs to that same process, so a stale state file can never make us kill a stranger.
-Stopping sends SIGTERM to the group and every session member, waits, then SIGKILLs what is
-left. Never by name.
+Stopping sends SIGTERM to the group, every session member and every descendant of the leader,
+waits, then SIGKILLs what is left. Never by name.
+
+Processes are inspected through psutil and os.getpgid/os.getsid, so this runs on Linux and
+macOS alike (no /proc reads).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -22,17 +26,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import psutil
+
 from llmplatform.errors import StackError
 from llmplatform.cpus import pin_child
+
+# State files written before psutil recorded the start time in clock ticks since boot (Linux
+# /proc/<pid>/stat field 22); a create time in seconds since the epoch is always above this.
+_EPOCH_FLOOR = 1e9
+logger = logging.getLogger(__name__)
+START_TIME_TOLERANCE = 0.05  # seconds; psutil derives the same create time each call, this only absorbs rounding
 
 
 @dataclass(frozen=True)
 class ProcessRecord:
-    """A started process group: leader pid (== pgid), its /proc start time, command, log file."""
+    """A started process group: leader pid (== pgid), its start time, command, log file."""
 
     pid: int
     pgid: int
-    start_time: int  # clock ticks since boot, field 22 of /proc/<pid>/stat
+    start_time: float  # psutil create time, seconds since the epoch (older state files: clock ticks since boot)
     command: list[str]
     log: str
 
@@ -44,48 +56,91 @@ class ProcessRecord:
         return cls(
             pid=int(data["pid"]),
             pgid=int(data["pgid"]),
-            start_time=int(data["start_time"]),
+            start_time=float(data["start_time"]),
             command=list(data.get("command", [])),
             log=str(data.get("log", "")),
         )
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (index 0 = state), or None if gone."""
+def _process(pid: int) -> psutil.Process | None:
+    """The live (non-zombie) process `pid`, or None."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        proc = psutil.Process(pid)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
-    return raw[raw.rindex(")") + 2 :].split()
+    try:
+        return None if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else proc
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # another user's process (macOS): alive, and never one we started
+        return proc
 
 
-def proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot; None when there is no such process."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None  # stat field 22 = index 19 after "pid (comm)"
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` names a live (non-zombie) process."""
+    return _process(pid) is not None
 
 
-def _is_running(fields: list[str] | None) -> bool:
-    return bool(fields) and fields[0] not in ("Z", "X")
+def proc_start_time(pid: int) -> float | None:
+    """The process's create time in seconds since the epoch; None when there is no such process."""
+    proc = _process(pid)
+    try:
+        return round(proc.create_time(), 2) if proc else None
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+def same_start(recorded: float, proc: psutil.Process) -> bool:
+    """Whether `proc` started when `recorded` says (so its PID was not reused since)."""
+    try:
+        created = proc.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+    if recorded >= _EPOCH_FLOOR:
+        return abs(created - recorded) <= START_TIME_TOLERANCE
+    if not hasattr(os, "sysconf"):  # an old Linux-format record read on an OS without sysconf
+        return False
+    ticks = (created - psutil.boot_time()) * os.sysconf("SC_CLK_TCK")
+    return abs(ticks - recorded) <= 1.5  # psutil's create time is boot time + these ticks, to float precision
 
 
 def is_ours(record: ProcessRecord) -> bool:
     """True when the leader PID is alive and is still the very process we started."""
-    fields = _stat_fields(record.pid)
-    return _is_running(fields) and int(fields[19]) == record.start_time
+    proc = _process(record.pid)
+    return proc is not None and same_start(record.start_time, proc)
 
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) PIDs whose process group or session is `pgid` (a setsid leader's PID)."""
     members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for proc in psutil.process_iter(["status"]):
+        if proc.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             continue
-        fields = _stat_fields(int(entry.name))
-        # index 2 = pgrp, 3 = session
-        if _is_running(fields) and (int(fields[2]) == pgid or int(fields[3]) == pgid):
-            members.append(int(entry.name))
+        try:
+            if os.getpgid(proc.pid) == pgid or os.getsid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, PermissionError):  # gone, or (macOS) in a session we may not query
+            continue
     return members
+
+
+def leader_descendants(record: ProcessRecord) -> list[psutil.Process]:
+    """Processes below the leader (children that left its session too), when it is still ours.
+    psutil refuses to signal one of them whose PID was reused meanwhile."""
+    proc = _process(record.pid)
+    if proc is None or not same_start(record.start_time, proc):
+        return []
+    try:
+        return proc.children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
 
 
 def group_is_ours(record: ProcessRecord) -> bool:
@@ -97,8 +152,7 @@ def group_is_ours(record: ProcessRecord) -> bool:
     """
     if is_ours(record):
         return True
-    leader_fields = _stat_fields(record.pid)
-    if _is_running(leader_fields):
+    if _process(record.pid) is not None:
         return False  # PID reused by another process
     return bool(group_members(record.pgid))
 
@@ -127,6 +181,8 @@ def start_process(command: list[str], log_path: Path, env: dict[str, str | None]
     start = proc_start_time(proc.pid)
     if start is None:  # exited at once; keep a record so the caller reports its log
         start = -1
+    logger.info("started pid %d (session leader)%s: %s; log %s", proc.pid, f" on CPUs {sorted(cpus)}" if cpus else "",
+             " ".join(command), log_path)
     return ProcessRecord(pid=proc.pid, pgid=proc.pid, start_time=start, command=command, log=str(log_path))
 
 
@@ -146,20 +202,27 @@ def stop_groups(records: list[ProcessRecord], timeout: float = 5.0) -> list[bool
     """
     ours = [group_is_ours(r) for r in records]
     targets = [r for r, mine in zip(records, ours) if mine]
+    below = {r.pid: leader_descendants(r) for r in targets}  # found before the leader exits and its tree is lost
+    for record, mine in zip(records, ours):
+        if mine:
+            logger.info("stopping process group %d: %d session members, %d descendants", record.pgid,
+                     len(group_members(record.pgid)), len(below[record.pid]))
+        else:
+            logger.info("leaving pid %d alone: it is no longer the process we started", record.pid)
     for record in targets:
-        _signal_group(record.pgid, signal.SIGTERM)
+        _signal_group(record.pgid, signal.SIGTERM, below[record.pid])
     for sig, wait in ((signal.SIGKILL, timeout), (None, 5.0)):
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             for record in records:
                 _reap(record.pid)
-            targets = [r for r in targets if group_members(r.pgid)]
+            targets = [r for r in targets if group_members(r.pgid) or any(_alive(p) for p in below[r.pid])]
             if not targets:
                 break
             time.sleep(0.2)
         if sig is not None:
             for record in targets:
-                _signal_group(record.pgid, sig)
+                _signal_group(record.pgid, sig, below[record.pid])
     for record in records:
         _reap(record.pid)
     return ours
@@ -170,8 +233,9 @@ def stop_group(record: ProcessRecord, timeout: float = 5.0) -> bool:
     return stop_groups([record], timeout)[0]
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    """Signal the process group, then any session member outside it (e.g. Ray task workers)."""
+def _signal_group(pgid: int, sig: int, below: list[psutil.Process] = ()) -> None:
+    """Signal the process group, then any session member outside it (e.g. Ray task workers), then
+    the leader's descendants that left the session."""
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
@@ -180,6 +244,11 @@ def _signal_group(pgid: int, sig: int) -> None:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
+            pass
+    for proc in below:
+        try:
+            proc.send_signal(sig)  # psutil checks the PID still names the same process
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
 
 

@@ -1,6 +1,6 @@
 """The stack's runtime state file, `<PLATFORM_HOME>/stack.json`.
 
-It records, per component, the process group we started (PID, pgid, /proc start time), the
+It records, per component, the process group we started (PID, pgid, start time), the
 ports, URLs and when it started, so `status` and `down` act on exactly what `up` started. Written
 atomically (temp file + rename). Removed by `down`; MLflow's data lives elsewhere in the home.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -54,6 +55,8 @@ def test_deploy_that_fails_in_its_replicas_says_why(serving_env, base_dir, tmp_p
         err = capsys.readouterr().err
         assert "deployment 'kept-failed' failed" in err and "Error" in err.split("failed:", 1)[1]
         assert "platformctl serve delete kept-failed" in err
+        # while it waited: the application's state and each deployment's status (and replica states once it has some)
+        assert re.search(r"deploying kept-failed: [A-Z_]+  \S+ [A-Z_]+", err), err
         assert main(["serve", "list"]) == 0 and "kept-failed" in capsys.readouterr().out
     finally:
         main(["serve", "delete", "kept-failed"])

@@ -138,3 +138,23 @@ def test_an_engine_replica_counts_the_accelerators_of_its_placement_group(tmp_pa
     assert row["deployment"] == "chat" and row["requests"] == 0 and 0.6 <= row["replica_gpu_seconds"] < 10  # 2 GPUs x ~0.3 s
     cpu_plan = resolve(parse_spec("serve", {"name": "c", "engine": "hf", "model": {"base": "llama2-tiny"}}), Facts()).require()
     assert replica_gpus(cpu_plan) == 0.0 and gpu_seconds_recorder(cpu_plan, "r") is None
+
+
+def test_replicas_starting_together_on_a_new_store_both_get_their_tables(tmp_path) -> None:
+    import threading
+
+    for i in range(5):  # create_all's check-then-CREATE races when two replicas start at once
+        url, errors = f"sqlite:///{tmp_path}/race{i}.db", []
+
+        def open_store():
+            try:
+                UsageStore(url).close()
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []

@@ -152,7 +152,7 @@ def _start_partitioned(start, partition: cpus.CpuPartition) -> tuple[object, int
     CAP_SYS_NICE or a limits.conf `nice` entry; without them the scheduler keeps Ray's priority
     and the replica logs it.
     """
-    own = os.sched_getaffinity(0)
+    own = cpus.allowed_cpus()
     cpus.set_thread_cpus(partition.all)
     try:
         engine = start()
@@ -217,7 +217,7 @@ class VLLMEngine:
         partition = None if cuda else cpus.from_env()
         binding = None
         if not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            chosen = shard_cpus(tensor_parallel, partition, sorted(os.sched_getaffinity(0)), _numa_nodes())
+            chosen = shard_cpus(tensor_parallel, partition, list(cpus.allowed_cpus()), _numa_nodes())
             binding = cpu_shard_binding(chosen, tensor_parallel) if chosen else None
             if binding:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # read by the shard processes vLLM starts
