@@ -80,10 +80,14 @@ class UsageStore:
         self.md, self.usage, self.replicas = _tables()
         from sqlalchemy.exc import DatabaseError
 
-        try:
-            self.md.create_all(self.engine, checkfirst=True)
-        except DatabaseError:  # another replica created the tables between the check and the CREATE
-            self.md.create_all(self.engine, checkfirst=True)
+        for attempt in range(10):
+            try:
+                self.md.create_all(self.engine, checkfirst=True)
+                break
+            except DatabaseError:  # another replica created a table between the check and the CREATE
+                if attempt == 9:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def add(self, rows: list[dict], replica_rows: list[dict] = ()) -> None:
         with self.engine.begin() as conn:
