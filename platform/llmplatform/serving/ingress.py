@@ -165,6 +165,10 @@ class OpenAIIngress:
     def __del__(self):
         self._stop.set()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Topology colocated: the engine in this replica reports for autoscaling (EngineCore's hook)."""
+        return self.local_engine.record_autoscaling_stats() if self.local_engine is not None else {}
+
     def check_health(self) -> None:
         if self.local_engine is not None:
             self.local_engine.check_health()

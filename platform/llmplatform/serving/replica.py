@@ -115,6 +115,11 @@ class EngineCore:
         exposition = getattr(self.engine, "exposition", None)
         return {"stats": self.engine.stats(), "exposition": exposition() if exposition else None, **self.counts}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics hook: the engine's scheduler gauges, averaged by
+        Serve over its look-back window and read by llmplatform.serving.autoscaling.EngineMetricPolicy."""
+        return {key: float(value) for key, value in self.engine.stats().items()}
+
     def check_health(self) -> None:
         thread = getattr(self.engine, "_thread", None)
         if thread is not None and not thread.is_alive():
