@@ -161,7 +161,8 @@ def _replicas(spec: ServeSpec) -> Derived:
              # Ray's default policy reads this one; `ongoing_requests` with `target` set means that target
              "target_ongoing_requests": target if a.metric == "ongoing_requests" else a.target_ongoing_requests,
              "downscale_delay_s": a.downscale_delay_s, "upscale_delay_s": UPSCALE_DELAY_S,
-             "downscale_to_zero_delay_s": a.downscale_to_zero_delay_s if a.min_replicas == 0 else None,
+             "downscale_to_zero_delay_s": (a.downscale_delay_s if a.downscale_to_zero_delay_s is None else a.downscale_to_zero_delay_s)
+                                          if a.min_replicas == 0 else None,
              "rows_per_replica": spec.limits.max_batch_size}  # what a replica decodes at once (queue_depth shrinks on it)
     return Derived(value, "spec", "fixed replica count" if fixed else f"autoscaled on {a.metric.replace('_', ' ')} (target {target:g} per replica)")
 

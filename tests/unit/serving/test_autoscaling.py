@@ -105,3 +105,9 @@ def test_rays_wrapped_policy_keeps_scale_to_zero_behind_its_delay():
     assert config.downscale_to_zero_delay_s == 60
     decided, _ = policy(ray_context(config, [stats()], ongoing=0.0, current=1))
     assert decided == 1  # idle, but not yet for 60 s
+
+
+def test_downscale_to_zero_delay_resolves_to_the_delay_ray_applies():
+    assert plan(min_replicas=0, downscale_delay_s=30)["replicas"]["downscale_to_zero_delay_s"] == 30
+    assert plan(min_replicas=0, downscale_delay_s=30, downscale_to_zero_delay_s=900)["replicas"]["downscale_to_zero_delay_s"] == 900
+    assert plan(downscale_to_zero_delay_s=900)["replicas"]["downscale_to_zero_delay_s"] is None  # min_replicas 1: never to zero
