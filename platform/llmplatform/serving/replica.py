@@ -23,12 +23,20 @@ log = logging.getLogger(__name__)
 
 
 class _LoadedAdapter:
-    """What the multiplexer caches; unloading it (LRU eviction) frees the engine's copy."""
+    """What the multiplexer caches; unloading it (LRU eviction) frees the engine's copy.
+
+    Serve's multiplexer calls `__del__` itself on eviction, and Python calls it again when the
+    object is collected, possibly after the same adapter was loaded anew: only the first call
+    unloads, or the collection of the old entry would drop the new load from the engine."""
 
     def __init__(self, engine, adapter_id: str, counts: dict | None = None):
         self.engine, self.adapter_id, self.counts = engine, adapter_id, counts
+        self.unloaded = False
 
     def __del__(self):
+        if self.unloaded:
+            return
+        self.unloaded = True
         try:
             self.engine.unload_adapter(self.adapter_id)
             if self.counts is not None:
@@ -113,7 +121,8 @@ class EngineCore:
         """The snapshot the ingress's /metrics shows (llmplatform.serving.metrics): the engine's
         scheduler gauges (`stats()`), vLLM's own exposition when the engine is vLLM, adapter counts."""
         exposition = getattr(self.engine, "exposition", None)
-        return {"stats": self.engine.stats(), "exposition": exposition() if exposition else None, **self.counts}
+        return {"stats": self.engine.stats(), "exposition": exposition() if exposition else None, **self.counts,
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics hook: the engine's scheduler gauges, averaged by
