@@ -72,6 +72,7 @@ class EngineCore:
         self.base_dir = base_dir
         self.started = time.time()
         self.engine = build_engine(self.plan, base_dir)
+        self.start_s = round(time.time() - self.started, 3)  # this replica's cold start: engine + model load
         self._paths: dict[str, str] = {}
         self.counts = {"adapter_loads": 0, "adapter_evictions": 0}  # platform_adapter_* on /metrics
 
@@ -97,7 +98,10 @@ class EngineCore:
                 await self.get_adapter(adapter_id)
             req = GenerationRequest(**{**request, "adapter_id": adapter_id or None})
             interval = self.spec.limits.stream_interval_ms / 1000
+            first = True
             async for event in self.engine.generate(req):
+                if first:  # the ingress tells a request held through this replica's start (llmplatform.serving.coldstart)
+                    event, first = {**event, "replica_started": self.started, "replica_start_s": self.start_s}, False
                 yield event
                 if interval and "finish_reason" not in event:
                     await asyncio.sleep(interval)  # both engines merge the deltas that arrive meanwhile
