@@ -31,7 +31,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(1)
 
 
-def test_idle_goes_to_zero_and_the_next_request_waits_for_a_cold_start(serving_env):
+def test_idle_goes_to_zero_and_the_next_request_waits_for_a_cold_start(serving_env, capsys):
     from llmplatform.backends.serving import deploy_spec
     from llmplatform.serving import app
 
@@ -61,5 +61,14 @@ def test_idle_goes_to_zero_and_the_next_request_waits_for_a_cold_start(serving_e
         cold = after["last_cold_start"]
         assert after["cold_starts"] == 1 and cold["at"] >= sent
         assert 0 < cold["replica_start_s"] < cold["waited_s"] <= took + 1  # the wait covered the replica's start
+
+        from llmplatform.cli.main import main
+
+        capsys.readouterr()
+        assert main(["serve", "status", NAME]) == 0
+        table = capsys.readouterr().out
+        assert "COLD START" in table and f"{cold['waited_s']:.1f}s at " in table
+        with capsys.disabled():
+            print(f"\ncold start: the request waited {cold['waited_s']} s, the replica's own start took {cold['replica_start_s']} s")
     finally:
         app.delete(NAME)
