@@ -226,18 +226,24 @@ class ModelSource(StrictModel):
 
 
 class AutoscalingSpec(StrictModel):
-    """Replica count: fixed (min == max) or autoscaled on ongoing requests."""
+    """Replica count: fixed (min == max) or autoscaled on the metric chosen (ongoing requests,
+    the engines' queue of waiting requests, or their KV-cache use)."""
 
     min_replicas: int = Field(default=1, ge=0, description="Fewest replicas; 0 allows scale to zero.")
     max_replicas: int = Field(default=1, ge=1, description="Most replicas.")
     initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time; default min_replicas (at least 1).")
     target_ongoing_requests: float = Field(default=16.0, gt=0, description="Requests in flight per replica the autoscaler aims for.")
     downscale_delay_s: float = Field(default=300.0, ge=0, description="Seconds of low load before removing a replica.")
+    metric: Literal["ongoing_requests", "queue_depth", "kv_cache"] = Field(default="ongoing_requests", description="What scaling follows: `ongoing_requests` (requests in flight per replica, Ray Serve's default policy), `queue_depth` (requests waiting in the engines for a batch row, per replica), or `kv_cache` (the engines' KV-cache use, 0-1, averaged over replicas).")
+    target: float | None = Field(default=None, gt=0, description="Per-replica value of `metric` the autoscaler aims for. Unset: `target_ongoing_requests` for `ongoing_requests`, 2 waiting requests for `queue_depth`, 0.7 for `kv_cache` (must be at most 1).")
+    downscale_to_zero_delay_s: float | None = Field(default=None, ge=0, description="With `min_replicas: 0`, seconds without requests before the last replica is removed; unset: `downscale_delay_s`. The first request afterwards is held until a replica is up (`serve status` shows that cold start).")
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingSpec":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.metric == "kv_cache" and self.target is not None and self.target > 1:
+            raise ValueError(f"target ({self.target}) for metric kv_cache is a fraction of the KV cache: set 0 < target <= 1, e.g. 0.7")
         return self
 
 

@@ -241,3 +241,20 @@ def test_rayservice_status_maps_to_phase(conditions: list, service_status: str, 
     rs = {"metadata": {"name": "chat", "namespace": "ns"}, "status": {"conditions": conditions, "serviceStatus": service_status}}
     out = status.deployment_status(rs, {}, NOW)
     assert out["phase"] == phase and out["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
+
+
+def test_scale_to_zero_and_the_engine_metric_reach_the_worker_group_and_serve_config(manifest_validator) -> None:
+    cr = md_cr(tensor_parallel=2, resources={"gpus_per_shard": 1},
+               autoscaling={"min_replicas": 0, "max_replicas": 3, "metric": "queue_depth", "target": 4, "downscale_to_zero_delay_s": 600})
+    rs = deployment.rayservice_for(cr, CFG, {})
+    manifest_validator.validate(rs)
+    group = workers_of(rs, "rayClusterConfig")
+    # KubeRay's autoscaler may remove every worker pod once Serve has no replica left, and add up to 3 replicas' pods
+    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (0, 1, 3)
+    from llmplatform.serving.placement import engine_options
+
+    plan = Resolved.from_dict(yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"])
+    scaling = engine_options(plan)["autoscaling_config"]
+    assert scaling["min_replicas"] == 0 and scaling["downscale_to_zero_delay_s"] == 600
+    assert scaling["policy"]["policy_kwargs"]["metric"] == "queue_depth" and scaling["policy"]["policy_kwargs"]["target"] == 4

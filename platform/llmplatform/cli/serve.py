@@ -7,6 +7,7 @@ URL from the CR's status or `--url`), and prints a table or `--output json`.
 
 from __future__ import annotations
 
+import time
 from enum import Enum
 
 import typer
@@ -125,8 +126,16 @@ def status(
         versions = ", ".join(f"{k.removeprefix('models:/')}=v{v}" for k, v in (r.get("served_versions") or {}).items())
         table.append({"name": r["name"], "status": r["status"], "replicas": replicas, "engine": eng.get("engine"),
                       "tp": eng.get("tensor_parallel"), "base": r.get("base_model"),
-                      "adapters": ",".join(eng.get("adapters_loaded") or []) or None, "registry": versions or None, "url": r["url"]})
-    emit(table, output, columns=["name", "status", "replicas", "engine", "tp", "base", "adapters", "registry", "url"])
+                      "adapters": ",".join(eng.get("adapters_loaded") or []) or None, "registry": versions or None,
+                      "cold start": _cold_start(r.get("last_cold_start")), "url": r["url"]})
+    emit(table, output, columns=["name", "status", "replicas", "engine", "tp", "base", "adapters", "registry", "cold start", "url"])
+
+
+def _cold_start(last: dict | None) -> str | None:
+    """The last request held while an engine replica started: its wait, and when."""
+    if not last:
+        return None
+    return f"{last['waited_s']:.1f}s at {time.strftime('%H:%M:%S', time.localtime(last['at']))}"
 
 
 @app.command("list")

@@ -22,6 +22,8 @@ from llmplatform.specs import REGISTRY_URI, ServeSpec
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
 DEFAULT_MAX_LORA_RANK = 64
 UPSCALE_DELAY_S = 5.0
+# autoscaling.target when unset: waiting requests per replica; fraction of the KV cache in use
+DEFAULT_TARGETS = {"queue_depth": 2.0, "kv_cache": 0.7}
 K8S_GPUS_PER_NODE = 8  # a TP group larger than one node spans pods (PACK)
 K8S_API_KEYS_FILE = "/etc/llm-platform/api-keys/keys"  # where the operator mounts the API-key Secret (key `keys`)
 
@@ -153,10 +155,16 @@ def _replicas(spec: ServeSpec) -> Derived:
     a = spec.autoscaling
     initial = a.initial_replicas if a.initial_replicas is not None else max(1, a.min_replicas)
     fixed = a.min_replicas == a.max_replicas and a.initial_replicas is None
+    target = a.target if a.target is not None else DEFAULT_TARGETS.get(a.metric, a.target_ongoing_requests)
     value = {"min": a.min_replicas, "max": a.max_replicas, "initial": initial, "autoscaling": not fixed,
-             "target_ongoing_requests": a.target_ongoing_requests, "downscale_delay_s": a.downscale_delay_s,
-             "upscale_delay_s": UPSCALE_DELAY_S}
-    return Derived(value, "spec", "fixed replica count" if fixed else "autoscaled on ongoing requests")
+             "metric": a.metric, "target": target,
+             # Ray's default policy reads this one; `ongoing_requests` with `target` set means that target
+             "target_ongoing_requests": target if a.metric == "ongoing_requests" else a.target_ongoing_requests,
+             "downscale_delay_s": a.downscale_delay_s, "upscale_delay_s": UPSCALE_DELAY_S,
+             "downscale_to_zero_delay_s": (a.downscale_delay_s if a.downscale_to_zero_delay_s is None else a.downscale_to_zero_delay_s)
+                                          if a.min_replicas == 0 else None,
+             "rows_per_replica": spec.limits.max_batch_size}  # what a replica decodes at once (queue_depth shrinks on it)
+    return Derived(value, "spec", "fixed replica count" if fixed else f"autoscaled on {a.metric.replace('_', ' ')} (target {target:g} per replica)")
 
 
 def _topology(spec: ServeSpec, engine: str, replicas: dict) -> Derived:

@@ -37,6 +37,7 @@ from llmplatform.serving import openai_schema as S
 from llmplatform.serving.adapters import AdapterTable, Target, TargetError, default_resolver
 from llmplatform.serving.keys import KeyIdentity, KeysFile, env_keys, hash_key, parse_keys, parse_keys_table  # noqa: F401 (re-exported)
 from llmplatform.serving.accounting import Accounting
+from llmplatform.serving.coldstart import ColdStarts, running_engine_replicas
 from llmplatform.serving.metrics import ServeMetrics, counted_lookups
 from llmplatform.resolve import Resolved, served_spec
 
@@ -115,6 +116,7 @@ class OpenAIIngress:
         self.inflight = 0
         self.limit = self.spec.limits.max_concurrent_requests + self.spec.limits.max_queued_requests
         self.started = time.time()
+        self.cold_starts = ColdStarts()
         self.promotions: list[dict] = []
         self._stop = threading.Event()
         threading.Thread(target=self._poll_registry, name="registry-poll", daemon=True).start()
@@ -123,6 +125,10 @@ class OpenAIIngress:
         self._stop.set()
         if hasattr(self, "accounting"):
             self.accounting.close()  # writes the usage tallied since the last flush
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Topology colocated: the engine in this replica reports for autoscaling (EngineCore's hook)."""
+        return self.local_engine.record_autoscaling_stats() if self.local_engine is not None else {}
 
     def check_health(self) -> None:
         if self.local_engine is not None:
@@ -152,13 +158,22 @@ class OpenAIIngress:
 
     async def _engine_metrics(self) -> dict:
         """The engine's metrics snapshot (`EngineCore.metrics`); {} when it doesn't answer within 2 s,
-        so /metrics still answers while the engine replica is down."""
+        so /metrics still answers while the engine replica is down. Scaled to zero: {} without asking
+        (a scrape must not start a replica)."""
+        if await self._engine_at_zero():
+            return {}
         try:
             return await asyncio.wait_for(self.engine.metrics.remote(), ENGINE_METRICS_TIMEOUT_S)
         except Exception as exc:
             self.metrics.engine_scrape_errors.inc()
             log.info("engine metrics unavailable: %s: %s", type(exc).__name__, str(exc)[:200])
             return {}
+
+    async def _engine_at_zero(self) -> bool:
+        """`min_replicas: 0` and no engine replica running: status and scrapes leave it at zero."""
+        if self.local_engine is not None or self.plan["replicas"]["min"] > 0:
+            return False
+        return await asyncio.to_thread(running_engine_replicas, self.spec.name) == 0
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
@@ -182,13 +197,13 @@ class OpenAIIngress:
         """Status for `platformctl serve status`: engine, base, adapters, registry versions."""
         self._auth(request)
         try:
-            engine = await asyncio.wait_for(self.engine.info.remote(), 10)
+            engine = {"replicas": 0} if await self._engine_at_zero() else await asyncio.wait_for(self.engine.info.remote(), 10)
         except Exception as exc:  # status must answer even when the engine is down
             engine = {"error": f"{type(exc).__name__}: {exc}"}
         return {"name": self.spec.name, "base_model": self.base_name, "engine": engine,
                 "served_versions": self.table.served_versions(), "refused": self.table.refused(),
                 "promotions": self.promotions[-20:], "in_flight": self.inflight, "limit": self.limit,
-                "uptime_s": round(time.time() - self.started, 1)}
+                "uptime_s": round(time.time() - self.started, 1), **self.cold_starts.status()}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -412,6 +427,7 @@ class OpenAIIngress:
             finish()
             raise
         ttft = time.monotonic() - t0
+        self.cold_starts.observe(first, time.time() - ttft)
         prompt_tokens = len(payload["prompt_ids"])
         self.metrics.first_token(label, ttft, prompt_tokens)
 

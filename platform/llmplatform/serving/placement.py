@@ -8,14 +8,23 @@ These functions only put them in the shape `Deployment.options(...)` takes.
 from __future__ import annotations
 
 from llmplatform.resolve import Resolved
+from llmplatform.serving.autoscaling import POLICY_PATH
 from llmplatform.specs import ServeSpec
 
 
 def autoscaling_config(plan: Resolved) -> dict:
+    """Serve's `autoscaling_config`: Ray's default policy for `ongoing_requests`, the engine-metric
+    policy (llmplatform.serving.autoscaling) for `queue_depth` and `kv_cache`."""
     r = plan["replicas"]
-    return {"min_replicas": r["min"], "max_replicas": r["max"], "initial_replicas": r["initial"],
-            "target_ongoing_requests": r["target_ongoing_requests"], "downscale_delay_s": r["downscale_delay_s"],
-            "upscale_delay_s": r["upscale_delay_s"]}
+    config = {"min_replicas": r["min"], "max_replicas": r["max"], "initial_replicas": r["initial"],
+              "target_ongoing_requests": r["target_ongoing_requests"], "downscale_delay_s": r["downscale_delay_s"],
+              "upscale_delay_s": r["upscale_delay_s"]}
+    if r.get("downscale_to_zero_delay_s") is not None:
+        config["downscale_to_zero_delay_s"] = r["downscale_to_zero_delay_s"]
+    if r.get("metric", "ongoing_requests") != "ongoing_requests":
+        config["policy"] = {"policy_function": POLICY_PATH,
+                            "policy_kwargs": {"metric": r["metric"], "target": r["target"], "rows_per_replica": r["rows_per_replica"]}}
+    return config
 
 
 def engine_options(plan: Resolved) -> dict:

@@ -23,12 +23,20 @@ log = logging.getLogger(__name__)
 
 
 class _LoadedAdapter:
-    """What the multiplexer caches; unloading it (LRU eviction) frees the engine's copy."""
+    """What the multiplexer caches; unloading it (LRU eviction) frees the engine's copy.
+
+    Serve's multiplexer calls `__del__` itself on eviction, and Python calls it again when the
+    object is collected, possibly after the same adapter was loaded anew: only the first call
+    unloads, or the collection of the old entry would drop the new load from the engine."""
 
     def __init__(self, engine, adapter_id: str, counts: dict | None = None):
         self.engine, self.adapter_id, self.counts = engine, adapter_id, counts
+        self.unloaded = False
 
     def __del__(self):
+        if self.unloaded:
+            return
+        self.unloaded = True
         try:
             self.engine.unload_adapter(self.adapter_id)
             if self.counts is not None:
@@ -74,6 +82,7 @@ class EngineCore:
         self.base_dir = base_dir
         self.started = time.time()
         self.engine = build_engine(self.plan, base_dir)
+        self.start_s = round(time.time() - self.started, 3)  # this replica's cold start: engine + model load
         self._paths: dict[str, str] = {}
         self.counts = {"adapter_loads": 0, "adapter_evictions": 0}  # platform_adapter_* on /metrics
 
@@ -104,7 +113,10 @@ class EngineCore:
                 await self.get_adapter(adapter_id)
             req = GenerationRequest(**{**request, "adapter_id": adapter_id or None})
             interval = self.spec.limits.stream_interval_ms / 1000
+            first = True
             async for event in self.engine.generate(req):
+                if first:  # the ingress tells a request held through this replica's start (llmplatform.serving.coldstart)
+                    event, first = {**event, "replica_started": self.started, "replica_start_s": self.start_s}, False
                 yield event
                 if interval and "finish_reason" not in event:
                     await asyncio.sleep(interval)  # both engines merge the deltas that arrive meanwhile
@@ -128,7 +140,13 @@ class EngineCore:
         """The snapshot the ingress's /metrics shows (llmplatform.serving.metrics): the engine's
         scheduler gauges (`stats()`), vLLM's own exposition when the engine is vLLM, adapter counts."""
         exposition = getattr(self.engine, "exposition", None)
-        return {"stats": self.engine.stats(), "exposition": exposition() if exposition else None, **self.counts}
+        return {"stats": self.engine.stats(), "exposition": exposition() if exposition else None, **self.counts,
+                "replica": serve.get_replica_context().replica_id.unique_id}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics hook: the engine's scheduler gauges, averaged by
+        Serve over its look-back window and read by llmplatform.serving.autoscaling.EngineMetricPolicy."""
+        return {key: float(value) for key, value in self.engine.stats().items()}
 
     def check_health(self) -> None:
         thread = getattr(self.engine, "_thread", None)
