@@ -1,0 +1,55 @@
+"""The serving side of a canary: per-request choice of version, answered names, per-version stats, guard actions."""
+
+from __future__ import annotations
+
+from llmplatform.registry import canary_rules as R
+from llmplatform.serving import canary as C
+from llmplatform.serving.adapters import Target
+
+
+def split_target(weight: float, guard: R.Guard | None = None) -> Target:
+    state = R.CanaryState("production", 2, 1, weight, 0.0, guard or R.Guard())
+    cand = Target("models:/bot@production", "bot/2", "/a/v2", 2)
+    return Target("bot@production", "bot/1", "/a/v1", 1, "bot@production", C.Split(cand, state))
+
+
+def test_choose_is_sticky_by_user_and_keeps_the_requested_name():
+    t = split_target(50)
+    picks = {u: C.choose(t, u) for u in (f"user{i}" for i in range(400))}
+    versions = {p.version for p in picks.values()}
+    assert versions == {1, 2}
+    assert all(C.choose(t, u).version == p.version for u, p in picks.items())
+    assert all(p.model == "bot@production" and p.served_as == "bot@production" and p.split is None for p in picks.values())
+    assert C.answered_as(picks["user1"], "bot@production") == f"bot/{picks['user1'].version}"
+    assert C.answered_as(Target("tiny", served_as="tiny"), "tiny") == "tiny"  # the base names itself
+
+
+def test_stats_window_and_report():
+    now = [1000.0]
+    stats = C.VersionStats(clock=lambda: now[0])
+    for i in range(10):
+        stats.record("bot/2", ok=i != 0, ttft_s=0.1 * (i + 1), tokens=4)
+    now[0] += 120
+    stats.record("bot/2", ok=True, ttft_s=0.05, tokens=4)
+    w = stats.window("bot/2", 60)
+    assert w["requests"] == 1 and w["errors"] == 0
+    rep = stats.report(600)["bot/2"]
+    assert (rep["requests"], rep["errors"], rep["tokens"]) == (11, 1, 44) and rep["ttft_p95_s"] == 1.0
+
+
+def test_guard_aborts_on_errors_of_the_candidate_only_since_the_start():
+    now = [1000.0]
+    stats = C.VersionStats(clock=lambda: now[0])
+    guard = R.parse_guard(["error_rate>0.02"], "1m", "10m")
+    state = R.CanaryState("production", 2, 1, 10, 1000.0, guard)
+    for _ in range(20):
+        stats.record("bot/1", ok=False)  # the baseline's errors don't count against the candidate
+        stats.record("bot/2", ok=True, ttft_s=0.1)
+    assert C.guard_actions("bot", state, stats, now[0]) is None
+    for _ in range(3):
+        stats.record("bot/2", ok=False)
+    kind, why = C.guard_actions("bot", state, stats, now[0])
+    assert kind == "abort" and why.startswith("guard: error_rate>0.02: candidate error_rate=0.13")
+    healthy = C.VersionStats(clock=lambda: now[0])
+    healthy.record("bot/2", ok=True)
+    assert C.guard_actions("bot", state, healthy, 1000.0 + 600)[0] == "complete"
