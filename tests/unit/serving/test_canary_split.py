@@ -53,3 +53,14 @@ def test_guard_aborts_on_errors_of_the_candidate_only_since_the_start():
     healthy = C.VersionStats(clock=lambda: now[0])
     healthy.record("bot/2", ok=True)
     assert C.guard_actions("bot", state, healthy, 1000.0 + 600)[0] == "complete"
+
+
+def test_serve_status_version_rows_show_weights_and_numbers():
+    from llmplatform.cli.serve import version_rows
+
+    status = {"name": "tiny-chat", "canaries": {"models:/bot@production": {"version": 2, "baseline": 1, "weight": 10}},
+              "versions": {"bot/1": {"requests": 90, "errors": 0, "tokens": 90, "ttft_p50_s": 0.05, "ttft_p95_s": 0.1},
+                           "bot/2": {"requests": 10, "errors": 1, "tokens": 9, "ttft_p50_s": 0.06, "ttft_p95_s": None}}}
+    rows = {r["version"]: r for r in version_rows(status)}
+    assert rows["bot/1"]["weight"] == "90%" and rows["bot/2"]["weight"] == "10%"
+    assert (rows["bot/2"]["requests"], rows["bot/2"]["errors"], rows["bot/2"]["ttft_p95_s"]) == (10, 1, None)
