@@ -64,3 +64,39 @@ def test_serve_status_version_rows_show_weights_and_numbers():
     rows = {r["version"]: r for r in version_rows(status)}
     assert rows["bot/1"]["weight"] == "90%" and rows["bot/2"]["weight"] == "10%"
     assert (rows["bot/2"]["requests"], rows["bot/2"]["errors"], rows["bot/2"]["ttft_p95_s"]) == (10, 1, None)
+
+
+class _Resolved:
+    def __init__(self, name, version):
+        self.name, self.version, self.local_path = name, version, f"/adapters/{name}/v{version}"
+
+
+def test_adapter_table_follows_the_canary_with_the_alias():
+    from llmplatform.serving.adapters import AdapterTable
+    from llmplatform.specs import parse_spec
+
+    holder, canary = [1], [None]
+
+    def resolve(ref):
+        return _Resolved("bot", holder[0]) if ref == "models:/bot@production" else _Resolved("bot", int(ref.rsplit("/", 1)[1]))
+
+    spec = parse_spec("serve", {"name": "dep", "model": {"base": "llama2-tiny", "registry": "models:/bot@production"},
+                                "registry_poll_s": 60})
+    misfits = {"/adapters/bot/v9"}
+    t = AdapterTable(spec, "llama2-tiny", "/base", resolver=resolve, check=lambda p, b: ["rank"] if p in misfits else [],
+                     canary_reader=lambda name, alias: canary[0])
+    assert t.lookup("dep").split is None
+    canary[0] = R.CanaryState("production", 2, 1, 10, 0.0)
+    t.refresh()
+    got = t.lookup("dep")
+    assert got.version == 1 and got.split.target.adapter_id == "bot/2" and got.split.state.weight == 10
+    canary[0] = R.CanaryState("production", 2, 1, 50, 0.0)
+    t.refresh()
+    assert t.lookup("dep").split.state.weight == 50 and list(t.canaries()) == ["models:/bot@production"]
+    holder[0] = 2  # completed: the alias moved first; the stale state (baseline 1) is ignored at once
+    t.refresh()
+    got = t.lookup("dep")
+    assert got.version == 2 and got.split is None
+    canary[0] = R.CanaryState("production", 9, 2, 10, 0.0)  # a candidate that does not fit the base
+    t.refresh()
+    assert t.lookup("dep").split is None and "canary bot version 9 does not fit" in t.refused()["models:/bot@production"][9]
