@@ -33,6 +33,16 @@ class Split:
     state: rules.CanaryState
 
 
+# An engine error is the version's fault even as a 4xx: the hf engine answers 400 `engine_error` when a
+# version's adapter can't be loaded (the ingress has already refused the client's own mistakes).
+VERSION_ERROR_CODES = {"engine_error", "engine_failure"}
+
+
+def version_failed(status: int, code: str | None) -> bool:
+    """Whether an error answer counts against the version that ran it (the guard's error_rate)."""
+    return status >= 500 or code in VERSION_ERROR_CODES  # queue-full 429s and the client's own 4xx don't count
+
+
 def choose(target, user: str | None):
     """The target this request runs on: the canary's candidate or the holder (`target` itself)."""
     split = getattr(target, "split", None)

@@ -396,7 +396,7 @@ class OpenAIIngress:
             return response
         except E.ApiError as exc:
             self.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
-            if target is not None and exc.status >= 500 and exc.code != "overloaded":  # the version failed it
+            if target is not None and C.version_failed(exc.status, exc.code):  # the version failed it, not the client
                 self.version_stats.record(self._stats_key(target), ok=False)
             raise
 

@@ -100,3 +100,9 @@ def test_adapter_table_follows_the_canary_with_the_alias():
     canary[0] = R.CanaryState("production", 9, 2, 10, 0.0)  # a candidate that does not fit the base
     t.refresh()
     assert t.lookup("dep").split is None and "canary bot version 9 does not fit" in t.refused()["models:/bot@production"][9]
+
+
+def test_which_errors_count_against_a_version():
+    assert C.version_failed(500, "engine_error") and C.version_failed(503, "replica_unavailable")
+    assert C.version_failed(400, "engine_error")  # its adapter can't be loaded
+    assert not C.version_failed(400, "context_length_exceeded") and not C.version_failed(429, "queue_full")
