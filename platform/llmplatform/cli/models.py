@@ -76,15 +76,48 @@ def promote_cmd(name: str = typer.Argument(..., help="Registered model name."),
                 no_worse_than: Optional[str] = typer.Option(None, "--no-worse-than", help="Gate: no worse than the current "
                                                             "holder of this alias on the --require metrics (else on every "
                                                             "eval* metric both logged). " + DIRECTION_HELP),
+                canary: Optional[float] = typer.Option(None, "--canary", help="Start a canary instead: this percentage of "
+                                                       "ALIAS's requests go to the version (sticky by the request's `user`)."),
+                complete: bool = typer.Option(False, "--complete", help="Complete the running canary of this version: "
+                                              "ALIAS moves to it."),
+                abort_if: List[str] = typer.Option([], "--abort-if", help="Canary guard METRIC OP NUMBER[*baseline], e.g. "
+                                                   "'error_rate>0.02', 'ttft_p95>2*baseline' (metrics: error_rate, "
+                                                   "ttft_p50, ttft_p95); repeatable."),
+                window: Optional[str] = typer.Option(None, "--window", help="Canary guard window, e.g. 5m (default 5m)."),
+                promote_after: Optional[str] = typer.Option(None, "--promote-after", help="Complete the canary by itself "
+                                                            "when the guard held this long, e.g. 30m."),
                 reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded in the history."),
                 actor: Optional[str] = typer.Option(None, "--actor", help="Who; default $USER."),
                 tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
-    """Point ALIAS at a version if every gate passes; a refusal names the failed gate and changes nothing."""
-    from llmplatform.registry import promote
+    """Point ALIAS at a version if every gate passes; a refusal names the failed gate and changes nothing.
+    With --canary, start a canary of the version on ALIAS instead; --complete finishes one."""
+    from llmplatform.registry import canary as canaries
+    from llmplatform.registry import canary_rules, promote
 
-    record = promote(resolve_tracking_uri(tracking_uri), name, version, to, require=require,
-                     no_worse_than=no_worse_than, actor=actor, reason=reason)
+    uri = resolve_tracking_uri(tracking_uri)
+    if canary is None and (abort_if or window or promote_after):
+        raise canary_rules.CanaryError("--abort-if, --window and --promote-after guard a canary; add --canary PERCENT")
+    if complete:
+        record = canaries.complete(uri, name, to, version, actor=actor, reason=reason)
+    elif canary is not None:
+        guard = canary_rules.parse_guard(abort_if, window, promote_after)
+        record = canaries.start(uri, name, version, to, canary, guard, actor=actor, reason=reason)
+    else:
+        record = promote(uri, name, version, to, require=require, no_worse_than=no_worse_than, actor=actor, reason=reason)
     _emit_record(record, output)
+
+
+@app.command("canary")
+def canary_cmd(name: str = typer.Argument(..., help="Registered model name."),
+               alias: str = typer.Option(..., "--alias", "-a", help="Alias whose canary to change, e.g. production."),
+               weight: float = typer.Option(..., "--weight", help="New canary percentage (above 0, below 100)."),
+               reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded in the history."),
+               actor: Optional[str] = typer.Option(None, "--actor", help="Who; default $USER."),
+               tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Change the share of ALIAS's requests the running canary gets."""
+    from llmplatform.registry import canary as canaries
+
+    _emit_record(canaries.set_weight(resolve_tracking_uri(tracking_uri), name, alias, weight, actor=actor, reason=reason), output)
 
 
 @app.command("rollback")
@@ -93,8 +126,9 @@ def rollback_cmd(name: str = typer.Argument(..., help="Registered model name."),
                  reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded in the history."),
                  actor: Optional[str] = typer.Option(None, "--actor", help="Who; default $USER."),
                  tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
-    """Move ALIAS back to the version that held it before; repeat to walk further back."""
-    from llmplatform.registry import rollback
+    """Move ALIAS back to the version that held it before; repeat to walk further back. A running
+    canary on ALIAS is aborted instead (all traffic back on the holder)."""
+    from llmplatform.registry.canary import rollback
 
     record = rollback(resolve_tracking_uri(tracking_uri), name, alias, actor=actor, reason=reason)
     _emit_record(record, output)
@@ -134,6 +168,11 @@ def _emit_record(record, output: OutputFormat) -> None:
     if not record.changed:
         typer.echo(f"{record.name}@{record.alias} already points at v{record.to_version}; nothing changed")
         return
+    if record.canary is not None:
+        c = record.canary
+        typer.echo(f"{record.name}@{record.alias}: {record.kind} v{c['version']} at {c['weight']:g}% (rest on v{c['baseline']}) "
+                   f"by {record.actor} at {record.time}" + (f": {record.reason}" if record.kind == "canary-abort" else ""))
+        return
     typer.echo(f"{record.name}@{record.alias}: {frm} -> v{record.to_version} ({record.kind} by {record.actor} at {record.time})")
     for gate in record.gates:
         typer.echo(f"  {gate['message']}")
@@ -166,6 +205,11 @@ def render_show(data: dict) -> str:
     history = [{"time": e["time"], "alias": e["alias"], "kind": e["kind"] + (f" (superseded by v{e['superseded_by']})" if e.get("superseded_by") else ""),
                 "from": f"v{e['from_version']}" if e["from_version"] is not None else None, "to": f"v{e['to_version']}",
                 "actor": e["actor"], "reason": e.get("reason")} for e in reversed(data["history"])]
+    for alias, c in (data.get("canaries") or {}).items():
+        guard = c["guard"]
+        lines += ["", f"canary on {alias}: v{c['version']} at {c['weight']:g}%, v{c['baseline']} at {100 - c['weight']:g}%"
+                  f"  guard: {' and '.join(guard['abort_if']) or 'none'} over {guard['window_s']:g} s"
+                  + (f", promote after {guard['promote_after_s']:g} s" if guard.get("promote_after_s") else "")]
     lines += ["", "promotion history (newest first):",
               _indent(render_table(history, ["time", "alias", "kind", "from", "to", "actor", "reason"]) if history else "(none)")]
     return "\n".join(lines)

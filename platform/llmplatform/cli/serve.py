@@ -12,7 +12,8 @@ from enum import Enum
 
 import typer
 
-from llmplatform.cli.output import CONTEXT_OPTION, deploy_progress, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat, emit
+from llmplatform.cli.output import (CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat,
+                                    deploy_progress, emit, render_table)
 from llmplatform.errors import ServeError
 
 app = typer.Typer(help="Deploy and manage OpenAI-compatible endpoints.", no_args_is_help=True)
@@ -129,6 +130,26 @@ def status(
                       "adapters": ",".join(eng.get("adapters_loaded") or []) or None, "registry": versions or None,
                       "cold start": _cold_start(r.get("last_cold_start")), "url": r["url"]})
     emit(table, output, columns=["name", "status", "replicas", "engine", "tp", "base", "adapters", "registry", "cold start", "url"])
+    versions = [v for r in rows for v in version_rows(r)]
+    if versions:
+        typer.echo("\nper version (TTFT over the last 5 min):")
+        typer.echo(render_table(versions, ["deployment", "version", "weight", "requests", "errors", "ttft_p50_s", "ttft_p95_s", "tokens"]))
+
+
+def version_rows(status: dict) -> list[dict]:
+    """`serve status`'s per-version rows: canary weights (holder = the rest) and each version's numbers."""
+    weights: dict[str, float] = {}
+    for ref, c in (status.get("canaries") or {}).items():
+        name = ref.removeprefix("models:/").split("@")[0]
+        weights[f"{name}/{c['version']}"] = c["weight"]
+        weights[f"{name}/{c['baseline']}"] = 100 - c["weight"]
+    rows = []
+    for key, v in sorted((status.get("versions") or {}).items()):
+        rows.append({"deployment": status["name"], "version": key, "weight": f"{weights[key]:g}%" if key in weights else None,
+                     "requests": v["requests"], "errors": v["errors"], "tokens": v["tokens"],
+                     "ttft_p50_s": round(v["ttft_p50_s"], 3) if v.get("ttft_p50_s") is not None else None,
+                     "ttft_p95_s": round(v["ttft_p95_s"], 3) if v.get("ttft_p95_s") is not None else None})
+    return rows
 
 
 def _cold_start(last: dict | None) -> str | None:

@@ -35,7 +35,7 @@ class PromotionRecord:
 
     name: str
     alias: str
-    kind: str                      # "promote" | "rollback"
+    kind: str                      # "promote" | "rollback" | "canary-start" | "canary-weight" | "canary-abort"
     from_version: int | None       # holder before the move (None: the alias was new)
     to_version: int
     time: str                      # ISO 8601, UTC
@@ -45,6 +45,7 @@ class PromotionRecord:
     key: str | None = None         # the tag holding this event (None: nothing was changed)
     superseded_by: int | None = None
     changed: bool = True
+    canary: dict | None = None     # canary events: the canary state after the step (canary_rules.CanaryState)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,8 +109,8 @@ def replay(events: list[PromotionRecord]) -> list[int]:
     """The alias's undo stack after these events (one alias, oldest first); top = holder."""
     stack: list[int] = []
     for e in events:
-        if e.superseded_by is not None:
-            continue
+        if e.superseded_by is not None or e.kind.startswith("canary-"):
+            continue  # canary steps never move the alias (completing one is a "promote" event)
         if e.kind == "rollback":
             while stack and stack[-1] != e.to_version:
                 stack.pop()

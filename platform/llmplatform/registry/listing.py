@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from llmplatform.registry import client as mc
+from llmplatform.registry.canary import canaries
 from llmplatform.registry.history import read_events
 from llmplatform.registry.promote import version_metrics
 
@@ -56,6 +57,7 @@ def show_model(tracking_uri: Any, name: str, version: int | str | None = None) -
                       "status": v.status, "run_id": v.run_id} for v in versions],
         "version": version_detail(client, uri, mv, held) if mv is not None else None,
         "history": [e.to_dict() for e in read_events(rm)],
+        "canaries": canaries(rm),
     }
 
 

@@ -32,9 +32,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import ValidationError
 from ray import serve
 
+from llmplatform.serving import canary as C
 from llmplatform.serving import errors as E
 from llmplatform.serving import openai_schema as S
-from llmplatform.serving.adapters import AdapterTable, Target, TargetError, default_resolver
+from llmplatform.serving.adapters import AdapterTable, Target, TargetError, default_canary_reader, default_resolver
 from llmplatform.serving.keys import KeyIdentity, KeysFile, env_keys, hash_key, parse_keys, parse_keys_table  # noqa: F401 (re-exported)
 from llmplatform.serving.accounting import Accounting
 from llmplatform.serving.coldstart import ColdStarts, running_engine_replicas
@@ -110,7 +111,11 @@ class OpenAIIngress:
         self.metrics = ServeMetrics(self.base_name, engine_publishes_vllm=self.plan["engine"] == "vllm")
         served = served_spec(self.plan)
         self.table = AdapterTable(served, self.base_name, base_dir, miss_ttl_s=self.plan["registry_poll_s"],
-                                  resolver=counted_lookups(default_resolver(served.tracking_uri), self.metrics.registry_lookups))
+                                  resolver=counted_lookups(default_resolver(served.tracking_uri), self.metrics.registry_lookups),
+                                  canary_reader=default_canary_reader(served.tracking_uri))
+        self.tracking_uri = served.tracking_uri
+        self.version_stats = C.VersionStats()  # per served version: requests, errors, TTFT, tokens (canary guard)
+        self.canary_events: list[dict] = []
         # key identities, per-key limits (the deployment's `limiter`) and the usage store
         self.accounting = Accounting(self.plan, key_hashes, limiter, self.metrics, _replica_id())
         self.inflight = 0
@@ -139,6 +144,32 @@ class OpenAIIngress:
             for ref, old, new in self.table.refresh():
                 log.warning("registry: %s moved from version %s to %s", ref, old, new)
                 self.promotions.append({"ref": ref, "from": old, "to": new, "at": time.time()})
+            self._guard_canaries()
+
+    def _guard_canaries(self) -> None:
+        """The canary guard (llmplatform.serving.canary): abort or complete a canary in the registry."""
+        from llmplatform.registry import canary as registry_canary
+        from llmplatform.registry.refs import parse_ref
+
+        for ref, split in self.table.canaries().items():
+            parsed = parse_ref(ref)
+            action = C.guard_actions(parsed.name, split.state, self.version_stats, time.time())
+            if action is None:
+                continue
+            kind, why = action
+            actor = f"guard@{self.spec.name}"
+            try:
+                if kind == "abort":
+                    registry_canary.abort(self.tracking_uri, parsed.name, parsed.alias, reason=why, actor=actor, missing_ok=True)
+                    self.table.drop_canary(ref)  # at once; the registry already says so
+                else:
+                    registry_canary.complete(self.tracking_uri, parsed.name, parsed.alias, split.state.version,
+                                             actor=actor, reason=why)
+            except Exception as exc:  # another replica acted first, or the registry is down: next poll decides
+                log.warning("canary guard could not %s %s: %s: %s", kind, ref, type(exc).__name__, str(exc)[:300])
+                continue
+            log.warning("canary guard: %s %s v%s: %s", kind, ref, split.state.version, why)
+            self.canary_events.append({"ref": ref, "action": kind, "version": split.state.version, "why": why, "at": time.time()})
 
     # ------------------------------------------------------------------ routes
 
@@ -203,6 +234,9 @@ class OpenAIIngress:
         return {"name": self.spec.name, "base_model": self.base_name, "engine": engine,
                 "served_versions": self.table.served_versions(), "refused": self.table.refused(),
                 "promotions": self.promotions[-20:], "in_flight": self.inflight, "limit": self.limit,
+                "canaries": {ref: {"version": sp.state.version, "weight": sp.state.weight, "baseline": sp.state.baseline,
+                                   "guard": sp.state.guard.to_dict()} for ref, sp in self.table.canaries().items()},
+                "canary_events": self.canary_events[-20:], "versions": self.version_stats.report(),
                 "uptime_s": round(time.time() - self.started, 1), **self.cold_starts.status()}
 
     @api.post("/v1/chat/completions")
@@ -313,6 +347,7 @@ class OpenAIIngress:
             off_loop = len(raw) > INLINE_BODY_BYTES  # JSON and tokenizer work on a large body would stall every stream
             req = await self._cpu(off_loop, self._parse, raw, chat, self.plan["engine"])
             target = await self._target(req.model, t0 + self.spec.limits.request_timeout_s)
+            target = C.choose(target, req.user)  # a canary's candidate or the holder, sticky by `user`
             model_label = self.metrics.label(target.served_as)
             prompt_ids = await self._cpu(off_loop, self._prompt_ids, req, chat)
             max_tokens = req.wanted_tokens(min(self.spec.limits.default_max_tokens, self.spec.max_model_len - len(prompt_ids)))
@@ -333,6 +368,8 @@ class OpenAIIngress:
         except E.ApiError as exc:
             self.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
             self.accounting.failed(*self._usage_of(ident, target))
+            if target is not None and C.version_failed(exc.status, exc.code):  # the version failed it, not the client
+                self.version_stats.record(self._stats_key(target), ok=False)
             raise
 
     def _usage_of(self, ident: KeyIdentity | None, target: Target | None) -> tuple:
@@ -360,6 +397,9 @@ class OpenAIIngress:
         if entries is None:
             return None
         return S.chat_logprobs(entries, self._token_text) if chat else S.completion_logprobs(entries, self._token_text, offset)
+
+    def _stats_key(self, target: Target) -> str:
+        return target.adapter_id or self.base_name
 
     async def _run(self, req, target: Target, payload: dict, chat: bool, t0: float, label: str, usage=None):
         deadline = t0 + self.spec.limits.request_timeout_s
@@ -447,10 +487,13 @@ class OpenAIIngress:
                             counted = True
                             usage(event["prompt_tokens"], event["completion_tokens"])  # usage store + the key's token limit
                         self.metrics.finished(label, event, time.monotonic() - t0)
+                        self.version_stats.record(self._stats_key(target), True, ttft, event.get("completion_tokens", seen))
                         return
                     event = await next_event()
-            except BaseException:  # client gone, deadline, engine failure: finished as vLLM's "abort"
+            except BaseException as exc:  # client gone, deadline, engine failure: finished as vLLM's "abort"
                 self.metrics.aborted(label)
+                if isinstance(exc, (E.ApiError, asyncio.TimeoutError)):  # the version failed it (not the client)
+                    self.version_stats.record(self._stats_key(target), False, ttft)
                 raise
             finally:
                 finish()
@@ -458,12 +501,14 @@ class OpenAIIngress:
                     usage(prompt_tokens, seen)
 
         rid = S.new_id("chatcmpl" if chat else "cmpl")
+        answered = C.answered_as(target, req.model)  # NAME/VERSION for registry versions
+        version = {"x-platform-model-version": str(target.version)} if target.version is not None else {}
         if not req.stream:
-            return await self._collect(events(), rid, req, chat)
-        return StreamingResponse(self._sse(events(), rid, req, chat, prompt_tokens), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return await self._collect(events(), rid, req, chat, answered, version)
+        return StreamingResponse(self._sse(events(), rid, req, chat, prompt_tokens, answered), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **version})
 
-    async def _collect(self, events, rid: str, req, chat: bool) -> JSONResponse:
+    async def _collect(self, events, rid: str, req, chat: bool, model: str, headers: dict) -> JSONResponse:
         texts = {i: [] for i in range(req.n)}  # choice -> text deltas
         logprobs = {i: ([] if req.top_k_logprobs() is not None else None) for i in range(req.n)}
         final = None
@@ -486,10 +531,10 @@ class OpenAIIngress:
         head = self._echo(req, chat)
         choice = S.chat_choice if chat else S.completion_choice
         choices = [choice(i, head + "".join(texts[i]), finishes[i], self._logprobs(logprobs[i], chat)) for i in range(req.n)]
-        return JSONResponse(build(rid, req.model, choices[0].get("text", ""), final["finish_reason"], final["prompt_tokens"],
-                                  final["completion_tokens"], choices))
+        return JSONResponse(build(rid, model, choices[0].get("text", ""), final["finish_reason"], final["prompt_tokens"],
+                                  final["completion_tokens"], choices), headers=headers)
 
-    async def _sse(self, events, rid: str, req, chat: bool, prompt_tokens: int):
+    async def _sse(self, events, rid: str, req, chat: bool, prompt_tokens: int, model: str):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -498,8 +543,8 @@ class OpenAIIngress:
 
         # Per token only the text is encoded: the chunk's JSON around it is built once per request.
         mark = f"@@{rid}@@"
-        head, tail = json.dumps(S.chat_chunk(rid, req.model, {"content": mark}, None, created) if chat
-                                else S.completion_chunk(rid, req.model, mark, None, created)).split(json.dumps(mark), 1)
+        head, tail = json.dumps(S.chat_chunk(rid, model, {"content": mark}, None, created) if chat
+                                else S.completion_chunk(rid, model, mark, None, created)).split(json.dumps(mark), 1)
 
         def text(delta: str) -> str:
             return f"data: {head}{json.dumps(delta)}{tail}\n\n"
@@ -512,25 +557,25 @@ class OpenAIIngress:
             logprobs = self._logprobs(lp, chat, offsets[i]) if lp else None
             offsets[i] += len(ev.get("text", ""))
             if chat:
-                return data(S.chat_chunk(rid, req.model, {"content": ev.get("text", "")}, None, created, i, logprobs))
-            return data(S.completion_chunk(rid, req.model, ev.get("text", ""), None, created, i, logprobs))
+                return data(S.chat_chunk(rid, model, {"content": ev.get("text", "")}, None, created, i, logprobs))
+            return data(S.completion_chunk(rid, model, ev.get("text", ""), None, created, i, logprobs))
 
         if chat:
             for i in range(req.n):
-                yield data(S.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None, created, i))
+                yield data(S.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None, created, i))
         elif req.echo:
             for i in range(req.n):
-                yield data(S.completion_chunk(rid, req.model, self._echo(req, chat), None, created, i))
+                yield data(S.completion_chunk(rid, model, self._echo(req, chat), None, created, i))
         try:
             async for ev in events:
                 if "finish_reason" in ev:
                     for c in ev.get("choices", [{"index": 0, "finish_reason": ev["finish_reason"]}]):
                         if chat:
-                            yield data(S.chat_chunk(rid, req.model, {}, c["finish_reason"], created, c["index"]))
+                            yield data(S.chat_chunk(rid, model, {}, c["finish_reason"], created, c["index"]))
                         else:
-                            yield data(S.completion_chunk(rid, req.model, "", c["finish_reason"], created, c["index"]))
+                            yield data(S.completion_chunk(rid, model, "", c["finish_reason"], created, c["index"]))
                     if req.include_usage():
-                        yield data(S.usage_chunk(rid, req.model, obj, created, ev["prompt_tokens"], ev["completion_tokens"]))
+                        yield data(S.usage_chunk(rid, model, obj, created, ev["prompt_tokens"], ev["completion_tokens"]))
                 elif not plain and (ev.get("text") or ev.get("logprobs")):
                     yield rich(ev)
                 elif ev.get("text"):
