@@ -124,35 +124,23 @@ def is_done(state: tuple | None) -> bool:
     return state is not None and state[1] == "done"
 
 
+_CLOSING_CHAR = {"start": "{", "str": '"', "esc": "n", "uni": "0", "obj_first": "}", "obj_key": '"', "colon": ":", "value": "0", "arr_first": "]"}
+
+
 def closer(state: tuple) -> str:
     """The shortest text that completes the object from `state` (empty when it is complete)."""
     out = []
     while not is_done(state):
         stack, mode, aux = state
-        if mode == "start":
-            ch = "{"
-        elif mode == "str":
-            ch = '"'
-        elif mode == "esc":
-            ch = "n"
-        elif mode == "uni":
-            ch = "0"
+        end = "}" if stack and stack[-1] == "{" else "]"  # closes the innermost container
+        if mode in _CLOSING_CHAR:
+            ch = _CLOSING_CHAR[mode]
         elif mode == "num":  # an ended number closes its container (a number is never the top level)
-            ch = ("}" if stack[-1] == "{" else "]") if aux in NUMBER_END else "0"
+            ch = end if aux in NUMBER_END else "0"
         elif mode == "lit":
             ch = aux[0]
-        elif mode == "obj_first":
-            ch = "}"
-        elif mode == "obj_key":
-            ch = '"'
-        elif mode == "colon":
-            ch = ":"
-        elif mode == "value":
-            ch = "0"
-        elif mode == "arr_first":
-            ch = "]"
         else:  # after
-            ch = "}" if stack[-1] == "{" else "]"
+            ch = end
         out.append(ch)
         state = feed(state, ch)
     return "".join(out)
