@@ -95,27 +95,35 @@ def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[in
     return [[1] + [rng.randrange(3, vocab) for _ in range(length - 1)] for _ in range(n)]
 
 
-ENGINE_PROCESSES = ("VLLM::EngineCor", "VLLM::Worker")  # vLLM's model processes (comm names, 15 chars)
+ENGINE_PROCESSES = ("VLLM::EngineCor", "VLLM::Worker")  # vLLM's model processes (name prefixes; the kernel's comm keeps 15 chars)
 
 
 def session_procs(sid: int):
-    """(pid, comm, stat fields after comm) of each process in session `sid` (a server we
-    started with its own session; Ray gives each worker its own process group, so the session is
-    what holds the replica and the vLLM processes under it)."""
-    from llmplatform.cpus import proc_stats
+    """(pid, comm, psutil.Process) of each live process in session `sid` (a server we started with its
+    own session; Ray gives each worker its own process group, so the session is what holds the
+    replica and the vLLM processes under it). Zombies are left out."""
+    import psutil
 
-    for pid, comm, rest in proc_stats():
-        if int(rest[3]) == sid:  # field 6: session id
-            yield pid, comm, rest
+    for p in psutil.process_iter(["name", "status"]):
+        try:
+            if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                yield p.pid, p.info["name"], p
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
 
 
 def session_cpu(sid: int) -> dict[str, float]:
     """CPU seconds so far of the processes in session `sid`: vLLM's model processes ("engine")
     and everything else ("serving": HTTP, Ray Serve, the vLLM front end)."""
+    import psutil
+
     out = {"engine": 0.0, "serving": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
-    for _, comm, rest in session_procs(sid):
-        out["engine" if comm in ENGINE_PROCESSES else "serving"] += (int(rest[11]) + int(rest[12])) / tick
+    for _, comm, p in session_procs(sid):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        out["engine" if comm.startswith(ENGINE_PROCESSES) else "serving"] += t.user + t.system
     return out
 
 
@@ -355,7 +363,7 @@ def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     def alive() -> list[int]:
-        return [pid for pid, _, rest in session_procs(proc.pid) if rest[0] != "Z"]
+        return [pid for pid, _, _ in session_procs(proc.pid)]
 
     deadline = time.time() + grace_s
     while alive() and time.time() < deadline:
