@@ -56,3 +56,27 @@ def test_the_engine_puts_weights_on_its_device_and_reports_it():
         assert events[-1]["completion_tokens"] == 6 and events[-1]["finish_reason"] == "length"
     finally:
         engine.shutdown()
+
+
+def test_a_request_that_ends_at_its_first_token_beside_a_running_one_fails_neither():
+    """EOS as the very first token (here forced with logit_bias) leaves a row with no output; the next decode
+    step must not see it (it raised IndexError and failed every request of the replica)."""
+    from llmplatform import paths
+    from llmplatform.tiny import ensure_tiny_model
+
+    engine = HFEngine(str(ensure_tiny_model("random", paths.model_cache())), max_batch_size=4, max_model_len=256, device="cpu")
+    try:
+        async def run(req: GenerationRequest) -> dict:
+            return [event async for event in engine.generate(req)][-1]
+
+        async def both() -> list[dict]:
+            long = GenerationRequest(prompt_ids=[1, 5, 9], max_tokens=12, temperature=0.0, ignore_eos=True)
+            eos_first = GenerationRequest(prompt_ids=[1, 7], max_tokens=12, temperature=0.0, logit_bias={engine.eos_id: 100.0})
+            return await asyncio.gather(run(long), run(eos_first), run(GenerationRequest(prompt_ids=[1, 8], max_tokens=1, temperature=0.0)))
+
+        long, eos_first, one = asyncio.run(both())
+        assert (long["finish_reason"], long["completion_tokens"]) == ("length", 12)
+        assert (eos_first["finish_reason"], eos_first["completion_tokens"]) == ("stop", 0)
+        assert (one["finish_reason"], one["completion_tokens"]) == ("length", 1)
+    finally:
+        engine.shutdown()

@@ -302,6 +302,7 @@ class HFEngine:
                 with self._lock, torch.inference_mode():
                     self._drop_cancelled()
                     self._admit()
+                    self._drop_cancelled()  # a request can finish at its first token (EOS, a stop string, max_tokens 1)
                     if self._running:
                         self._step()
                     self._reap()
