@@ -23,14 +23,13 @@ POLL_WAIT_S = 20.0  # the app polls every second; this bounds waiting for a step
 
 
 @pytest.fixture(scope="module")
-def bot(serving_env, adapter_dirs, base_dir, tmp_path_factory):
+def bot(serving_env, adapter_dirs, base_dir, tmp_path_factory, lora_factory):
     from mlflow import MlflowClient
 
-    from conftest import make_adapter
     from llmplatform import registry
 
     uri, name = serving_env["mlflow"], f"canary-bot-{uuid.uuid4().hex[:6]}"
-    bad = make_adapter(base_dir, tmp_path_factory.mktemp("faulty") / "bad", 9)
+    bad = lora_factory(base_dir, tmp_path_factory.mktemp("faulty") / "bad", 9)  # the fixture: a lazy `from conftest import` finds whichever conftest was imported last
     cfg = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "lora_dropout": 1.5}))  # the injected fault
     client = MlflowClient(uri)
