@@ -91,6 +91,22 @@ def _internal_name(adapter_id: str) -> str:
     return "a" + hashlib.sha1(adapter_id.encode()).hexdigest()[:12]
 
 
+def _purge_adapter(model: torch.nn.Module, name: str) -> None:
+    """Remove every trace of adapter `name` after peft failed to load it.
+
+    peft drops the config of an adapter it could not build but leaves its name in the layers it
+    reached (ranks, scalings), and when the adapter active on those layers is later deleted it picks
+    that name as the new active one: the next adapter load then failed with KeyError(name)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(name, None)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.delete_adapter(name)
+
+
 def adjust_logits(logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
     """`logits` [B, V] with each row's logit_bias and presence/frequency penalties applied (over
     the tokens it generated, as OpenAI and vLLM do); the input itself when no row asks for any."""
@@ -223,6 +239,7 @@ class HFEngine:
                 else:
                     self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
             except (ValueError, RuntimeError, OSError, KeyError) as exc:
+                _purge_adapter(self.peft if self.peft is not None else self.model, name)
                 raise EngineError(f"adapter {adapter_id!r} at {path} cannot be loaded on base {self.model_dir}: {exc}") from exc
             self.peft.eval()
             self.adapters[adapter_id] = name
@@ -336,7 +353,13 @@ class HFEngine:
         ids = torch.tensor([[pad] * (width - len(s.req.prompt_ids)) + s.req.prompt_ids for s in new], device=self.device)  # [b, width]
         mask = torch.tensor([[0] * (width - len(s.req.prompt_ids)) + [1] * len(s.req.prompt_ids) for s in new], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(ids, mask, pos, None, [s.adapter for s in new])
+        try:
+            out = self._forward(ids, mask, pos, None, [s.adapter for s in new])
+        except Exception as exc:  # these rows are in neither queue now: fail them here or their requests wait forever
+            for seq in new:
+                seq.emit({"error": f"engine step failed: {type(exc).__name__}: {exc}"})
+                self._release(seq)
+            raise
         self._merge(new, out.past_key_values, mask)
         self._sample_and_emit(new, out.logits[:, -1, :])
 
