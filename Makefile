@@ -11,12 +11,14 @@ export PLATFORM_HOME ?= $(HOME)/.llm-platform
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
+	@mkdir -p $(VENV) && date +%s > $(VENV)/.install-started
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned (2.13.0, constraints/cpu.txt): the CPU build lies on this machine's disk;
 	# a looser spec pulls CUDA. The GPU image's pins are constraints/gpu.txt (docker/install.sh).
 	$(BIN)/pip install -q torch -c constraints/cpu.txt
 	$(BIN)/pip install -q -e '.[dev]' -c constraints/cpu.txt
+	@echo $$(( $$(date +%s) - $$(cat $(VENV)/.install-started) )) > $(VENV)/.install-seconds  # the demo reports it
 	touch $(STAMP)
 
 test: install
@@ -26,7 +28,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not integration and not e2e and not network"
 
 demo: install
-	$(BIN)/python -m llmplatform.demo
+	$(BIN)/python -m llmplatform.demo --install-seconds-file $(VENV)/.install-seconds
 
 down: install
 	$(BIN)/platformctl down

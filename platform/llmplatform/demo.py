@@ -92,17 +92,30 @@ def accuracy(base_url: str, model: str, qa: list[tuple[str, str]]) -> tuple[floa
     return hits / max(len(qa), 1), answers
 
 
-def run_demo(*, retrain: bool = False, questions: int = 100, ports: dict | None = None, serve_port: int | None = None) -> DemoResult:
+def last_install_seconds(path: str | None) -> float | None:
+    """What `make install` recorded about its last run (Makefile), if it did."""
+    try:
+        return float(Path(path).read_text().strip()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_demo(*, retrain: bool = False, questions: int = 100, ports: dict | None = None, serve_port: int | None = None,
+             install_s: float | None = None) -> DemoResult:
     from llmplatform import stack
     from llmplatform.tiny import ensure_tiny_model
     from llmplatform.tiny.tasks import write_task_dataset
 
     result, t0 = DemoResult(), time.time()
+    if install_s is not None:
+        result.timings["last_install_s"] = install_s  # not in total_s: `make install` ran before this process
     os.chdir(REPO)  # the demo specs name their data relative to the repository
 
     _step("Start the embedded stack (Ray head + MLflow server on 127.0.0.1)", "platformctl up")
+    t = time.time()
     info = stack.up(**(ports or {}), progress=lambda msg: print(f"    {msg}", flush=True))
     os.environ["MLFLOW_TRACKING_URI"] = info.mlflow_url
+    result.timings["stack_s"] = round(time.time() - t, 1)
     result.mlflow_url, result.dashboard_url = info.mlflow_url, info.dashboard_url
     print(f"    MLflow UI: {info.mlflow_url}\n    Ray dashboard: {info.dashboard_url}")
 
@@ -116,12 +129,14 @@ def run_demo(*, retrain: bool = False, questions: int = 100, ports: dict | None 
     print(f"    {base_dir} ({result.timings['tiny_model_s']} s)")
 
     data_dir = REPO / ".demo" / "data"
+    t = time.time()
     _step(f"Write the synthetic '{TASK}' task with a held-out split", None)
     paths = write_task_dataset(TASK, data_dir, n_train=3000, n_eval=200, seed=0)
     print(f"    train {paths['train'].relative_to(REPO)}  held-out {paths['eval'].relative_to(REPO)}")
 
     _step("Validate the data before any compute is allocated", f"platformctl data validate {FINETUNE_SPEC.relative_to(REPO)}")
     _ctl("data", "validate", str(FINETUNE_SPEC))
+    result.timings["data_s"] = round(time.time() - t, 1)
 
     version = None if retrain else _registered_production(info.mlflow_url)
     if version:
@@ -136,10 +151,12 @@ def run_demo(*, retrain: bool = False, questions: int = 100, ports: dict | None 
         version = _latest_job_version()
         if not version:
             raise PlatformError("the fine-tune succeeded but registered no version; see `platformctl finetune list`")
+        t = time.time()
         _step(f"Promote version {version} to production behind a gate",
               f"platformctl models promote {MODEL_NAME} --version {version} --to production --require '{GATE}'")
         _ctl("models", "promote", MODEL_NAME, "--version", version, "--to", "production", "--require", GATE,
              "--reason", "make demo")
+        result.timings["promote_s"] = round(time.time() - t, 1)
     result.version = version
     _ctl("models", "show", MODEL_NAME, "--version", version)
 
@@ -187,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain", action="store_true", help="fine-tune again even if production already holds an adapter")
     parser.add_argument("--questions", type=int, default=100, help="held-out questions to ask each model")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
+    parser.add_argument("--install-seconds-file", metavar="FILE",
+                        help="where `make install` wrote how long it took; reported as timings.last_install_s")
     parser.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port of the local stack")
     parser.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port")
     parser.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port")
@@ -194,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ports = {"ray_port": args.ray_port, "dashboard_port": args.dashboard_port, "mlflow_port": args.mlflow_port}
     try:
-        result = run_demo(retrain=args.retrain, questions=args.questions, ports=ports, serve_port=args.serve_port)
+        result = run_demo(retrain=args.retrain, questions=args.questions, ports=ports, serve_port=args.serve_port,
+                          install_s=last_install_seconds(args.install_seconds_file))
     except PlatformError as exc:
         print(f"\ndemo stopped: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
