@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmplatform.errors import RegistryError
-from llmplatform.registry.gates import check_no_worse, check_requirements, gate_metrics, lower_is_better, parse_requirements
+from llmplatform.registry.gates import (check_no_worse, check_requirements, eval_tag_metrics, gate_metrics, lower_is_better,
+                                        parse_requirements)
 
 
 def test_parse_every_operator_and_report_all_bad_ones_at_once():
@@ -46,3 +47,16 @@ def test_no_worse_than_needs_a_shared_metric():
     assert gate_metrics(parse_requirements(["eval_loss<2"]), {}, {}) == ["eval_loss"]
     [result] = check_no_worse([], {"train_loss": 1}, {"eval_loss": 1}, 2, "production", 1)
     assert not result.passed and "--require" in result.message
+
+
+def test_eval_tags_are_gate_metrics_and_a_missing_one_names_the_command():
+    tags = {"eval.reverse.exact_match": "0.95", "eval.reverse.run_id": "abc123", "llmplatform.lineage.x": "1"}
+    metrics = eval_tag_metrics(tags)
+    assert metrics == {"eval.reverse.exact_match": 0.95}
+    [ok, missing] = check_requirements(parse_requirements(["eval.reverse.exact_match>=0.9", "eval.copy.token_f1>=0.5"]),
+                                       metrics, version=3, name="bot")
+    assert ok.passed and "eval.reverse.exact_match=0.95" in ok.message
+    assert not missing.passed
+    assert "no tag 'eval.copy.token_f1'" in missing.message
+    assert "`platformctl eval submit EVAL.yaml --model bot/3`" in missing.message
+    assert "dataset.name is 'copy'" in missing.message and "'token_f1'" in missing.message
