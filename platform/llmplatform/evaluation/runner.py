@@ -13,8 +13,10 @@ and each registered version gets the same `eval.<dataset>.<metric>` tags the pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -210,7 +212,8 @@ def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport) -> EvalR
         table = {"index": [e.index for e in examples], "question": [e.question for e in examples],
                  "reference": [e.reference for e in examples], "answer": r.answers, **r.scores}
         client.log_table(run_id, data=table, artifact_file=f"eval/{ds}.json")
-        client.set_terminated(run_id)
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run ..." links; stdout is the report's
+            client.set_terminated(run_id)
         r.run_id = run_id
     for r in report.results:  # tags last: every run is written before any version changes
         if r.target.registered:
