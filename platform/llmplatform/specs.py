@@ -377,7 +377,7 @@ class EvaluationSpec(StrictModel):
     name: str = Field(pattern=DNS_LABEL, description="Job name: lowercase letters, digits and '-', at most 63 characters.")
     models: list[str] = Field(min_length=1, description="Models to evaluate: a base model (`llama2-tiny`, a directory, an HF id) or a registered adapter `NAME@ALIAS` / `NAME/VERSION` (also with a `models:/` prefix).")
     dataset: EvalDatasetSpec = Field(description="The held-out data.")
-    metrics: list[MetricSpec] = Field(default_factory=lambda: [MetricSpec(scorer="exact_match")], min_length=1, description="Scorers to run; a bare scorer name is accepted for an item (`- exact_match`).")
+    metrics: list[MetricSpec] = Field(default_factory=lambda: [{"scorer": "exact_match"}], min_length=1, description="Scorers to run; a bare scorer name is accepted for an item (`- exact_match`).")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
     mlflow: EvalMlflowSpec = Field(default_factory=EvalMlflowSpec, description="Tracking.")
 

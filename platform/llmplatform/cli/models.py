@@ -72,7 +72,8 @@ def promote_cmd(name: str = typer.Argument(..., help="Registered model name."),
                 version: int = typer.Option(..., "--version", "-v", help="Version to promote."),
                 to: str = typer.Option(..., "--to", help="Alias to move, e.g. staging or production."),
                 require: List[str] = typer.Option([], "--require", help="Gate METRIC OP NUMBER on the version's logged "
-                                                  "metrics, e.g. eval_loss<=1.2 (ops <=,<,>=,>,==); repeatable."),
+                                                  "metrics or its eval tags, e.g. eval_loss<=1.2, "
+                                                  "'eval.reverse.exact_match>=0.9' (ops <=,<,>=,>,==); repeatable."),
                 no_worse_than: Optional[str] = typer.Option(None, "--no-worse-than", help="Gate: no worse than the current "
                                                             "holder of this alias on the --require metrics (else on every "
                                                             "eval* metric both logged). " + DIRECTION_HELP),
