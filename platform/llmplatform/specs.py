@@ -328,7 +328,7 @@ class EvalDatasetSpec(StrictModel):
 class MetricSpec(StrictModel):
     """One score per example, averaged over the dataset."""
 
-    scorer: str = Field(min_length=1, description="exact_match, contains, token_f1, regex, json_valid, or a user scorer `python:package.module:function` taking (prediction, reference).")
+    scorer: str = Field(min_length=1, description="exact_match, contains, token_f1, regex, json_valid, perplexity (of the reference under the model; lower is better), or a user scorer `python:package.module:function` taking (prediction, reference).")
     name: str | None = Field(default=None, pattern=EVAL_NAME, description="Metric name in MLflow and the version tags; default: the scorer's name (the function's for a user scorer).")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the scorer, e.g. `{pattern: '^\\d+$'}` for regex, `{ignore_case: false}` for exact_match.")
 

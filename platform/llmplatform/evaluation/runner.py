@@ -46,6 +46,8 @@ class Example:
     question: str
     reference: str
     prompt_ids: list[int]
+    input_ids: list[int] = field(default_factory=list)  # prompt + reference tokens, as in training
+    labels: list[int] = field(default_factory=list)     # -100 on the prompt
 
 
 @dataclass
@@ -109,7 +111,7 @@ def resolve_models(spec: EvaluationSpec, tracking_uri: Any) -> list[ModelTarget]
 
 def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
     """The dataset's records as prompts (built as in training) and references (the last assistant turn)."""
-    from llmplatform.data import load_records
+    from llmplatform.data import load_records, tokenize_record
     from llmplatform.training.evaluate import prompt_and_answer
 
     ds = spec.dataset
@@ -123,16 +125,20 @@ def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
     for i, record in enumerate(records):
         prompt, _ = prompt_and_answer(record, tokenizer, ds.max_seq_length)
         question = next((m["content"] for m in reversed(record.messages) if m["role"] == "user"), "")
-        examples.append(Example(i, record.location, question, record.messages[-1]["content"], prompt))
+        full = tokenize_record(record, tokenizer, ds.max_seq_length)
+        examples.append(Example(i, record.location, question, record.messages[-1]["content"], prompt,
+                                list(full.input_ids), list(full.labels)))
     return examples
 
 
 def score_examples(examples: list[Example], answers: list[str], metrics: list[MetricSpec],
                    functions: dict[str, Callable], label: str) -> dict[str, list[float]]:
     """Every metric on every example; a scorer that raises is an EvalError naming the example."""
-    scores: dict[str, list[float]] = {m.metric: [] for m in metrics}
+    scores: dict[str, list[float]] = {m.metric: [] for m in metrics if m.scorer not in scorers.MODEL_SCORERS}
     for ex, answer in zip(examples, answers):
         for m in metrics:
+            if m.scorer in scorers.MODEL_SCORERS:
+                continue
             try:
                 scores[m.metric].append(scorers.score(functions[m.scorer], answer, ex.reference, m.params))
             except Exception as exc:
@@ -153,6 +159,36 @@ async def _generate(engine, prompts: list[list[int]], max_tokens: int, adapter_i
         return "".join(parts)
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))  # the engine batches them
+
+
+def reference_perplexity(engine, examples: list[Example], adapter_id: str | None, batch_size: int) -> list[float]:
+    """Per example: exp(mean NLL of its reference tokens given its prompt), through the engine's
+    model with the adapter applied per row as the engine's own decode step does."""
+    import math
+
+    import torch
+
+    from llmplatform.serving.engines.hf import BASE
+
+    out: list[float] = []
+    with engine._lock, torch.no_grad():  # the engine is idle between generations; hold its model lock anyway
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            width = max(len(e.input_ids) for e in chunk)
+            pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=engine.device)  # [B, S]
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk], device=engine.device)
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk], device=engine.device)
+            if engine.peft is not None:
+                name = engine.adapters[adapter_id] if adapter_id else BASE
+                logits = engine.peft(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(chunk)).logits
+            else:
+                logits = engine.model(input_ids=ids, attention_mask=mask).logits
+            logits, target = logits[:, :-1].float(), labels[:, 1:]  # [B, S-1, V], [B, S-1]: token t predicts t+1
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+            counts = (target != -100).sum(-1).clamp(min=1)
+            out += [math.exp(v) for v in (nll.sum(-1) / counts).tolist()]
+    return out
 
 
 def _engine(base: str, spec: EvaluationSpec):
@@ -182,6 +218,8 @@ def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
                 answers = asyncio.run(_generate(engine, [e.prompt_ids for e in examples],
                                                 spec.generation.max_tokens, adapter_id))
                 scores = score_examples(examples, answers, spec.metrics, functions, t.label)
+                for m in (m for m in spec.metrics if m.scorer == "perplexity"):
+                    scores[m.metric] = reference_perplexity(engine, examples, adapter_id, spec.generation.batch_size)
                 report.results.append(ModelResult(t, answers, scores))
         finally:
             engine.shutdown()

@@ -1,6 +1,7 @@
 """The scorer registry: pure functions `(prediction, reference, **params) -> float in [0, 1]`.
 
 Built-in scorers are named in `SCORERS` (exact_match, contains, token_f1, regex, json_valid);
+`MODEL_SCORERS` (perplexity of the reference) need the model and are computed by the runner;
 a user scorer is named by import path, `python:package.module:function`, with the same
 signature (it may return a bool or a number). A scorer's parameters are its keyword-only
 arguments: `check_params` reports unknown and missing ones before any model is loaded.
@@ -82,18 +83,23 @@ SCORERS: dict[str, Callable[..., float]] = {"exact_match": exact_match, "contain
                                             "regex": regex, "json_valid": json_valid}
 
 
+# Scorers that need the model, not just the answer: the runner computes them with a forward pass.
+# perplexity: exp(mean negative log-likelihood of the reference tokens given the prompt), per example.
+MODEL_SCORERS = ("perplexity",)
+
+
 class ScorerError(ValueError):
     """A scorer name or its parameters are wrong (a user mistake, reported before any compute)."""
 
 
 def known_scorers() -> str:
     """The accepted names, for error messages."""
-    return ", ".join(SCORERS) + f", or {USER_PREFIX}package.module:function"
+    return ", ".join([*SCORERS, *MODEL_SCORERS]) + f", or {USER_PREFIX}package.module:function"
 
 
 def check_name(name: str) -> None:
     """Raise ScorerError unless `name` is a built-in scorer or a well-formed user scorer path."""
-    if name in SCORERS or USER_SCORER.match(name):
+    if name in SCORERS or name in MODEL_SCORERS or USER_SCORER.match(name):
         return
     if name.startswith(USER_PREFIX):
         raise ScorerError(f"scorer {name!r} is not an import path; write {USER_PREFIX}package.module:function")
@@ -101,8 +107,11 @@ def check_name(name: str) -> None:
 
 
 def load(name: str) -> Callable[..., Any]:
-    """The scorer function for `name`; a user scorer is imported (ScorerError when it cannot be)."""
+    """The scorer function for `name`; a user scorer is imported (ScorerError when it cannot be).
+    A model scorer (perplexity) has no function here: None."""
     check_name(name)
+    if name in MODEL_SCORERS:
+        return None
     if name in SCORERS:
         return SCORERS[name]
     m = USER_SCORER.match(name)
@@ -117,6 +126,8 @@ def load(name: str) -> Callable[..., Any]:
 
 def check_params(name: str, params: dict) -> None:
     """Unknown or missing keyword parameters of a built-in scorer (user scorers are checked when called)."""
+    if name in MODEL_SCORERS and params:
+        raise ScorerError(f"scorer {name!r}: unknown parameter(s) {sorted(params)} (accepted: none)")
     fn = SCORERS.get(name)
     if fn is None:
         return

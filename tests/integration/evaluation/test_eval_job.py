@@ -74,6 +74,24 @@ def _write_spec(tmp_path, models, metrics) -> str:
     return str(path)
 
 
+def _reference_perplexity(tmp_path) -> float:
+    """exp(loss) of the first eval record's reference under llama2-tiny-random, straight from transformers."""
+    import math
+
+    import torch
+
+    from llmplatform.basemodels import locate
+    from llmplatform.data import load_records, tokenize_record
+    from llmplatform.training.evaluate import load_model
+    from llmplatform.training.model_setup import load_tokenizer
+
+    base_dir = locate(BASE)
+    example = tokenize_record(load_records(str(tmp_path / "data" / "reverse-eval.jsonl"))[0], load_tokenizer(base_dir), 1024)
+    with torch.no_grad():
+        loss = load_model(base_dir)(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels])).loss
+    return math.exp(float(loss))
+
+
 def test_eval_job_tags_the_version_and_gates_read_the_tags(mlflow_server, registered, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
@@ -91,8 +109,8 @@ def test_eval_job_tags_the_version_and_gates_read_the_tags(mlflow_server, regist
     assert "failed on example 3" in err and "boom" in err and "nothing was logged or tagged" in err
     assert not [k for k in client.get_model_version(name, str(version)).tags if k.startswith("eval.")]
 
-    spec = _write_spec(tmp_path, models, ["exact_match", "token_f1", {"scorer": "regex", "name": "has_letters",
-                                                                      "params": {"pattern": "[a-z]"}}])
+    spec = _write_spec(tmp_path, models, ["exact_match", "token_f1", "perplexity",
+                                          {"scorer": "regex", "name": "has_letters", "params": {"pattern": "[a-z]"}}])
     assert main(["eval", "submit", spec, "--tracking-uri", mlflow_server, "--output", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["examples"] == 8 and [m["model"] for m in out["models"]] == models
@@ -100,13 +118,20 @@ def test_eval_job_tags_the_version_and_gates_read_the_tags(mlflow_server, regist
     assert tuned_row["registered"] == name and tuned_row["version"] == version and base_row["registered"] is None
 
     # the runs carry the means and the per-example table
+    tables = {}
     for row in out["models"]:
         run = client.get_run(row["run_id"])
-        for metric in ("exact_match", "token_f1", "has_letters"):
+        for metric in ("exact_match", "token_f1", "perplexity", "has_letters"):
             assert run.data.metrics[f"eval.reverse.{metric}"] == pytest.approx(row[metric], abs=1e-4)
         table_file = client.download_artifacts(row["run_id"], "eval/reverse.json", str(tmp_path / row["run_id"]))
         table = json.loads(open(table_file).read())
-        assert {"question", "reference", "answer", "exact_match"} <= set(table["columns"]) and len(table["data"]) == 8
+        assert {"question", "reference", "answer", "exact_match", "perplexity"} <= set(table["columns"])
+        assert len(table["data"]) == 8
+        tables[row["model"]] = dict(zip(table["columns"], table["data"][0]))
+
+    # perplexity is the model's own: example 0 of the base agrees with a plain transformers forward pass
+    assert base_row["perplexity"] > 1 and tuned_row["perplexity"] != pytest.approx(base_row["perplexity"])
+    assert tables[BASE]["perplexity"] == pytest.approx(_reference_perplexity(tmp_path), rel=1e-3)
 
     # the version's tags are what the gates read
     tags = client.get_model_version(name, str(version)).tags

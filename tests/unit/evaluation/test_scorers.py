@@ -72,3 +72,11 @@ def test_user_scorer_is_loaded_by_import_path(tmp_path, monkeypatch):
         scorers.load("python:my_scorers:missing")
     with pytest.raises(TypeError, match="expected a number"):
         scorers.score(lambda p, r: "yes", "a", "b", {})
+
+
+def test_perplexity_is_a_model_scorer_without_params():
+    scorers.check_name("perplexity")
+    assert scorers.load("perplexity") is None  # the runner computes it with a forward pass
+    assert "perplexity" in scorers.known_scorers()
+    with pytest.raises(scorers.ScorerError, match="accepted: none"):
+        scorers.check_params("perplexity", {"stride": 4})
