@@ -115,12 +115,7 @@ def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
     from llmplatform.training.evaluate import prompt_and_answer
 
     ds = spec.dataset
-    records = load_records(ds.path, ds.format)[: ds.limit]
-    missing = [r.location for r in records if not r.messages or r.messages[-1]["role"] != "assistant"
-               or not r.messages[-1]["content"].strip()]
-    if missing:
-        raise EvalError(f"dataset.path {ds.path}: {len(missing)} record(s) have no reference answer (the last turn "
-                        f"must be a non-empty assistant message): {', '.join(missing[:10])}")
+    records = load_records(ds.path, ds.format)[: ds.limit]  # DataError lists every record without a reference
     examples = []
     for i, record in enumerate(records):
         prompt, _ = prompt_and_answer(record, tokenizer, ds.max_seq_length)

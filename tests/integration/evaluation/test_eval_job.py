@@ -138,6 +138,12 @@ def test_eval_job_tags_the_version_and_gates_read_the_tags(mlflow_server, regist
     assert float(tags["eval.reverse.token_f1"]) == pytest.approx(tuned_row["token_f1"], abs=1e-4)
     assert tags["eval.reverse.run_id"] == tuned_row["run_id"]
 
+    # --model narrows the spec to one model; the table names it and the version it tagged
+    assert main(["eval", "submit", spec, "--model", f"{name}/{version}", "--tracking-uri", mlflow_server]) == 0
+    table_out = capsys.readouterr().out
+    assert "TOKEN_F1" in table_out and "PERPLEXITY" in table_out and BASE not in table_out
+    assert f"tagged eval.reverse.<metric> on: {name}/{version}" in table_out
+
     f1 = float(tags["eval.reverse.token_f1"])
     assert main(["models", "promote", name, "--version", str(version), "--to", "production",
                  "--require", f"eval.reverse.token_f1>={f1 + 0.5}", "--tracking-uri", mlflow_server]) != 0
