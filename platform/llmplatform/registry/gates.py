@@ -118,7 +118,7 @@ def gate_metrics(reqs: list[Requirement], candidate: dict[str, float], holder: d
 
 
 def check_no_worse(metrics: list[str], candidate: dict[str, float], holder: dict[str, float], version: int,
-                   alias: str, holder_version: int) -> list[GateResult]:
+                   alias: str, holder_version: int, name: str | None = None) -> list[GateResult]:
     """Candidate vs the alias holder on each metric; a metric missing on either side fails."""
     if not metrics:
         return [GateResult(f"no-worse-than {alias}", False, f"gate no-worse-than {alias} failed: version {version} and "
@@ -129,7 +129,8 @@ def check_no_worse(metrics: list[str], candidate: dict[str, float], holder: dict
         mine, theirs = candidate.get(metric), holder.get(metric)
         if mine is None or theirs is None:
             missing = f"version {version}" if mine is None else f"{alias} (version {holder_version})"
-            results.append(GateResult(gate, False, f"gate {gate} failed: {missing} has no metric {metric!r}"))
+            hint = missing_eval_hint(metric, name, version if mine is None else holder_version)
+            results.append(GateResult(gate, False, f"gate {gate} failed: {missing} has no metric {metric!r}{hint}"))
             continue
         lower = lower_is_better(metric)
         ok = mine <= theirs if lower else mine >= theirs

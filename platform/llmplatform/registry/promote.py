@@ -100,7 +100,7 @@ def gate_results(client, name: str, mv, reqs: list[g.Requirement], no_worse_than
         else:
             theirs = version_metrics(client, mc.get_version(client, name, holder))
             names = g.gate_metrics(reqs, metrics, theirs)
-            results += g.check_no_worse(names, metrics, theirs, version, no_worse_than, holder)
+            results += g.check_no_worse(names, metrics, theirs, version, no_worse_than, holder, name)
     return results
 
 

@@ -60,3 +60,14 @@ def test_eval_tags_are_gate_metrics_and_a_missing_one_names_the_command():
     assert "no tag 'eval.copy.token_f1'" in missing.message
     assert "`platformctl eval submit EVAL.yaml --model bot/3`" in missing.message
     assert "dataset.name is 'copy'" in missing.message and "'token_f1'" in missing.message
+
+
+def test_no_worse_than_on_eval_tags_names_the_evaluation_the_holder_lacks():
+    cand = {"eval.reverse.exact_match": 0.8}
+    [gate] = check_no_worse(["eval.reverse.exact_match"], cand, {}, version=5, alias="production", holder_version=4,
+                            name="bot")
+    assert not gate.passed
+    assert "production (version 4) has no metric 'eval.reverse.exact_match'" in gate.message
+    assert "`platformctl eval submit EVAL.yaml --model bot/4`" in gate.message
+    [ok] = check_no_worse(["eval.reverse.exact_match"], cand, {"eval.reverse.exact_match": 0.7}, 5, "production", 4)
+    assert ok.passed and "higher is better" in ok.message
