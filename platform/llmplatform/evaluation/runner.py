@@ -260,3 +260,17 @@ def run_eval(spec: EvaluationSpec, tracking_uri: Any) -> EvalReport:
     """The whole job: resolve, generate and score every model, then record (see module docstring)."""
     targets = resolve_models(spec, tracking_uri)
     return record(tracking_uri, spec, evaluate(spec, targets))
+
+
+def evaluate_missing(tracking_uri: Any, spec: EvaluationSpec, name: str, versions: list[int]) -> EvalReport | None:
+    """Run `spec` on those of `name`'s versions that lack any of its `eval.<dataset>.<metric>` tags
+    (what `models promote --evaluate` does before its gates); None when every version has them all."""
+    from llmplatform.registry import client as mc
+
+    client = mc.connect(tracking_uri)
+    keys = [tag_key(spec.dataset.name, m.metric) for m in spec.metrics]
+    todo = [v for v in dict.fromkeys(versions)
+            if not all(k in (mc.get_version(client, name, v).tags or {}) for k in keys)]
+    if not todo:
+        return None
+    return run_eval(spec.model_copy(update={"models": [f"{name}/{v}" for v in todo]}), tracking_uri)

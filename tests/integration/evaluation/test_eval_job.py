@@ -157,3 +157,20 @@ def test_eval_job_tags_the_version_and_gates_read_the_tags(mlflow_server, regist
     assert main(["models", "promote", name, "--version", str(version), "--to", "production",
                  "--require", f"eval.reverse.token_f1>={f1}", "--tracking-uri", mlflow_server]) == 0
     assert client.get_registered_model(name).aliases["production"] == str(version)
+
+    # a new version, never evaluated: --evaluate runs the spec on it, then it is compared with production
+    from llmplatform.basemodels import locate
+    from llmplatform.registry import register_adapter
+
+    v2 = register_adapter(mlflow_server, name, make_adapter(locate(BASE), tmp_path / "adapter2", seed=1),
+                          client.get_model_version(name, str(version)).run_id, {"base_model": BASE},
+                          base_model_dir=locate(BASE))
+    capsys.readouterr()
+    code = main(["models", "promote", name, "--version", str(v2), "--to", "production", "--evaluate", spec,
+                 "--require", "eval.reverse.perplexity>0", "--no-worse-than", "production", "--tracking-uri", mlflow_server])
+    err = capsys.readouterr().err
+    assert f"evaluated {name}/{v2} on reverse" in err and f"{name}/{version}" not in err.split("error:")[0]  # v1 had tags
+    mine = float(client.get_model_version(name, str(v2)).tags["eval.reverse.perplexity"])
+    theirs = float(tags["eval.reverse.perplexity"])
+    assert (code == 0) == (mine <= theirs), (code, mine, theirs, err)
+    assert client.get_registered_model(name).aliases["production"] == str(v2 if mine <= theirs else version)
