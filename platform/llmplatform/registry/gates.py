@@ -83,7 +83,8 @@ def missing_eval_hint(metric: str, name: str | None, version: int) -> str:
         return ""
     model = f"{name}/{version}" if name else f"NAME/{version}"
     return (f"; evaluate it first: `platformctl eval submit EVAL.yaml --model {model}` with an eval spec whose "
-            f"dataset.name is {m.group('dataset')!r} and whose metrics include {m.group('metric')!r}")
+            f"dataset.name is {m.group('dataset')!r} and whose metrics include {m.group('metric')!r} "
+            "(or add `--evaluate EVAL.yaml` to this promote)")
 
 
 def check_requirements(reqs: list[Requirement], metrics: dict[str, float], version: int,
