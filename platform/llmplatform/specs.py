@@ -392,6 +392,9 @@ class EvaluationSpec(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"metric names must be unique; repeated: {dupes} (give each a `name`)")
+        repeated = sorted({m for m in self.models if self.models.count(m) > 1})
+        if repeated:
+            raise ValueError(f"models must be unique; repeated: {repeated}")
         return self
 
 

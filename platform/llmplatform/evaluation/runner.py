@@ -197,6 +197,8 @@ def _engine(base: str, spec: EvaluationSpec):
 
 def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
     """Generate and score every target; pure of MLflow (nothing is written here)."""
+    from llmplatform.serving.engines import EngineError
+
     functions = {m.scorer: scorers.load(m.scorer) for m in spec.metrics}  # user scorers import before any compute
     report, examples = EvalReport(spec.name, spec.dataset.name, 0), None
     for base in dict.fromkeys(t.base for t in targets):
@@ -209,7 +211,10 @@ def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
                 adapter_id = None
                 if t.adapter_path:
                     adapter_id = f"{t.registered}/{t.version}"
-                    engine.load_adapter(adapter_id, t.adapter_path)
+                    try:
+                        engine.load_adapter(adapter_id, t.adapter_path)
+                    except EngineError as exc:
+                        raise EvalError(f"models: {t.label!r}: {exc}") from exc
                 answers = asyncio.run(_generate(engine, [e.prompt_ids for e in examples],
                                                 spec.generation.max_tokens, adapter_id))
                 scores = score_examples(examples, answers, spec.metrics, functions, t.label)

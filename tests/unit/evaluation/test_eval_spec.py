@@ -39,6 +39,8 @@ def test_dataset_name_cannot_break_the_tag_and_metric_names_are_unique():
     assert [p.location for p in err.value.problems] == ["dataset.name"]
     with pytest.raises(SpecError, match=r"repeated: \['token_f1'\] \(give each a `name`\)"):
         specs.parse_spec("eval", _spec(metrics=["token_f1", "token_f1"]))
+    with pytest.raises(SpecError, match=r"models must be unique; repeated: \['bot/3'\]"):
+        specs.parse_spec("eval", _spec(models=["bot/3", "bot/3"]))
 
 
 def test_spec_validate_guesses_the_eval_kind(tmp_path, capsys):
