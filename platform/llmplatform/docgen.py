@@ -84,7 +84,7 @@ def spec_reference() -> str:
     """Markdown for every spec field: type, default, description, nested sections."""
     from llmplatform.specs import SPEC_KINDS
 
-    out = [HEADER, "# Spec reference\n", "Specs are YAML or JSON; unknown fields are errors. Validate with `platformctl spec validate FILE`; print the JSON schema with `platformctl spec schema finetune|serve`.\n"]
+    out = [HEADER, "# Spec reference\n", "Specs are YAML or JSON; unknown fields are errors. Validate with `platformctl spec validate FILE`; print the JSON schema with `platformctl spec schema finetune|serve|eval`.\n"]
     for kind, model in SPEC_KINDS.items():
         out.append(f"## `{kind}`: {model.__name__}\n")
         _model_section(model, "", out)

@@ -86,3 +86,7 @@ class JobError(PlatformError):
 
 class ServeError(PlatformError):
     """A deployment could not be built, found or reached."""
+
+
+class EvalError(PlatformError):
+    """An evaluation job was refused or failed; nothing was tagged."""

@@ -310,7 +310,95 @@ class ServeSpec(StrictModel):
         return value
 
 
-SPEC_KINDS: dict[str, type[StrictModel]] = {"finetune": FineTuneSpec, "serve": ServeSpec}
+# ---------------------------------------------------------------------------- evaluation
+
+EVAL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"  # no dots: it is one segment of the tag `eval.<dataset>.<metric>`
+
+
+class EvalDatasetSpec(StrictModel):
+    """Held-out data: the formats and record checks of training data; the last assistant turn is the reference."""
+
+    name: str = Field(pattern=EVAL_NAME, description="Dataset name in the version tags `eval.<name>.<metric>` (letters, digits, '_' and '-').")
+    path: str = Field(min_length=1, description="A local path or object-store URI to a JSONL, JSON or Parquet file (chat, prompt_completion or alpaca records).")
+    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape, as in fine-tuning data; `auto` detects it.")
+    limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N records; unset = all.")
+    max_seq_length: int = Field(default=1024, ge=16, le=32768, description="Tokens of prompt plus reference per example; longer ones are cut as in training.")
+
+
+class MetricSpec(StrictModel):
+    """One score per example, averaged over the dataset."""
+
+    scorer: str = Field(min_length=1, description="exact_match, contains, token_f1, regex, json_valid, perplexity (of the reference under the model; lower is better), or a user scorer `python:package.module:function` taking (prediction, reference).")
+    name: str | None = Field(default=None, pattern=EVAL_NAME, description="Metric name in MLflow and the version tags; default: the scorer's name (the function's for a user scorer).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the scorer, e.g. `{pattern: '^\\d+$'}` for regex, `{ignore_case: false}` for exact_match.")
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        from llmplatform.evaluation import scorers
+
+        try:
+            scorers.check_name(value)
+        except scorers.ScorerError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _scorer_params(self) -> "MetricSpec":
+        from llmplatform.evaluation import scorers
+
+        try:
+            scorers.check_params(self.scorer, self.params)
+        except scorers.ScorerError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def metric(self) -> str:
+        return self.name or self.scorer.rsplit(":", 1)[-1]
+
+
+class GenerationSpec(StrictModel):
+    """Greedy decoding settings of the evaluation."""
+
+    max_tokens: int = Field(default=64, ge=1, le=4096, description="New tokens per answer at most (answers end earlier at EOS).")
+    batch_size: int = Field(default=16, ge=1, le=512, description="Examples decoded together by the engine.")
+
+
+class EvalMlflowSpec(StrictModel):
+    """Where the evaluation runs are recorded."""
+
+    experiment: str = Field(default="llm-platform-eval", min_length=1, description="MLflow experiment of the runs (one run per model).")
+
+
+class EvaluationSpec(StrictModel):
+    """An evaluation job: models answer a held-out dataset, scorers grade the answers."""
+
+    name: str = Field(pattern=DNS_LABEL, description="Job name: lowercase letters, digits and '-', at most 63 characters.")
+    models: list[str] = Field(min_length=1, description="Models to evaluate: a base model (`llama2-tiny`, a directory, an HF id) or a registered adapter `NAME@ALIAS` / `NAME/VERSION` (also with a `models:/` prefix).")
+    dataset: EvalDatasetSpec = Field(description="The held-out data.")
+    metrics: list[MetricSpec] = Field(default_factory=lambda: [{"scorer": "exact_match"}], min_length=1, description="Scorers to run; a bare scorer name is accepted for an item (`- exact_match`).")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
+    mlflow: EvalMlflowSpec = Field(default_factory=EvalMlflowSpec, description="Tracking.")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _bare_names(cls, value: Any) -> Any:
+        return [{"scorer": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _unique_metrics(self) -> "EvaluationSpec":
+        names = [m.metric for m in self.metrics]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"metric names must be unique; repeated: {dupes} (give each a `name`)")
+        repeated = sorted({m for m in self.models if self.models.count(m) > 1})
+        if repeated:
+            raise ValueError(f"models must be unique; repeated: {repeated}")
+        return self
+
+
+SPEC_KINDS: dict[str, type[StrictModel]] = {"finetune": FineTuneSpec, "serve": ServeSpec, "eval": EvaluationSpec}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -416,7 +504,9 @@ def read_document(path: str | Path) -> tuple[str | None, dict]:
 
 
 def guess_kind(body: dict) -> str:
-    """finetune or serve, from the fields present."""
+    """finetune, serve or eval, from the fields present."""
+    if "models" in body or "metrics" in body:
+        return "eval"
     if "model" in body or "engine" in body or "autoscaling" in body:
         return "serve"
     return "finetune"

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {
     "finetune": {"name": "job-a", "base_model": "llama2-tiny", "data": {"train": "train.jsonl"}},
     "serve": {"name": "svc-a", "model": {"base": "llama2-tiny"}},
+    "eval": {"name": "eval-a", "models": ["llama2-tiny"], "dataset": {"name": "reverse", "path": "eval.jsonl"}},
 }
 
 

@@ -14,7 +14,7 @@ from llmplatform.errors import PlatformError
 
 def build_app() -> typer.Typer:
     """The full command tree. Nouns are imported lazily by their own modules' heavy code."""
-    from llmplatform.cli import data, finetune, models, plan, serve, stack, usage, version
+    from llmplatform.cli import data, evaluation, finetune, models, plan, serve, stack, usage, version
 
     app = typer.Typer(
         help="platformctl: fine-tune and serve Llama 2 on Ray, tracked in MLflow.",
@@ -29,6 +29,7 @@ def build_app() -> typer.Typer:
     app.add_typer(data.app, name="data")
     app.add_typer(finetune.app, name="finetune")
     app.add_typer(models.app, name="models")
+    app.add_typer(evaluation.app, name="eval")
     app.add_typer(serve.app, name="serve")
     app.command("doctor")(version.doctor)
     app.command("completion")(version.completion)

@@ -72,7 +72,8 @@ def promote_cmd(name: str = typer.Argument(..., help="Registered model name."),
                 version: int = typer.Option(..., "--version", "-v", help="Version to promote."),
                 to: str = typer.Option(..., "--to", help="Alias to move, e.g. staging or production."),
                 require: List[str] = typer.Option([], "--require", help="Gate METRIC OP NUMBER on the version's logged "
-                                                  "metrics, e.g. eval_loss<=1.2 (ops <=,<,>=,>,==); repeatable."),
+                                                  "metrics or its eval tags, e.g. eval_loss<=1.2, "
+                                                  "'eval.reverse.exact_match>=0.9' (ops <=,<,>=,>,==); repeatable."),
                 no_worse_than: Optional[str] = typer.Option(None, "--no-worse-than", help="Gate: no worse than the current "
                                                             "holder of this alias on the --require metrics (else on every "
                                                             "eval* metric both logged). " + DIRECTION_HELP),
@@ -86,6 +87,9 @@ def promote_cmd(name: str = typer.Argument(..., help="Registered model name."),
                 window: Optional[str] = typer.Option(None, "--window", help="Canary guard window, e.g. 5m (default 5m)."),
                 promote_after: Optional[str] = typer.Option(None, "--promote-after", help="Complete the canary by itself "
                                                             "when the guard held this long, e.g. 30m."),
+                evaluate: Optional[str] = typer.Option(None, "--evaluate", metavar="EVAL.yaml", help="First run this eval "
+                                                       "spec on the version (and the --no-worse-than holder) where its "
+                                                       "eval.<dataset>.<metric> tags are missing."),
                 reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded in the history."),
                 actor: Optional[str] = typer.Option(None, "--actor", help="Who; default $USER."),
                 tracking_uri: Optional[str] = TRACKING_OPTION, output: OutputFormat = OUTPUT_OPTION) -> None:
@@ -103,8 +107,23 @@ def promote_cmd(name: str = typer.Argument(..., help="Registered model name."),
         guard = canary_rules.parse_guard(abort_if, window, promote_after)
         record = canaries.start(uri, name, version, to, canary, guard, actor=actor, reason=reason)
     else:
+        if evaluate:
+            _evaluate_missing(uri, evaluate, name, version, no_worse_than)
         record = promote(uri, name, version, to, require=require, no_worse_than=no_worse_than, actor=actor, reason=reason)
     _emit_record(record, output)
+
+
+def _evaluate_missing(uri: str, spec_path: str, name: str, version: int, no_worse_than: str | None) -> None:
+    """`promote --evaluate`: the eval spec on the candidate and the alias holder where tags are missing."""
+    from llmplatform.evaluation.runner import evaluate_missing
+    from llmplatform.registry import client as mc
+    from llmplatform.specs import load_spec
+
+    spec = load_spec(spec_path, "eval")
+    holder = mc.alias_holder(mc.connect(uri), name, no_worse_than) if no_worse_than else None
+    report = evaluate_missing(uri, spec, name, [version] + ([holder] if holder is not None else []))
+    for row in report.rows() if report else []:
+        typer.echo(f"evaluated {row['model']} on {report.dataset}: run {row['run_id']}", err=True)
 
 
 @app.command("canary")

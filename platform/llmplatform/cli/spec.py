@@ -16,7 +16,7 @@ app = typer.Typer(help="Validate fine-tune and serve specs, print their resolved
 @app.command("validate")
 def validate(
     files: list[Path] = typer.Argument(..., help="Spec files (YAML or JSON)."),
-    kind: str = typer.Option(None, "--kind", help="finetune or serve; default: read from the file or guessed."),
+    kind: str = typer.Option(None, "--kind", help="finetune, serve or eval; default: read from the file or guessed."),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Check spec files; report every problem with its field path, what was given and what is accepted."""
@@ -44,6 +44,6 @@ app.command("resolve")(resolve_command)
 
 
 @app.command("schema")
-def schema(kind: str = typer.Argument(..., help="finetune or serve")) -> None:
+def schema(kind: str = typer.Argument(..., help="finetune, serve or eval")) -> None:
     """Print the JSON schema of a spec kind."""
     emit(specs.json_schema(kind), OutputFormat.json)

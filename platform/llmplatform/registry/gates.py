@@ -5,7 +5,8 @@ A requirement compares one logged metric of the candidate version's run with a n
 holds ALIAS now, on the gate metrics: the metrics named in the requirements, or, when there are
 none, every `eval*` metric both runs logged. Direction: a metric whose name contains loss,
 perplexity, ppl, error or latency is better when lower; every other metric is better when higher.
-Ties pass. Each gate gives a `GateResult` whose message carries both numbers.
+Ties pass. Each gate gives a `GateResult` whose message carries both numbers. Evaluation jobs'
+scores are tags `eval.<dataset>.<metric>` on the version; a requirement naming one reads it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llmplatform.errors import RegistryError
 
 OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "latency")
+EVAL_TAG = re.compile(r"^eval\.(?P<dataset>[A-Za-z0-9][A-Za-z0-9_\-]*)\.(?P<metric>[A-Za-z0-9][A-Za-z0-9_\-]*)$")
 REQUIREMENT = re.compile(r"^\s*(?P<metric>[A-Za-z_][\w./\-]*?)\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 
 
@@ -62,12 +64,42 @@ def parse_requirements(texts: list[str] | tuple[str, ...]) -> list[Requirement]:
     return parsed
 
 
-def check_requirements(reqs: list[Requirement], metrics: dict[str, float], version: int) -> list[GateResult]:
-    """Each requirement against the candidate's metrics (a metric it never logged fails)."""
+def eval_tag_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """The numeric `eval.<dataset>.<metric>` tags of a model version (set by evaluation jobs)."""
+    out = {}
+    for key, value in tags.items():
+        if EVAL_TAG.match(key):
+            try:
+                out[key] = float(value)
+            except (TypeError, ValueError):
+                continue  # e.g. eval.<dataset>.run_id
+    return out
+
+
+def missing_eval_hint(metric: str, name: str | None, version: int) -> str:
+    """For a missing `eval.<dataset>.<metric>`: the evaluation that would set it, as a command."""
+    m = EVAL_TAG.match(metric)
+    if not m:
+        return ""
+    model = f"{name}/{version}" if name else f"NAME/{version}"
+    return (f"; evaluate it first: `platformctl eval submit EVAL.yaml --model {model}` with an eval spec whose "
+            f"dataset.name is {m.group('dataset')!r} and whose metrics include {m.group('metric')!r} "
+            "(or add `--evaluate EVAL.yaml` to this promote)")
+
+
+def check_requirements(reqs: list[Requirement], metrics: dict[str, float], version: int,
+                       name: str | None = None) -> list[GateResult]:
+    """Each requirement against the candidate's metrics (a metric it never logged fails; a missing
+    `eval.<dataset>.<metric>` tag names the `platformctl eval submit` command that would set it)."""
     results = []
     for req in reqs:
         value = metrics.get(req.metric)
         if value is None or math.isnan(value):
+            if EVAL_TAG.match(req.metric):
+                results.append(GateResult(str(req), False, f"gate {req} failed: version {version} has no tag "
+                                          f"{req.metric!r} (not evaluated on that dataset)"
+                                          + missing_eval_hint(req.metric, name, version)))
+                continue
             logged = ", ".join(sorted(metrics)) or "none"
             results.append(GateResult(str(req), False, f"gate {req} failed: version {version} has no metric "
                                       f"{req.metric!r} (logged: {logged})"))
@@ -87,7 +119,7 @@ def gate_metrics(reqs: list[Requirement], candidate: dict[str, float], holder: d
 
 
 def check_no_worse(metrics: list[str], candidate: dict[str, float], holder: dict[str, float], version: int,
-                   alias: str, holder_version: int) -> list[GateResult]:
+                   alias: str, holder_version: int, name: str | None = None) -> list[GateResult]:
     """Candidate vs the alias holder on each metric; a metric missing on either side fails."""
     if not metrics:
         return [GateResult(f"no-worse-than {alias}", False, f"gate no-worse-than {alias} failed: version {version} and "
@@ -98,7 +130,8 @@ def check_no_worse(metrics: list[str], candidate: dict[str, float], holder: dict
         mine, theirs = candidate.get(metric), holder.get(metric)
         if mine is None or theirs is None:
             missing = f"version {version}" if mine is None else f"{alias} (version {holder_version})"
-            results.append(GateResult(gate, False, f"gate {gate} failed: {missing} has no metric {metric!r}"))
+            hint = missing_eval_hint(metric, name, version if mine is None else holder_version)
+            results.append(GateResult(gate, False, f"gate {gate} failed: {missing} has no metric {metric!r}{hint}"))
             continue
         lower = lower_is_better(metric)
         ok = mine <= theirs if lower else mine >= theirs

@@ -89,7 +89,7 @@ def gate_results(client, name: str, mv, reqs: list[g.Requirement], no_worse_than
     """Every gate's result for version `mv` (requirements, then the comparison with an alias holder)."""
     version = int(mv.version)
     metrics = version_metrics(client, mv)
-    results = g.check_requirements(reqs, metrics, version)
+    results = g.check_requirements(reqs, metrics, version, name)
     if no_worse_than:
         _check_alias(no_worse_than)
         holder = mc.alias_holder(client, name, no_worse_than)
@@ -100,17 +100,19 @@ def gate_results(client, name: str, mv, reqs: list[g.Requirement], no_worse_than
         else:
             theirs = version_metrics(client, mc.get_version(client, name, holder))
             names = g.gate_metrics(reqs, metrics, theirs)
-            results += g.check_no_worse(names, metrics, theirs, version, no_worse_than, holder)
+            results += g.check_no_worse(names, metrics, theirs, version, no_worse_than, holder, name)
     return results
 
 
 def version_metrics(client, mv) -> dict[str, float]:
-    """The version run's logged metrics, completed by the `metrics` given in its lineage."""
+    """The version run's logged metrics, completed by the `metrics` given in its lineage, and the
+    `eval.<dataset>.<metric>` tags evaluation jobs set on the version (`platformctl eval submit`)."""
     metrics = {}
     lineage_metrics = mc.untag_value((mv.tags or {}).get(f"{mc.LINEAGE_PREFIX}metrics", ""))
     if isinstance(lineage_metrics, dict):
         metrics.update({k: float(v) for k, v in lineage_metrics.items() if isinstance(v, (int, float))})
     metrics.update(mc.run_metrics(client, mv.run_id))
+    metrics.update(g.eval_tag_metrics(mv.tags or {}))
     return metrics
 
 

@@ -7,10 +7,11 @@ batches (the fastest CPU path) up to EOS, and compared after whitespace normalis
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
+
+from llmplatform.evaluation import scorers
 
 IGNORE = -100
 
@@ -53,14 +54,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     return out
 
 
-def normalize(answer: str) -> str:
-    """Collapse runs of whitespace and strip: the comparison exact match uses."""
-    return re.sub(r"\s+", " ", answer).strip()
+normalize = scorers.collapse_whitespace  # the comparison exact match uses
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    """True when prediction and reference are equal after whitespace normalisation."""
-    return normalize(prediction) == normalize(reference)
+    """True when prediction and reference are equal after whitespace normalisation only (the strict
+    form of the `exact_match` scorer, which also ignores case and surrounding punctuation by default)."""
+    return scorers.exact_match(prediction, reference, ignore_case=False, ignore_punctuation=False) == 1.0
 
 
 def exact_match_accuracy(base_dir: str | Path, eval_path: str | Path, adapter_dir: str | Path | None = None, limit: int | None = None) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmplatform.errors import RegistryError
-from llmplatform.registry.gates import check_no_worse, check_requirements, gate_metrics, lower_is_better, parse_requirements
+from llmplatform.registry.gates import (check_no_worse, check_requirements, eval_tag_metrics, gate_metrics, lower_is_better,
+                                        parse_requirements)
 
 
 def test_parse_every_operator_and_report_all_bad_ones_at_once():
@@ -46,3 +47,27 @@ def test_no_worse_than_needs_a_shared_metric():
     assert gate_metrics(parse_requirements(["eval_loss<2"]), {}, {}) == ["eval_loss"]
     [result] = check_no_worse([], {"train_loss": 1}, {"eval_loss": 1}, 2, "production", 1)
     assert not result.passed and "--require" in result.message
+
+
+def test_eval_tags_are_gate_metrics_and_a_missing_one_names_the_command():
+    tags = {"eval.reverse.exact_match": "0.95", "eval.reverse.run_id": "abc123", "llmplatform.lineage.x": "1"}
+    metrics = eval_tag_metrics(tags)
+    assert metrics == {"eval.reverse.exact_match": 0.95}
+    [ok, missing] = check_requirements(parse_requirements(["eval.reverse.exact_match>=0.9", "eval.copy.token_f1>=0.5"]),
+                                       metrics, version=3, name="bot")
+    assert ok.passed and "eval.reverse.exact_match=0.95" in ok.message
+    assert not missing.passed
+    assert "no tag 'eval.copy.token_f1'" in missing.message
+    assert "`platformctl eval submit EVAL.yaml --model bot/3`" in missing.message
+    assert "dataset.name is 'copy'" in missing.message and "'token_f1'" in missing.message
+
+
+def test_no_worse_than_on_eval_tags_names_the_evaluation_the_holder_lacks():
+    cand = {"eval.reverse.exact_match": 0.8}
+    [gate] = check_no_worse(["eval.reverse.exact_match"], cand, {}, version=5, alias="production", holder_version=4,
+                            name="bot")
+    assert not gate.passed
+    assert "production (version 4) has no metric 'eval.reverse.exact_match'" in gate.message
+    assert "`platformctl eval submit EVAL.yaml --model bot/4`" in gate.message
+    [ok] = check_no_worse(["eval.reverse.exact_match"], cand, {"eval.reverse.exact_match": 0.7}, 5, "production", 4)
+    assert ok.passed and "higher is better" in ok.message

@@ -1,0 +1,281 @@
+"""Run an `EvaluationSpec` in this process: resolve models, generate, score, then record.
+
+Each model is resolved as serving resolves it (a base name through `llmplatform.basemodels`, a
+registered `NAME@ALIAS` / `NAME/VERSION` through `llmplatform.registry.resolve`, whose lineage
+names the base). Answers come from the platform's own `HFEngine` (one per base model, adapters
+loaded by path; greedy, `generation.batch_size` sequences decoded together). Every model is
+generated and scored before anything is written: a scorer that raises fails the job with the
+example's index and nothing is logged or tagged. Then one MLflow run per model gets the mean
+scores as `eval.<dataset>.<metric>` metrics and the per-example table `eval/<dataset>.json`,
+and each registered version gets the same `eval.<dataset>.<metric>` tags the promotion gates read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmplatform.errors import EvalError
+from llmplatform.evaluation import scorers
+from llmplatform.specs import EvaluationSpec, MetricSpec
+
+REGISTERED = re.compile(r"^(?:models:/)?(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[\w\-]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """One model of the spec, resolved: what to load and, for a registered version, where to tag."""
+
+    label: str                       # as written in the spec
+    base: str                        # base model name / directory (basemodels.locate takes it)
+    adapter_path: str | None = None
+    registered: str | None = None    # registered model name
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int          # 0-based position in the dataset (after `limit`)
+    location: str       # "line 12"
+    question: str
+    reference: str
+    prompt_ids: list[int]
+    input_ids: list[int] = field(default_factory=list)  # prompt + reference tokens, as in training
+    labels: list[int] = field(default_factory=list)     # -100 on the prompt
+
+
+@dataclass
+class ModelResult:
+    target: ModelTarget
+    answers: list[str]
+    scores: dict[str, list[float]]   # metric -> one score per example
+    run_id: str | None = None
+
+    def means(self) -> dict[str, float]:
+        return {m: sum(v) / max(len(v), 1) for m, v in self.scores.items()}
+
+
+@dataclass
+class EvalReport:
+    name: str
+    dataset: str
+    examples: int
+    results: list[ModelResult] = field(default_factory=list)
+    items: list[Example] = field(default_factory=list)  # the examples, for the table artifact
+
+    def rows(self) -> list[dict]:
+        """One row per model, metrics flattened (what the CLI prints)."""
+        return [{"model": r.target.label, "registered": r.target.registered, "version": r.target.version,
+                 "examples": self.examples, **{m: round(v, 4) for m, v in r.means().items()}, "run_id": r.run_id}
+                for r in self.results]
+
+
+def tag_key(dataset: str, metric: str) -> str:
+    """The version tag (and run metric) a gate reads: `eval.<dataset>.<metric>`."""
+    return f"eval.{dataset}.{metric}"
+
+
+def parse_model(text: str) -> tuple[str, str | None, int | None]:
+    """(name, alias, version) of a registered reference; alias and version are None for a base model."""
+    m = REGISTERED.match(text.strip())
+    if not m or Path(text).expanduser().is_dir():
+        return text, None, None
+    return m.group("name"), m.group("alias"), int(m.group("version")) if m.group("version") else None
+
+
+def resolve_models(spec: EvaluationSpec, tracking_uri: Any) -> list[ModelTarget]:
+    """Every model of the spec made concrete (registered adapters downloaded and verified)."""
+    targets = []
+    for label in spec.models:
+        name, alias, version = parse_model(label)
+        if alias is None and version is None:
+            targets.append(ModelTarget(label=label, base=label))
+            continue
+        from llmplatform.registry.resolve import resolve
+
+        ref = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+        adapter = resolve(tracking_uri, ref)
+        if not adapter.base_model:
+            raise EvalError(f"models: {label!r} (version {adapter.version}) records no base model in its lineage; "
+                            "it cannot be evaluated")
+        targets.append(ModelTarget(label=label, base=str(adapter.base_model), adapter_path=str(adapter.local_path),
+                                   registered=name, version=adapter.version))
+    return targets
+
+
+def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
+    """The dataset's records as prompts (built as in training) and references (the last assistant turn)."""
+    from llmplatform.data import load_records, tokenize_record
+    from llmplatform.training.evaluate import prompt_and_answer
+
+    ds = spec.dataset
+    records = load_records(ds.path, ds.format)[: ds.limit]  # DataError lists every record without a reference
+    examples = []
+    for i, record in enumerate(records):
+        prompt, _ = prompt_and_answer(record, tokenizer, ds.max_seq_length)
+        question = next((m["content"] for m in reversed(record.messages) if m["role"] == "user"), "")
+        full = tokenize_record(record, tokenizer, ds.max_seq_length)
+        examples.append(Example(i, record.location, question, record.messages[-1]["content"], prompt,
+                                list(full.input_ids), list(full.labels)))
+    return examples
+
+
+def score_examples(examples: list[Example], answers: list[str], metrics: list[MetricSpec],
+                   functions: dict[str, Callable], label: str) -> dict[str, list[float]]:
+    """Every metric on every example; a scorer that raises is an EvalError naming the example."""
+    scores: dict[str, list[float]] = {m.metric: [] for m in metrics if m.scorer not in scorers.MODEL_SCORERS}
+    for ex, answer in zip(examples, answers):
+        for m in metrics:
+            if m.scorer in scorers.MODEL_SCORERS:
+                continue
+            try:
+                scores[m.metric].append(scorers.score(functions[m.scorer], answer, ex.reference, m.params))
+            except Exception as exc:
+                raise EvalError(f"scorer {m.scorer!r} (metric {m.metric!r}) failed on example {ex.index} "
+                                f"({ex.location}) of model {label!r}: {type(exc).__name__}: {exc}; "
+                                "nothing was logged or tagged") from exc
+    return scores
+
+
+async def _generate(engine, prompts: list[list[int]], max_tokens: int, adapter_id: str | None) -> list[str]:
+    from llmplatform.serving.engines import GenerationRequest
+
+    async def one(ids: list[int]) -> str:
+        parts = []
+        req = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=0.0, adapter_id=adapter_id)
+        async for event in engine.generate(req):
+            parts.append(event.get("text", ""))
+        return "".join(parts)
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))  # the engine batches them
+
+
+def reference_perplexity(engine, examples: list[Example], adapter_id: str | None, batch_size: int) -> list[float]:
+    """Per example: exp(mean NLL of its reference tokens given its prompt), through the engine's
+    model with the adapter applied per row as the engine's own decode step does."""
+    import math
+
+    import torch
+
+    from llmplatform.serving.engines.hf import BASE
+
+    out: list[float] = []
+    with engine._lock, torch.no_grad():  # the engine is idle between generations; hold its model lock anyway
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            width = max(len(e.input_ids) for e in chunk)
+            pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=engine.device)  # [B, S]
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk], device=engine.device)
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk], device=engine.device)
+            if engine.peft is not None:
+                name = engine.adapters[adapter_id] if adapter_id else BASE
+                logits = engine.peft(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(chunk)).logits
+            else:
+                logits = engine.model(input_ids=ids, attention_mask=mask).logits
+            logits, target = logits[:, :-1].float(), labels[:, 1:]  # [B, S-1, V], [B, S-1]: token t predicts t+1
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+            counts = (target != -100).sum(-1).clamp(min=1)
+            out += [math.exp(v) for v in (nll.sum(-1) / counts).tolist()]
+    return out
+
+
+def _engine(base: str, spec: EvaluationSpec):
+    from llmplatform.basemodels import locate
+    from llmplatform.serving.engines.hf import HFEngine
+
+    return HFEngine(locate(base), dtype="float32", max_batch_size=spec.generation.batch_size,
+                    max_model_len=spec.dataset.max_seq_length + spec.generation.max_tokens,
+                    threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
+
+
+def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
+    """Generate and score every target; pure of MLflow (nothing is written here)."""
+    from llmplatform.serving.engines import EngineError
+
+    functions = {m.scorer: scorers.load(m.scorer) for m in spec.metrics}  # user scorers import before any compute
+    report, examples = EvalReport(spec.name, spec.dataset.name, 0), None
+    for base in dict.fromkeys(t.base for t in targets):
+        engine = _engine(base, spec)
+        try:
+            if examples is None:
+                examples = load_examples(spec, engine.tokenizer)
+                report.examples = len(examples)
+            for t in (t for t in targets if t.base == base):
+                adapter_id = None
+                if t.adapter_path:
+                    adapter_id = f"{t.registered}/{t.version}"
+                    try:
+                        engine.load_adapter(adapter_id, t.adapter_path)
+                    except EngineError as exc:
+                        raise EvalError(f"models: {t.label!r}: {exc}") from exc
+                answers = asyncio.run(_generate(engine, [e.prompt_ids for e in examples],
+                                                spec.generation.max_tokens, adapter_id))
+                scores = score_examples(examples, answers, spec.metrics, functions, t.label)
+                for m in (m for m in spec.metrics if m.scorer == "perplexity"):
+                    scores[m.metric] = reference_perplexity(engine, examples, adapter_id, spec.generation.batch_size)
+                report.results.append(ModelResult(t, answers, scores))
+        finally:
+            engine.shutdown()
+    report.results.sort(key=lambda r: [t.label for t in targets].index(r.target.label))
+    report.items = examples or []
+    return report
+
+
+def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport) -> EvalReport:
+    """One MLflow run per model (mean metrics + per-example table), then the version tags."""
+    from llmplatform.registry import client as mc
+
+    client = mc.connect(tracking_uri)
+    exp = client.get_experiment_by_name(spec.mlflow.experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(spec.mlflow.experiment)
+    ds, examples = spec.dataset.name, report.items
+    for r in report.results:
+        run = client.create_run(exp_id, run_name=f"{spec.name}-{r.target.label}",
+                                tags={"llmplatform.kind": "eval", "eval.job": spec.name, "eval.dataset": ds,
+                                      "eval.model": r.target.label})
+        run_id = run.info.run_id
+        client.log_param(run_id, "model", r.target.label)
+        client.log_param(run_id, "base_model", r.target.base)
+        client.log_param(run_id, "dataset", spec.dataset.path)
+        client.log_param(run_id, "examples", report.examples)
+        for metric, value in r.means().items():
+            client.log_metric(run_id, tag_key(ds, metric), value)
+        table = {"index": [e.index for e in examples], "question": [e.question for e in examples],
+                 "reference": [e.reference for e in examples], "answer": r.answers, **r.scores}
+        client.log_table(run_id, data=table, artifact_file=f"eval/{ds}.json")
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run ..." links; stdout is the report's
+            client.set_terminated(run_id)
+        r.run_id = run_id
+    for r in report.results:  # tags last: every run is written before any version changes
+        if r.target.registered:
+            for metric, value in r.means().items():
+                client.set_model_version_tag(r.target.registered, str(r.target.version), tag_key(ds, metric), f"{value:.6g}")
+            client.set_model_version_tag(r.target.registered, str(r.target.version), f"eval.{ds}.run_id", r.run_id)
+    return report
+
+
+def run_eval(spec: EvaluationSpec, tracking_uri: Any) -> EvalReport:
+    """The whole job: resolve, generate and score every model, then record (see module docstring)."""
+    targets = resolve_models(spec, tracking_uri)
+    return record(tracking_uri, spec, evaluate(spec, targets))
+
+
+def evaluate_missing(tracking_uri: Any, spec: EvaluationSpec, name: str, versions: list[int]) -> EvalReport | None:
+    """Run `spec` on those of `name`'s versions that lack any of its `eval.<dataset>.<metric>` tags
+    (what `models promote --evaluate` does before its gates); None when every version has them all."""
+    from llmplatform.registry import client as mc
+
+    client = mc.connect(tracking_uri)
+    keys = [tag_key(spec.dataset.name, m.metric) for m in spec.metrics]
+    todo = [v for v in dict.fromkeys(versions)
+            if not all(k in (mc.get_version(client, name, v).tags or {}) for k in keys)]
+    if not todo:
+        return None
+    return run_eval(spec.model_copy(update={"models": [f"{name}/{v}" for v in todo]}), tracking_uri)
