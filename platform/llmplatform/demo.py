@@ -124,7 +124,7 @@ def run_demo(*, retrain: bool = False, questions: int = 100, ports: dict | None 
 
     _step("Build llama2-tiny (Llama 2 architecture, SentencePiece BPE, pretrained briefly; cached)")
     t = time.time()
-    base_dir = ensure_tiny_model("base")
+    base_dir = ensure_tiny_model("base", log=lambda msg: print(f"    {msg}", flush=True))  # pretraining progress on a first run
     result.timings["tiny_model_s"] = round(time.time() - t, 1)
     print(f"    {base_dir} ({result.timings['tiny_model_s']} s)")
 
