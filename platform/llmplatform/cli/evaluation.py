@@ -2,7 +2,10 @@
 
 `eval submit` validates the spec (unknown scorers are refused before any model loads), runs the
 job in this process (`llmplatform.evaluation.runner`: the platform's transformers engine, batched
-greedy decoding), and prints one row per model with its mean scores and MLflow run.
+greedy decoding), and prints one row per model with its mean scores and MLflow run. A scorer
+that raised on some examples is reported (index, line, exception, on stderr) and counted in the
+ERRORS column; its mean is over the examples that scored. A metric that raised on every example
+makes the command exit 1 after the report (that model is not tagged).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def submit(
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
     """Generate answers for every model, score them, log one MLflow run per model (mean scores and a
-    per-example table) and tag each registered version `eval.<dataset>.<metric>`."""
+    per-example table) and tag each registered version `eval.<dataset>.<metric>`. A scorer that raises on
+    an example is counted and reported, not fatal; one that raises on every example fails that model."""
     from llmplatform.errors import EvalError
     from llmplatform.evaluation.runner import run_eval
     from llmplatform.specs import load_spec
@@ -41,9 +45,34 @@ def submit(
     rows = report.rows()
     if output == OutputFormat.json:
         emit_json({"name": report.name, "dataset": report.dataset, "examples": report.examples, "models": rows})
-        return
-    metrics = [m.metric for m in spec.metrics]
-    emit(rows, output, columns=["model", "version", "examples", *metrics, "run_id"])
-    tagged = [f"{r['registered']}/{r['version']}" for r in rows if r["registered"]]
-    if tagged:
-        typer.echo(f"tagged eval.{report.dataset}.<metric> on: {', '.join(tagged)}")
+    else:
+        metrics = [m.metric for m in spec.metrics]
+        shown = [{**r, "errors": ", ".join(f"{m}={n}" for m, n in r["errors"].items() if n) or None} for r in rows]
+        emit(shown, output, columns=["model", "version", "examples", *metrics, "errors", "run_id"])
+        tagged = [f"{r['registered']}/{r['version']}" for r in rows if r["registered"] and not r["error"]]
+        if tagged:
+            typer.echo(f"tagged eval.{report.dataset}.<metric> on: {', '.join(tagged)}")
+        for line in failure_lines(report):
+            typer.echo(line, err=True)
+    if report.failed():
+        raise EvalError("; ".join(report.failed()))
+
+
+def failure_lines(report, per_metric: int = 5) -> list[str]:
+    """What a user reads about raising scorers: the first few failures of each metric and model,
+    and over how many examples each affected mean was taken."""
+    lines = []
+    for r in report.results:
+        for metric, count in r.errors().items():
+            if not count:
+                continue
+            failures = [f for f in r.failures if f.metric == metric]
+            lines += [f"warning: {f.describe()}" for f in failures[:per_metric]]
+            if count > per_metric:
+                lines.append(f"warning: ... and {count - per_metric} more failures of metric {metric!r} "
+                             f"for model {r.target.label!r} (all in --output json and the run's eval/{report.dataset}.json)")
+            scored = r.scored()[metric]
+            lines.append(f"note: {r.target.label} {metric}: "
+                         + (f"mean over the {scored} of {report.examples} examples that scored ({count} raised)"
+                            if scored else "no example scored; no value"))
+    return lines
