@@ -239,13 +239,17 @@ def reference_perplexity(engine, examples: list[Example], adapter_id: str | None
     return out
 
 
+def _engine_threads() -> int:
+    """Torch threads of the job's engine: half the cores, 1 to 4 (bench/eval.py gives its peer the same)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def _engine(base: str, spec: EvaluationSpec):
     from llmplatform.basemodels import locate
     from llmplatform.serving.engines.hf import HFEngine
 
     return HFEngine(locate(base), dtype="float32", max_batch_size=spec.generation.batch_size,
-                    max_model_len=spec.dataset.max_seq_length + spec.generation.max_tokens,
-                    threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
+                    max_model_len=spec.dataset.max_seq_length + spec.generation.max_tokens, threads=_engine_threads())
 
 
 def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
