@@ -128,7 +128,7 @@ def _evaluate_missing(uri: str, spec_path: str, name: str, version: int, no_wors
         from llmplatform.cli.evaluation import failure_lines
         from llmplatform.errors import EvalError
 
-        for line in failure_lines(report):
+        for line in failure_lines(report.rows(), report.examples, report.dataset):
             typer.echo(line, err=True)
         if report.failed():
             raise EvalError("; ".join(report.failed()))
