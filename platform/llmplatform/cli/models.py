@@ -124,6 +124,14 @@ def _evaluate_missing(uri: str, spec_path: str, name: str, version: int, no_wors
     report = evaluate_missing(uri, spec, name, [version] + ([holder] if holder is not None else []))
     for row in report.rows() if report else []:
         typer.echo(f"evaluated {row['model']} on {report.dataset}: run {row['run_id']}", err=True)
+    if report:
+        from llmplatform.cli.evaluation import failure_lines
+        from llmplatform.errors import EvalError
+
+        for line in failure_lines(report.rows(), report.examples, report.dataset):
+            typer.echo(line, err=True)
+        if report.failed():
+            raise EvalError("; ".join(report.failed()))
 
 
 @app.command("canary")

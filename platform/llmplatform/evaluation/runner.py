@@ -4,10 +4,13 @@ Each model is resolved as serving resolves it (a base name through `llmplatform.
 registered `NAME@ALIAS` / `NAME/VERSION` through `llmplatform.registry.resolve`, whose lineage
 names the base). Answers come from the platform's own `HFEngine` (one per base model, adapters
 loaded by path; greedy, `generation.batch_size` sequences decoded together). Every model is
-generated and scored before anything is written: a scorer that raises fails the job with the
-example's index and nothing is logged or tagged. Then one MLflow run per model gets the mean
-scores as `eval.<dataset>.<metric>` metrics and the per-example table `eval/<dataset>.json`,
-and each registered version gets the same `eval.<dataset>.<metric>` tags the promotion gates read.
+generated and scored before anything is written. A scorer that raises on an example does not stop
+the job: the failure (example index and line, model, exception) is recorded, counted as
+`eval.<dataset>.<metric>.errors`, and the metric's mean is over the examples that scored. A metric
+that raised on every example is an error for that model: its run is marked FAILED and nothing is
+tagged on its version. Then one MLflow run per model gets the mean scores as
+`eval.<dataset>.<metric>` metrics and the per-example table `eval/<dataset>.json`, and each
+registered version that scored gets the same `eval.<dataset>.<metric>` tags the promotion gates read.
 """
 
 from __future__ import annotations
@@ -50,15 +53,52 @@ class Example:
     labels: list[int] = field(default_factory=list)     # -100 on the prompt
 
 
+@dataclass(frozen=True)
+class ScoreFailure:
+    """A scorer that raised on one example of one model."""
+
+    metric: str
+    scorer: str
+    index: int          # the example's 0-based index
+    location: str       # "line 4"
+    model: str          # the model's label
+    error: str          # "ValueError: boom"
+
+    def describe(self) -> str:
+        return (f"scorer {self.scorer!r} (metric {self.metric!r}) raised on example {self.index} ({self.location}) "
+                f"of model {self.model!r}: {self.error}")
+
+
 @dataclass
 class ModelResult:
     target: ModelTarget
     answers: list[str]
-    scores: dict[str, list[float]]   # metric -> one score per example
+    scores: dict[str, list[float | None]]   # metric -> one score per example; None where the scorer raised
+    failures: list[ScoreFailure] = field(default_factory=list)
     run_id: str | None = None
 
+    def scored(self) -> dict[str, int]:
+        """Per metric: how many examples have a score."""
+        return {m: sum(x is not None for x in v) for m, v in self.scores.items()}
+
+    def errors(self) -> dict[str, int]:
+        """Per metric: how many examples its scorer raised on."""
+        return {m: sum(x is None for x in v) for m, v in self.scores.items()}
+
     def means(self) -> dict[str, float]:
-        return {m: sum(v) / max(len(v), 1) for m, v in self.scores.items()}
+        """Per metric: the mean over the examples that scored (a metric with none is left out)."""
+        return {m: sum(x for x in v if x is not None) / n for m, v in self.scores.items()
+                if (n := sum(x is not None for x in v))}
+
+    def error(self) -> str | None:
+        """Why this model's evaluation failed (a metric raised on every example), or None."""
+        dead = [m for m, v in self.scores.items() if v and all(x is None for x in v)]
+        if not dead:
+            return None
+        first = {f.metric: f for f in reversed(self.failures)}
+        reasons = "; ".join(f"metric {m!r} raised on all {len(self.scores[m])} examples "
+                            f"(first: {first[m].location}: {first[m].error})" for m in dead)
+        return f"model {self.target.label!r}: {reasons}; nothing was tagged for it"
 
 
 @dataclass
@@ -70,10 +110,21 @@ class EvalReport:
     items: list[Example] = field(default_factory=list)  # the examples, for the table artifact
 
     def rows(self) -> list[dict]:
-        """One row per model, metrics flattened (what the CLI prints)."""
-        return [{"model": r.target.label, "registered": r.target.registered, "version": r.target.version,
-                 "examples": self.examples, **{m: round(v, 4) for m, v in r.means().items()}, "run_id": r.run_id}
-                for r in self.results]
+        """One row per model, metrics flattened (what the CLI prints); a metric's value is its mean
+        over `scored[metric]` examples, None when every example raised."""
+        rows = []
+        for r in self.results:
+            means = r.means()
+            rows.append({"model": r.target.label, "registered": r.target.registered, "version": r.target.version,
+                         "examples": self.examples,
+                         **{m: round(means[m], 4) if m in means else None for m in r.scores},
+                         "scored": r.scored(), "errors": r.errors(),
+                         "failures": [vars(f) for f in r.failures], "error": r.error(), "run_id": r.run_id})
+        return rows
+
+    def failed(self) -> list[str]:
+        """The error of every model with a metric that raised on every example."""
+        return [e for r in self.results if (e := r.error())]
 
 
 def tag_key(dataset: str, metric: str) -> str:
@@ -127,20 +178,22 @@ def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
 
 
 def score_examples(examples: list[Example], answers: list[str], metrics: list[MetricSpec],
-                   functions: dict[str, Callable], label: str) -> dict[str, list[float]]:
-    """Every metric on every example; a scorer that raises is an EvalError naming the example."""
-    scores: dict[str, list[float]] = {m.metric: [] for m in metrics if m.scorer not in scorers.MODEL_SCORERS}
+                   functions: dict[str, Callable], label: str) -> tuple[dict[str, list[float | None]], list[ScoreFailure]]:
+    """Every metric on every example: (metric -> scores, None where the scorer raised; the failures)."""
+    scores: dict[str, list[float | None]] = {m.metric: [] for m in metrics if m.scorer not in scorers.MODEL_SCORERS}
+    failures: list[ScoreFailure] = []
     for ex, answer in zip(examples, answers):
         for m in metrics:
             if m.scorer in scorers.MODEL_SCORERS:
                 continue
             try:
-                scores[m.metric].append(scorers.score(functions[m.scorer], answer, ex.reference, m.params))
-            except Exception as exc:
-                raise EvalError(f"scorer {m.scorer!r} (metric {m.metric!r}) failed on example {ex.index} "
-                                f"({ex.location}) of model {label!r}: {type(exc).__name__}: {exc}; "
-                                "nothing was logged or tagged") from exc
-    return scores
+                value = scorers.score(functions[m.scorer], answer, ex.reference, m.params)
+            except Exception as exc:  # a user scorer's bug on one example: counted, the job goes on
+                value = None
+                failures.append(ScoreFailure(m.metric, m.scorer, ex.index, ex.location, label,
+                                             f"{type(exc).__name__}: {exc}"))
+            scores[m.metric].append(value)
+    return scores, failures
 
 
 async def _generate(engine, prompts: list[list[int]], max_tokens: int, adapter_id: str | None) -> list[str]:
@@ -186,13 +239,17 @@ def reference_perplexity(engine, examples: list[Example], adapter_id: str | None
     return out
 
 
+def _engine_threads() -> int:
+    """Torch threads of the job's engine: half the cores, 1 to 4 (bench/eval.py gives its peer the same)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def _engine(base: str, spec: EvaluationSpec):
     from llmplatform.basemodels import locate
     from llmplatform.serving.engines.hf import HFEngine
 
     return HFEngine(locate(base), dtype="float32", max_batch_size=spec.generation.batch_size,
-                    max_model_len=spec.dataset.max_seq_length + spec.generation.max_tokens,
-                    threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
+                    max_model_len=spec.dataset.max_seq_length + spec.generation.max_tokens, threads=_engine_threads())
 
 
 def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
@@ -217,10 +274,11 @@ def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
                         raise EvalError(f"models: {t.label!r}: {exc}") from exc
                 answers = asyncio.run(_generate(engine, [e.prompt_ids for e in examples],
                                                 spec.generation.max_tokens, adapter_id))
-                scores = score_examples(examples, answers, spec.metrics, functions, t.label)
+                scores, failures = score_examples(examples, answers, spec.metrics, functions, t.label)
                 for m in (m for m in spec.metrics if m.scorer == "perplexity"):
                     scores[m.metric] = reference_perplexity(engine, examples, adapter_id, spec.generation.batch_size)
-                report.results.append(ModelResult(t, answers, scores))
+                report.results.append(ModelResult(t, answers, {m.metric: scores[m.metric] for m in spec.metrics},
+                                                  failures))
         finally:
             engine.shutdown()
     report.results.sort(key=lambda r: [t.label for t in targets].index(r.target.label))
@@ -229,7 +287,8 @@ def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
 
 
 def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport) -> EvalReport:
-    """One MLflow run per model (mean metrics + per-example table), then the version tags."""
+    """One MLflow run per model (mean metrics, error counts, per-example table), then the version
+    tags of every registered model that has no failed metric."""
     from llmplatform.registry import client as mc
 
     client = mc.connect(tracking_uri)
@@ -247,14 +306,21 @@ def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport) -> EvalR
         client.log_param(run_id, "examples", report.examples)
         for metric, value in r.means().items():
             client.log_metric(run_id, tag_key(ds, metric), value)
+        for metric, count in r.errors().items():
+            client.log_metric(run_id, f"{tag_key(ds, metric)}.errors", count)
+        if r.error():
+            client.set_tag(run_id, "eval.error", r.error())
         table = {"index": [e.index for e in examples], "question": [e.question for e in examples],
                  "reference": [e.reference for e in examples], "answer": r.answers, **r.scores}
+        for metric in (m for m, n in r.errors().items() if n):
+            errors = {f.index: f.error for f in r.failures if f.metric == metric}
+            table[f"{metric}.error"] = [errors.get(e.index) for e in examples]
         client.log_table(run_id, data=table, artifact_file=f"eval/{ds}.json")
         with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run ..." links; stdout is the report's
-            client.set_terminated(run_id)
+            client.set_terminated(run_id, status="FAILED" if r.error() else "FINISHED")
         r.run_id = run_id
     for r in report.results:  # tags last: every run is written before any version changes
-        if r.target.registered:
+        if r.target.registered and not r.error():
             for metric, value in r.means().items():
                 client.set_model_version_tag(r.target.registered, str(r.target.version), tag_key(ds, metric), f"{value:.6g}")
             client.set_model_version_tag(r.target.registered, str(r.target.version), f"eval.{ds}.run_id", r.run_id)

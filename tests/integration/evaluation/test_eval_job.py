@@ -1,8 +1,9 @@
 """One real evaluation job: llama2-tiny-random and a registered random LoRA adapter over 8 records
 of the `reverse` task, against the session's real MLflow server; then promotions gated on its tags.
 
-A user scorer that raises on one example fails the job first (its index in the error, no tags),
-so the successful run that follows is the only one that writes.
+A user scorer that raises on every example fails that model first (exit 1, its run FAILED, no
+tags); then the real job runs with a user scorer that raises on one example: the job goes on,
+counts it, reports its index and line, and takes that metric's mean over the other examples.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def _write_spec(tmp_path, models, metrics) -> str:
     return str(path)
 
 
+def _experiment(spec_path: str) -> str:
+    import yaml
+
+    return yaml.safe_load(open(spec_path))["mlflow"]["experiment"]
+
+
 def _reference_perplexity(tmp_path) -> float:
     """exp(loss) of the first eval record's reference under llama2-tiny-random, straight from transformers."""
     import math
@@ -99,34 +106,49 @@ def test_eval_job_tags_the_version_and_gates_read_the_tags(mlflow_server, regist
     client = MlflowClient(mlflow_server)
     models = [BASE, f"{name}/{version}"]
 
-    # a scorer that raises on example 3: the job fails with the index, nothing is tagged
-    (tmp_path / "flaky_scorer.py").write_text("def flaky(p, r):\n    flaky.n = getattr(flaky, 'n', -1) + 1\n"
-                                              "    if flaky.n == 3:\n        raise ValueError('boom')\n    return 1.0\n")
+    # a scorer that raises on every example: that model fails (exit 1), its run is FAILED, nothing is tagged
+    (tmp_path / "bad_scorers.py").write_text("def broken(p, r):\n    raise KeyError('label')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    bad = _write_spec(tmp_path, models, ["exact_match", "python:flaky_scorer:flaky"])
-    assert main(["eval", "submit", bad, "--tracking-uri", mlflow_server]) == 1
-    err = capsys.readouterr().err
-    assert "failed on example 3" in err and "boom" in err and "nothing was logged or tagged" in err
+    bad = _write_spec(tmp_path, models, ["exact_match", "python:bad_scorers:broken"])
+    assert main(["eval", "submit", bad, "--model", f"{name}/{version}", "--tracking-uri", mlflow_server]) == 1
+    captured = capsys.readouterr()
+    assert f"error: model '{name}/{version}': metric 'broken' raised on all 8 examples (first: line 1: KeyError" in captured.err
+    assert "nothing was tagged for it" in captured.err and "broken=8" in captured.out
     assert not [k for k in client.get_model_version(name, str(version)).tags if k.startswith("eval.")]
+    failed_run = client.search_runs([client.get_experiment_by_name(_experiment(bad)).experiment_id])[0]
+    assert failed_run.info.status == "FAILED" and failed_run.data.metrics["eval.reverse.broken.errors"] == 8
 
-    spec = _write_spec(tmp_path, models, ["exact_match", "token_f1", "perplexity",
+    # a scorer that raises on example 3 only (by its reference): counted, reported, the job goes on
+    reference3 = json.loads((tmp_path / "data" / "reverse-eval.jsonl").read_text().splitlines()[3])["messages"][-1]["content"]
+    (tmp_path / "flaky_scorer.py").write_text(f"def flaky(p, r):\n    if r == {reference3!r}:\n"
+                                              "        raise ValueError('boom')\n    return 1.0\n")
+    spec = _write_spec(tmp_path, models, ["exact_match", "token_f1", "perplexity", "python:flaky_scorer:flaky",
                                           {"scorer": "regex", "name": "has_letters", "params": {"pattern": "[a-z]"}}])
     assert main(["eval", "submit", spec, "--tracking-uri", mlflow_server, "--output", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["examples"] == 8 and [m["model"] for m in out["models"]] == models
     base_row, tuned_row = out["models"]
     assert tuned_row["registered"] == name and tuned_row["version"] == version and base_row["registered"] is None
+    for row in out["models"]:
+        assert row["flaky"] == 1.0 and row["scored"]["flaky"] == 7 and row["errors"] == {
+            "exact_match": 0, "token_f1": 0, "perplexity": 0, "flaky": 1, "has_letters": 0}
+        assert [(f["index"], f["location"], f["model"], f["error"]) for f in row["failures"]] == [
+            (3, "line 4", row["model"], "ValueError: boom")]
+        assert row["error"] is None
 
     # the runs carry the means and the per-example table
     tables = {}
     for row in out["models"]:
         run = client.get_run(row["run_id"])
-        for metric in ("exact_match", "token_f1", "perplexity", "has_letters"):
+        for metric in ("exact_match", "token_f1", "perplexity", "has_letters", "flaky"):
             assert run.data.metrics[f"eval.reverse.{metric}"] == pytest.approx(row[metric], abs=1e-4)
+        assert run.data.metrics["eval.reverse.flaky.errors"] == 1 and run.data.metrics["eval.reverse.exact_match.errors"] == 0
         table_file = client.download_artifacts(row["run_id"], "eval/reverse.json", str(tmp_path / row["run_id"]))
         table = json.loads(open(table_file).read())
-        assert {"question", "reference", "answer", "exact_match", "perplexity"} <= set(table["columns"])
+        assert {"question", "reference", "answer", "exact_match", "perplexity", "flaky.error"} <= set(table["columns"])
         assert len(table["data"]) == 8
+        rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+        assert rows[3]["flaky"] is None and rows[3]["flaky.error"] == "ValueError: boom" and rows[2]["flaky.error"] is None
         tables[row["model"]] = dict(zip(table["columns"], table["data"][0]))
 
     # perplexity is the model's own: example 0 of the base agrees with a plain transformers forward pass
@@ -140,8 +162,12 @@ def test_eval_job_tags_the_version_and_gates_read_the_tags(mlflow_server, regist
 
     # --model narrows the spec to one model; the table names it and the version it tagged
     assert main(["eval", "submit", spec, "--model", f"{name}/{version}", "--tracking-uri", mlflow_server]) == 0
-    table_out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table_out, err = captured.out, captured.err
     assert "TOKEN_F1" in table_out and "PERPLEXITY" in table_out and BASE not in table_out
+    assert "flaky=1" in table_out
+    assert f"raised on example 3 (line 4) of model '{name}/{version}': ValueError: boom" in err
+    assert f"{name}/{version} flaky: mean over the 7 of 8 examples that scored (1 raised)" in err
     assert f"tagged eval.reverse.<metric> on: {name}/{version}" in table_out
 
     f1 = float(tags["eval.reverse.token_f1"])

@@ -1,4 +1,4 @@
-"""The runner's pure parts: which models are registered references, scoring errors, missing references."""
+"""The runner's pure parts: which models are registered references, raising scorers counted, missing references."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import pytest
 
 from llmplatform import specs
-from llmplatform.errors import DataError, EvalError
+from llmplatform.errors import DataError
 from llmplatform.evaluation import scorers
-from llmplatform.evaluation.runner import Example, load_examples, parse_model, score_examples
+from llmplatform.evaluation.runner import (EvalReport, Example, ModelResult, ModelTarget, load_examples, parse_model,
+                                           score_examples)
 
 
 def test_parse_model_tells_registered_references_from_base_models(tmp_path):
@@ -27,17 +28,42 @@ def _spec(path, metrics=("exact_match",)):
                                      "dataset": {"name": "d", "path": str(path)}})
 
 
-def test_a_raising_scorer_names_the_example_and_model():
+def test_a_raising_scorer_is_counted_and_the_mean_is_over_the_examples_that_scored():
     spec = _spec("x.jsonl", ["exact_match", "python:os.path:join"])
     examples = [Example(i, f"line {i + 1}", "q", "ref", []) for i in range(3)]
     def fragile(prediction, reference):
         return 1 / (prediction != "boom")
 
     fns = {"exact_match": scorers.exact_match, "python:os.path:join": fragile}
-    with pytest.raises(EvalError) as err:
-        score_examples(examples, ["a", "boom", "c"], spec.metrics, fns, "bot/2")
-    text = str(err.value)
-    assert "failed on example 1 (line 2) of model 'bot/2'" in text and "ZeroDivisionError" in text
+    scores, failures = score_examples(examples, ["ref", "boom", "c"], spec.metrics, fns, "bot/2")
+    assert scores == {"exact_match": [1.0, 0.0, 0.0], "join": [1.0, None, 1.0]}  # the other metric is untouched
+    assert [(f.metric, f.index, f.location, f.model) for f in failures] == [("join", 1, "line 2", "bot/2")]
+    assert "raised on example 1 (line 2) of model 'bot/2': ZeroDivisionError" in failures[0].describe()
+
+    result = ModelResult(ModelTarget("bot/2", "llama2-tiny", registered="bot", version=2), ["ref", "boom", "c"],
+                         scores, failures)
+    assert result.means() == {"exact_match": pytest.approx(1 / 3), "join": 1.0}  # 2 of 3 scored, both 1.0
+    assert result.errors() == {"exact_match": 0, "join": 1} and result.error() is None
+    row = EvalReport("e", "d", 3, [result]).rows()[0]
+    assert row["join"] == 1.0 and row["scored"]["join"] == 2 and row["errors"]["join"] == 1
+    assert row["failures"][0]["index"] == 1 and "ZeroDivisionError" in row["failures"][0]["error"]
+
+
+def test_a_metric_that_raised_on_every_example_fails_that_model_only():
+    spec = _spec("x.jsonl", ["exact_match", "python:os.path:join"])
+    examples = [Example(i, f"line {i + 1}", "q", "ref", []) for i in range(2)]
+    def broken(prediction, reference):
+        raise KeyError("label")
+
+    fns = {"exact_match": scorers.exact_match, "python:os.path:join": broken}
+    scores, failures = score_examples(examples, ["ref", "x"], spec.metrics, fns, "bot/2")
+    bad = ModelResult(ModelTarget("bot/2", "llama2-tiny"), ["ref", "x"], scores, failures)
+    good = ModelResult(ModelTarget("llama2-tiny", "llama2-tiny"), ["ref", "x"], {"exact_match": [1.0, 0.0], "join": [1.0, 1.0]})
+    report = EvalReport("e", "d", 2, [good, bad])
+    assert "join" not in bad.means() and report.rows()[1]["join"] is None
+    assert report.failed() == ["model 'bot/2': metric 'join' raised on all 2 examples (first: line 1: KeyError: 'label'); "
+                               "nothing was tagged for it"]
+    assert report.rows()[0]["error"] is None
 
 
 def test_records_without_a_reference_are_refused_with_their_lines(tmp_path):
