@@ -21,6 +21,7 @@ from llmplatform.cli.output import OUTPUT_OPTION, LiveTable, OutputFormat, emit_
 from llmplatform.errors import JobError
 
 TRIAL_COLUMNS = ["trial", "state", "step", "loss", "eval_loss"]
+MAX_SWEEP_JSON = 120_000  # bytes: one argument of the job's command line (Linux allows 128 KiB)
 
 
 def trial_rows(log_text: str) -> list[dict]:
@@ -107,6 +108,9 @@ def sweep(
     record = JobRecord(id=new_job_id(base.model_copy(update={"name": f"{base.name[:33]}-sweep"})), name=base.name, target=target,
                        spec=base.model_dump(mode="json"), registered_model=base.mlflow.registered_model_name)
     doc = json.dumps({"sweep": sweep_plan.to_dict(), "plans": plans}, separators=(",", ":"))
+    if len(doc) > MAX_SWEEP_JSON:
+        raise JobError(f"{len(specs)} trials are too many for one sweep job's command line ({len(doc)} bytes of resolved plans, "
+                       f"at most {MAX_SWEEP_JSON}); use --search random --trials N with a smaller N, or fewer --param values")
     record = records.save(backend_for(target).submit(base_plan, record, module="llmplatform.training.sweep", extra=["--sweep-json", doc]))
     names = [p.path for p in sweep_plan.params]
     if output != OutputFormat.json:

@@ -102,7 +102,7 @@ def tuner_for(sweep: SweepPlan, trainable, base: Resolved, job_id: str):
         every = base["eval_every_n_steps"] or base.spec.eval.every_n_steps
         scheduler = ASHAScheduler(time_attr="step", grace_period=every, reduction_factor=2, max_t=10**9)
     return tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 0}),  # the trial only drives; its Ray Train workers hold the CPUs/GPUs
+        tune.with_resources(trainable, {"cpu": 0.01}),  # the trial only drives (Tune refuses 0); its Ray Train workers hold the CPUs/GPUs
         param_space={"trial": tune.grid_search(list(range(len(sweep.overrides))))},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, max_concurrent_trials=sweep.max_concurrent),
         run_config=tune.RunConfig(name=job_id, storage_path=storage_path(base), callbacks=[events_callback(sweep)], verbose=0),
@@ -151,8 +151,10 @@ def run_sweep(sweep: SweepPlan, base: Resolved, plans: list[dict], job_id: str, 
             rows.append(trial_row(index, sweep.overrides[index], "failed" if result.error else "done", result.metrics or {}))
         finished = [r for r in rows if r.get("step") is not None and r["step"] >= r.get("total_steps", float("inf"))]
         best = best_trial(finished, sweep.metric, sweep.mode)
-        for r in rows:
-            if r not in finished:
+        for r in rows:  # Tune may end a trial's actor on its last result, before the trial marks its own run
+            if r in finished:
+                ml.end_run(tracking_uri, children[r["trial"]], "FINISHED")
+            else:
                 ml.set_tags(tracking_uri, children[r["trial"]], {"sweep.stopped_at_step": str(r.get("step", 0))})
                 ml.end_run(tracking_uri, children[r["trial"]], "KILLED")
         if best is None:
