@@ -194,6 +194,7 @@ class RayJobsBackend:
         self.refresh(record)
         if record.run_id and self.tracking_uri and record.state != "succeeded":
             ml.end_run(self.tracking_uri, record.run_id, "KILLED", force=True)
+            ml.end_child_runs(self.tracking_uri, record.run_id, "KILLED")  # a sweep's trials, should its driver die before marking them
         if record.state != "succeeded":
             record.state, record.reason, record.ended = "cancelled", "cancelled by the user", record.ended or now_iso()
         return record
