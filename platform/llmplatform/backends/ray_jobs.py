@@ -27,9 +27,10 @@ RAY_STATES = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded
 EVENT = re.compile(re.escape(PROGRESS_PREFIX) + r"(\{.*\})\s*$")
 
 
-def entrypoint_command(python: str, plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str | None, base_dir: str | None) -> str:
-    """The shell command the Ray job runs: the training entrypoint with the resolved plan."""
-    parts = [python, "-m", "llmplatform.training.entrypoint", "--resolved-json", json.dumps(plan.to_dict(), separators=(",", ":")), "--job-id", job_id]
+def entrypoint_command(python: str, plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str | None, base_dir: str | None,
+                       module: str = "llmplatform.training.entrypoint", extra: list[str] | None = None) -> str:
+    """The shell command the Ray job runs: the training entrypoint (or a sweep's) with the resolved plan."""
+    parts = [python, "-m", module, *(extra or []), "--resolved-json", json.dumps(plan.to_dict(), separators=(",", ":")), "--job-id", job_id]
     for flag, value in (("--run-id", run_id), ("--tracking-uri", tracking_uri), ("--base-dir", base_dir)):
         if value:
             parts += [flag, value]
@@ -111,7 +112,7 @@ class RayJobsBackend:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise JobError(f"cannot reach the Ray Jobs API at {self.address}: {exc}. Start the stack with `platformctl up`, or set RAY_ADDRESS to {FORMS}.") from exc
 
-    def submit(self, plan: Resolved, record: JobRecord) -> JobRecord:
+    def submit(self, plan: Resolved, record: JobRecord, module: str = "llmplatform.training.entrypoint", extra: list[str] | None = None) -> JobRecord:
         from llmplatform.training import mlflow_logging as ml
 
         spec: FineTuneSpec = plan.require().spec  # type: ignore[assignment]
@@ -128,7 +129,7 @@ class RayJobsBackend:
 
             base_dir = locate(spec.base_model)
         record.run_id, record.run_url = ml.create_run(tracking, spec, record.id, {"platform.target": self.target})
-        command = entrypoint_command(self.python, plan, record.id, record.run_id, tracking, base_dir)
+        command = entrypoint_command(self.python, plan, record.id, record.run_id, tracking, base_dir, module, extra)
         env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", **self.env}
         try:
             self.client().submit_job(entrypoint=command, submission_id=record.id, runtime_env={"env_vars": env}, metadata={"platform.name": spec.name})
@@ -193,6 +194,7 @@ class RayJobsBackend:
         self.refresh(record)
         if record.run_id and self.tracking_uri and record.state != "succeeded":
             ml.end_run(self.tracking_uri, record.run_id, "KILLED", force=True)
+            ml.end_child_runs(self.tracking_uri, record.run_id, "KILLED")  # a sweep's trials, should its driver die before marking them
         if record.state != "succeeded":
             record.state, record.reason, record.ended = "cancelled", "cancelled by the user", record.ended or now_iso()
         return record

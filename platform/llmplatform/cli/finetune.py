@@ -290,3 +290,12 @@ def cancel(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat
     emit(record.to_dict(), output, text=f"job {record.id}: {record.state} ({record.reason})")
 
 
+
+
+def _register_sweep() -> None:
+    from llmplatform.cli.sweep import sweep
+
+    app.command("sweep")(sweep)
+
+
+_register_sweep()

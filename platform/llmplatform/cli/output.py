@@ -161,3 +161,48 @@ class StepBar:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+class LiveTable:
+    """A table that changes (a sweep's trials): redrawn by rich on a terminal; otherwise one plain
+    `render_table` row per changed row on stderr. `enabled=False` (`--output json`) prints nothing."""
+
+    def __init__(self, title: str, columns: Sequence[str], *, enabled: bool = True, terminal: bool | None = None) -> None:
+        self.title, self.columns, self.enabled = title, list(columns), enabled
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.seen: dict[str, str] = {}
+        self._live = None
+        if enabled and self.terminal:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(self._table([]), console=Console(stderr=True), refresh_per_second=4)
+            self._live.start()
+
+    def _table(self, rows: Sequence[dict]):
+        from rich.table import Table
+
+        table = Table(title=self.title, box=None, header_style="bold", pad_edge=False)
+        for col in self.columns:
+            table.add_column(col.upper())
+        for row in rows:
+            table.add_row(*[_cell(row.get(c)) for c in self.columns])
+        return table
+
+    def update(self, rows: Sequence[dict]) -> None:
+        if not self.enabled:
+            return
+        if self._live is not None:
+            self._live.update(self._table(rows))
+            return
+        for row in rows:
+            line = "  ".join(f"{c}={_cell(row.get(c))}" for c in self.columns)
+            key = str(row.get(self.columns[0]))
+            if self.seen.get(key) != line:
+                self.seen[key] = line
+                typer.echo(f"{self.title}: {line}", err=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

@@ -278,7 +278,8 @@ def train_loop_per_worker(config: dict) -> None:
         step = ctx["step"]
         final = step == ctx["steps"]
         ckpt_due = final or step % plan["checkpoint_every_n_steps"] == 0
-        if final or (plan["eval_every_n_steps"] and step % plan["eval_every_n_steps"] == 0) or (ckpt_due and ctx["val"]):
+        evaluated = final or (plan["eval_every_n_steps"] and step % plan["eval_every_n_steps"] == 0) or (ckpt_due and ctx["val"])
+        if evaluated:
             last_eval = evaluate(ctx["model"], ctx["val"], ctx)
             metrics.update(last_eval)
         if rank0:
@@ -289,6 +290,8 @@ def train_loop_per_worker(config: dict) -> None:
         if ckpt_due:
             if logger:
                 logger.flush()  # metrics up to a checkpoint are never lost to a crash after it
-            report(ctx, {"step": step, "loss": metrics["loss"], **last_eval}, with_checkpoint=True)
+            report(ctx, {"step": step, "total_steps": ctx["steps"], "loss": metrics["loss"], **last_eval}, with_checkpoint=True)
+        elif evaluated and last_eval:  # eval metrics between checkpoints: what a sweep's early stopping (ASHA) ranks by
+            report(ctx, {"step": step, "total_steps": ctx["steps"], "loss": metrics["loss"], **last_eval}, with_checkpoint=False)
     if logger:
         logger.flush()

@@ -89,6 +89,15 @@ def end_run(tracking_uri: str, run_id: str, status: str, force: bool = False) ->
     c.set_terminated(run_id, status=status)
 
 
+def end_child_runs(tracking_uri: str, parent_run_id: str, status: str) -> None:
+    """End every still-running child run of `parent_run_id` (a sweep's trials) with `status`."""
+    c = client(tracking_uri)
+    parent = c.get_run(parent_run_id)
+    for run in c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            c.set_terminated(run.info.run_id, status=status)
+
+
 class StepLogger:
     """Per-step metrics from rank 0, sent in small batches so a step doesn't wait on HTTP."""
 

@@ -42,7 +42,7 @@ def scaling_config(plan: Resolved):
     return ScalingConfig(num_workers=plan["workers"], use_gpu=plan["use_gpu"], resources_per_worker=resources)
 
 
-def run_config(plan: Resolved, job_id: str, storage: str | None = None):
+def run_config(plan: Resolved, job_id: str, storage: str | None = None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     metric, mode = plan["checkpoint_metric"]
@@ -54,10 +54,11 @@ def run_config(plan: Resolved, job_id: str, storage: str | None = None):
         storage_path=storage,
         checkpoint_config=CheckpointConfig(num_to_keep=plan["checkpoints_kept"], checkpoint_score_attribute=metric, checkpoint_score_order=mode),
         failure_config=FailureConfig(max_failures=plan.spec.resources.max_failures),
+        callbacks=callbacks,  # a sweep's trial passes Tune's report callback
     )
 
 
-def build_trainer(plan: Resolved, job_id: str, loop_config: dict, storage: str | None = None):
+def build_trainer(plan: Resolved, job_id: str, loop_config: dict, storage: str | None = None, callbacks: list | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from llmplatform.training.loop import train_loop_per_worker
@@ -67,7 +68,7 @@ def build_trainer(plan: Resolved, job_id: str, loop_config: dict, storage: str |
         train_loop_config={**loop_config, "plan": plan.to_dict()},
         torch_config=TorchConfig(backend=plan["backend"]),
         scaling_config=scaling_config(plan),
-        run_config=run_config(plan, job_id, storage),
+        run_config=run_config(plan, job_id, storage, callbacks),
     )
 
 
