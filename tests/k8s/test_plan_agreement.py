@@ -23,7 +23,9 @@ from llmoperator.reconcile.common import OperatorConfig
 REPO = Path(__file__).resolve().parents[2]
 CFG = OperatorConfig(image="registry.example/llm-platform:test", image_has_vllm=True)
 MODELS, METHODS, GPUS = ("llama2-7b", "llama2-13b", "llama2-70b"), ("lora", "qlora"), ("a10g-24gb", "l4-24gb", "a100-40gb", "a100-80gb", "h100-80gb")
-SPECS = sorted(p for p in (REPO / "jobs").rglob("*.yaml") if p.name != "kustomization.yaml")
+# fine-tune and serve specs: the kinds the operator runs (an eval spec runs from platformctl only)
+SPECS = sorted(p for p in (REPO / "jobs").rglob("*.yaml")
+               if p.name != "kustomization.yaml" and load_spec(p).__class__.__name__ != "EvaluationSpec")
 
 
 def with_uid(cr: dict) -> dict:
