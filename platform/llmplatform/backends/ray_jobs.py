@@ -106,7 +106,9 @@ class RayJobsBackend:
 
         from llmplatform.backends.ray_auth import use_client_env
 
-        use_client_env(self.env)  # e.g. the local stack's token
+        # e.g. the local stack's token. Not RAY_ADDRESS: that one is for the job's processes; in this
+        # process it would outlive the call and point a later ray.init (Serve, another stack) at this cluster
+        use_client_env({k: v for k, v in self.env.items() if k != "RAY_ADDRESS"})
         try:
             return JobSubmissionClient(self.address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
