@@ -323,12 +323,11 @@ class HFEngine:
                     if self._running:
                         self._step()
                     self._reap()
-            except Exception as exc:  # a bug: fail the affected requests, keep serving others
-                for seq in self._running + list(self._waiting):
+            except Exception as exc:  # a bug: fail the batch that stepped; requests still waiting were not in it
+                for seq in self._running:
                     seq.emit({"error": f"engine step failed: {type(exc).__name__}: {exc}"})
                     self._release(seq)
                 self._running, self._cache, self._mask = [], None, None
-                self._waiting.clear()
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, adapters: list[str]):
         if self.peft is not None:
@@ -356,10 +355,10 @@ class HFEngine:
         try:
             out = self._forward(ids, mask, pos, None, [s.adapter for s in new])
         except Exception as exc:  # these rows are in neither queue now: fail them here or their requests wait forever
-            for seq in new:
+            for seq in new:  # the running batch's cache is untouched (no merge yet): it decodes on
                 seq.emit({"error": f"engine step failed: {type(exc).__name__}: {exc}"})
                 self._release(seq)
-            raise
+            return
         self._merge(new, out.past_key_values, mask)
         self._sample_and_emit(new, out.logits[:, -1, :])
 
