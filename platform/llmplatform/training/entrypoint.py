@@ -81,12 +81,7 @@ def run_job(plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str, 
         result = trainer.fit(plan, job_id, loop_config)
         if result.checkpoint is None:
             raise RuntimeError("training ended without a checkpoint")
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(result.checkpoint.to_directory(tmp))
-            ml.log_outputs(tracking_uri, run_id, local / "adapter", local / "tokenizer", spec, {**stats, "dataset_sha256": sha})
-            lineage = {"base_model": spec.base_model, "dataset_sha256": sha, "run_id": run_id, "job_id": job_id, "git_sha": ml.git_sha(), "method": spec.method,
-                       "spec": spec.model_dump(mode="json"), "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
-            version = ml.register(tracking_uri, spec, local / "adapter", run_id, lineage, base_dir)
+        version = publish(result.checkpoint, spec, run_id, tracking_uri, base_dir, job_id, sha, stats, result.metrics or {})
     except (SystemExit, KeyboardInterrupt):  # SIGTERM from `finetune cancel`: KILLED, nothing registered
         ml.end_run(tracking_uri, run_id, "KILLED")
         emit("cancelled")
@@ -101,6 +96,19 @@ def run_job(plan: Resolved, job_id: str, run_id: str | None, tracking_uri: str, 
     out = {"run_id": run_id, "adapter_uri": f"runs:/{run_id}/adapter", "registered_model": spec.mlflow.registered_model_name, "version": version, "metrics": dict(result.metrics or {})}
     emit("result", **out)
     return out
+
+
+def publish(checkpoint, spec, run_id: str, tracking_uri: str, base_dir: str, job_id: str, sha: str, stats: dict, metrics: dict) -> str | None:
+    """Upload a finished run's adapter and tokenizer from its Ray Train `checkpoint` to `run_id` and
+    register the adapter (the spec's registered model) with its lineage; the version, if registered."""
+    from llmplatform.training import mlflow_logging as ml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(checkpoint.to_directory(tmp))
+        ml.log_outputs(tracking_uri, run_id, local / "adapter", local / "tokenizer", spec, {**stats, "dataset_sha256": sha})
+        lineage = {"base_model": spec.base_model, "dataset_sha256": sha, "run_id": run_id, "job_id": job_id, "git_sha": ml.git_sha(), "method": spec.method,
+                   "spec": spec.model_dump(mode="json"), "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        return ml.register(tracking_uri, spec, local / "adapter", run_id, lineage, base_dir)
 
 
 def _json_arg(text: str):

@@ -20,8 +20,6 @@ import argparse
 import json
 import signal
 import sys
-import tempfile
-from pathlib import Path
 
 from llmplatform import cpus
 from llmplatform.errors import PlatformError
@@ -58,8 +56,13 @@ def make_trainable(plans: list[dict], run_ids: list[str], job_id: str, tracking_
     return run_trial
 
 
+def ran_to_the_end(result: dict) -> bool:
+    """Whether a trial's last report is its last step (not stopped early by the scheduler or a cancel)."""
+    return result.get("step") is not None and result["step"] >= result.get("total_steps", float("inf"))
+
+
 def trial_row(index: int, overrides: dict, state: str, result: dict | None) -> dict:
-    row = {"trial": index, "state": state, **{k: v for k, v in overrides.items()}}
+    row = {"trial": index, "state": state, **overrides}
     row.update({k: result[k] for k in TRIAL_KEYS if result and k in result})
     return row
 
@@ -81,9 +84,7 @@ def events_callback(sweep: SweepPlan):
             self._emit(trial, "running", result)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            finished = last.get("step") is not None and last.get("step") >= last.get("total_steps", float("inf"))
-            self._emit(trial, "finished" if finished else "stopped")
+            self._emit(trial, "finished" if ran_to_the_end(trial.last_result or {}) else "stopped")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._emit(trial, "failed")
@@ -113,15 +114,10 @@ def register_best(best: dict, plan: Resolved, run_id: str, tracking_uri: str, ba
     """Upload the best trial's adapter to its child run and register it (the spec's registered model)."""
     from ray.train import Checkpoint
 
-    from llmplatform.training import mlflow_logging as ml
+    from llmplatform.training.entrypoint import publish
 
-    spec = plan.spec
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(Checkpoint(best["checkpoint_path"]).to_directory(tmp))
-        ml.log_outputs(tracking_uri, run_id, local / "adapter", local / "tokenizer", spec, {**stats, "dataset_sha256": sha})
-        lineage = {"base_model": spec.base_model, "dataset_sha256": sha, "run_id": run_id, "job_id": job_id, "git_sha": ml.git_sha(), "method": spec.method,
-                   "spec": spec.model_dump(mode="json"), "metrics": {k: v for k, v in best.items() if k in TRIAL_KEYS and isinstance(v, (int, float))}}
-        return ml.register(tracking_uri, spec, local / "adapter", run_id, lineage, base_dir)
+    metrics = {k: v for k, v in best.items() if k in TRIAL_KEYS}
+    return publish(Checkpoint(best["checkpoint_path"]), plan.spec, run_id, tracking_uri, base_dir, job_id, sha, stats, metrics)
 
 
 def run_sweep(sweep: SweepPlan, base: Resolved, plans: list[dict], job_id: str, parent_id: str, tracking_uri: str, base_dir: str | None = None) -> dict:
@@ -149,7 +145,7 @@ def run_sweep(sweep: SweepPlan, base: Resolved, plans: list[dict], job_id: str, 
         for result in grid:
             index = int(result.config["trial"])
             rows.append(trial_row(index, sweep.overrides[index], "failed" if result.error else "done", result.metrics or {}))
-        finished = [r for r in rows if r.get("step") is not None and r["step"] >= r.get("total_steps", float("inf"))]
+        finished = [r for r in rows if ran_to_the_end(r)]
         best = best_trial(finished, sweep.metric, sweep.mode)
         for r in rows:  # Tune may end a trial's actor on its last result, before the trial marks its own run
             if r in finished:
