@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,7 @@ from typing import Any, Callable
 
 from llmplatform.errors import EvalError
 from llmplatform.evaluation import scorers
-from llmplatform.specs import EvaluationSpec, MetricSpec
-
-REGISTERED = re.compile(r"^(?:models:/)?(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[\w\-]+)|/(?P<version>\d+))$")
-
+from llmplatform.specs import REGISTRY_URI, EvaluationSpec, MetricSpec
 
 @dataclass(frozen=True)
 class ModelTarget:
@@ -133,11 +129,15 @@ def tag_key(dataset: str, metric: str) -> str:
 
 
 def parse_model(text: str) -> tuple[str, str | None, int | None]:
-    """(name, alias, version) of a registered reference; alias and version are None for a base model."""
-    m = REGISTERED.match(text.strip())
-    if not m or Path(text).expanduser().is_dir():
+    """(name, alias, version) of a registered reference (`NAME@ALIAS`, `NAME/VERSION`, with or without
+    `models:/`, the registry's own grammar); alias and version are None for a base model."""
+    from llmplatform.registry.refs import parse_ref
+
+    uri = "models:/" + text.strip().removeprefix("models:/")
+    if not REGISTRY_URI.match(uri) or Path(text).expanduser().is_dir():
         return text, None, None
-    return m.group("name"), m.group("alias"), int(m.group("version")) if m.group("version") else None
+    ref = parse_ref(uri)
+    return ref.name, ref.alias, ref.version
 
 
 def resolve_models(spec: EvaluationSpec, tracking_uri: Any) -> list[ModelTarget]:
@@ -214,28 +214,10 @@ def reference_perplexity(engine, examples: list[Example], adapter_id: str | None
     model with the adapter applied per row as the engine's own decode step does."""
     import math
 
-    import torch
-
-    from llmplatform.serving.engines.hf import BASE
-
     out: list[float] = []
-    with engine._lock, torch.no_grad():  # the engine is idle between generations; hold its model lock anyway
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
-            width = max(len(e.input_ids) for e in chunk)
-            pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
-            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=engine.device)  # [B, S]
-            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk], device=engine.device)
-            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk], device=engine.device)
-            if engine.peft is not None:
-                name = engine.adapters[adapter_id] if adapter_id else BASE
-                logits = engine.peft(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(chunk)).logits
-            else:
-                logits = engine.model(input_ids=ids, attention_mask=mask).logits
-            logits, target = logits[:, :-1].float(), labels[:, 1:]  # [B, S-1, V], [B, S-1]: token t predicts t+1
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-            counts = (target != -100).sum(-1).clamp(min=1)
-            out += [math.exp(v) for v in (nll.sum(-1) / counts).tolist()]
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        out += [math.exp(v) for v in engine.mean_nll([(e.input_ids, e.labels) for e in chunk], adapter_id)]
     return out
 
 

@@ -248,6 +248,25 @@ class HFEngine:
         finally:
             self._lock.release()
 
+    def mean_nll(self, rows: list[tuple[list[int], list[int]]], adapter_id: str | None = None) -> list[float]:
+        """Per row (input ids, labels: -100 where a token is not scored), the mean negative
+        log-likelihood of its labelled tokens under the model with `adapter_id` applied (a loaded
+        adapter, as a decode step applies it). One batch; takes the model lock between decode steps."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows], device=self.device)  # [B, S]
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows], device=self.device)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows], device=self.device)
+        with self._lock, torch.no_grad():
+            if self.peft is not None:
+                name = self.adapters[adapter_id] if adapter_id else BASE
+                logits = self.peft(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(rows)).logits
+            else:
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+        logits, target = logits[:, :-1].float(), labels[:, 1:]  # [B, S-1, V], [B, S-1]: token t predicts t+1
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        return (nll.sum(-1) / (target != -100).sum(-1).clamp(min=1)).tolist()
+
     def unload_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; its weights go once no running sequence uses them."""
         name = self.adapters.pop(adapter_id, None)
