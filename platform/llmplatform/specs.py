@@ -45,7 +45,7 @@ class DataSpec(StrictModel):
     max_seq_length: int = Field(default=2048, ge=16, le=32768, description="Tokens per training sequence (Llama 2's context is 4096).")
     packing: bool = Field(default=False, description="Pack several examples into one sequence; attention and position ids are reset at example boundaries so examples never see each other.")
     truncation: Literal["right", "drop"] = Field(default="right", description="Examples longer than `max_seq_length`: `right` cuts the end (keeping the prompt), `drop` skips the example.")
-    system_prompt: str | None = Field(default=None, description="System prompt added to examples that have none (Llama 2 `<<SYS>>` block, first turn only).")
+    system_prompt: str | None = Field(default=None, description="System prompt added to examples that have none, as their first message (the base's chat template renders it; Llama 2's as a `<<SYS>>` block in the first turn).")
 
 
 class LoraSpec(StrictModel):

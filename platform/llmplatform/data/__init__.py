@@ -1,4 +1,4 @@
-"""Datasets for fine-tuning: read, check, render in Llama 2 chat format, mask, pack, batch.
+"""Datasets for fine-tuning: read, check, render with the base's chat template, mask, pack, batch.
 
 The public surface other packages use; see each module for the policies (truncation in
 `chat`, packing and masks in `packing`, resumable order in `dataset`, reports in `validate`).
@@ -7,10 +7,11 @@ The public surface other packages use; see each module for the policies (truncat
 from llmplatform.data.chat import (
     IGNORE_INDEX,
     TokenizedExample,
-    chat_turns,
     render_chat,
+    render_prompt,
     tokenize_messages,
     tokenize_record,
+    tokenize_text,
     truncate_example,
 )
 from llmplatform.data.dataset import TokenizedDataset, load_and_tokenize, split_holdout, split_records, tokenize_records
@@ -21,7 +22,7 @@ from llmplatform.data.validate import DataReport, load_tokenizer, preview_exampl
 
 __all__ = [
     "IGNORE_INDEX", "FORMATS", "ROLES", "DataReport", "Record", "TokenizedDataset", "TokenizedExample",
-    "block_causal_mask", "chat_turns", "collate", "dataset_sha256", "load_and_tokenize", "load_records",
-    "load_tokenizer", "pack_examples", "preview_example", "render_chat", "split_holdout", "split_records",
-    "tokenize_messages", "tokenize_record", "tokenize_records", "truncate_example", "validate_dataset",
+    "block_causal_mask", "collate", "dataset_sha256", "load_and_tokenize", "load_records",
+    "load_tokenizer", "pack_examples", "preview_example", "render_chat", "render_prompt", "split_holdout", "split_records",
+    "tokenize_messages", "tokenize_record", "tokenize_text", "tokenize_records", "truncate_example", "validate_dataset",
 ]

@@ -1,16 +1,20 @@
-"""Llama 2 chat format, loss masking and truncation.
+"""Conversations rendered with the base's chat template, the answer-only loss mask, truncation.
 
-Each user/assistant turn renders as `<s>[INST] {user} [/INST] {assistant} </s>`; the system
-prompt is folded into the first turn only, as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}` (Meta's
-`llama/generation.py`). Contents are stripped of surrounding whitespace, as Meta does.
+The text a conversation trains on is `tokenizer.apply_chat_template(messages)`: the template
+the base's tokenizer carries (or Meta's Llama 2 template when it carries none, see
+`llmplatform.chat_template`), the same call serving makes, so training, evaluation and serving
+see one format. The text is tokenised as serving tokenises it (`add_special_tokens=False`: the
+template writes BOS/EOS itself, as text the tokenizer maps to their ids).
 
-Token ids are built piece by piece so the loss mask is exact: per turn `[BOS]`, then the
-tokens of `[INST] {user} [/INST]` (labels -100), then the tokens of `{assistant}` and `[EOS]`
-(labels = the ids). BOS/EOS are the tokenizer's special ids, never the text `<s>`; special-token
-text inside user content is tokenised as plain text. The space between `[/INST]` and the answer
-is SentencePiece's word-start mark on the answer's first token, so the pieces concatenate to
-what tokenising the turn text in one go gives; the space before `</s>` is the template's
-separator and is not a token (the model learns answer -> EOS).
+The loss mask comes from the rendered template, not from a hand-written format: answer k spans
+the characters that rendering the conversation up to and including answer k adds to rendering it
+up to the user turn before (with the generation prompt). Tokens that start inside a span are
+trained; everything else (system prompt, user turns, the template's markers) gets label -100.
+An assistant message with `"weight": 0` (OpenAI's per-message weight) is masked too. A template
+whose rendering of a conversation's beginning is not a prefix of the whole (one that rewrites
+earlier turns) is refused with a ValueError naming the turn.
+
+`text` records (continued pretraining) are BOS + text + EOS with every token trained.
 
 Truncation (`max_len` tokens per example):
 - `right`: keep the first `max_len` tokens, then drop trailing masked tokens (they carry no
@@ -26,9 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+from llmplatform import chat_template
+from llmplatform.chat_template import ensure_chat_template
+
 IGNORE_INDEX = -100
 TRUNCATION = ("right", "drop")
 
@@ -55,57 +59,71 @@ class TokenizedExample:
         return {"input_ids": list(self.input_ids), "labels": list(self.labels)}
 
 
-def chat_turns(messages: Sequence[dict], system_prompt: str | None = None) -> list[tuple[str, str]]:
-    """(user text with the system block folded into the first, assistant text) per turn.
-
-    `system_prompt` is used only when the messages have no system message of their own.
-    """
-    messages = list(messages)
-    system = None
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    elif system_prompt and system_prompt.strip():
-        system = system_prompt
-    turns = []
-    for i in range(0, len(messages) - 1, 2):
-        user, answer = messages[i], messages[i + 1]
-        if user["role"] != "user" or answer["role"] != "assistant":
-            raise ValueError(f"roles must alternate user/assistant; got {user['role']}, {answer['role']} at {i}")
-        text = user["content"].strip()
-        if i == 0 and system is not None:
-            text = f"{B_SYS}{system.strip()}{E_SYS}{text}"
-        turns.append((text, answer["content"].strip()))
-    return turns
+def with_system(messages: Sequence[dict], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The messages as `{role, content}` (weights dropped), `system_prompt` first when they have none."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if system_prompt and system_prompt.strip() and (not plain or plain[0]["role"] != "system"):
+        plain.insert(0, {"role": "system", "content": system_prompt})
+    return plain
 
 
-def render_chat(messages: Sequence[dict], system_prompt: str | None = None) -> str:
-    """The Llama 2 chat text of a conversation, `<s>`/`</s>` written out as text."""
-    return "".join(f"{BOS_TEXT}{B_INST} {user} {E_INST} {answer} {EOS_TEXT}" for user, answer in chat_turns(messages, system_prompt))
+def render_chat(messages: Sequence[dict], tokenizer, system_prompt: str | None = None) -> str:
+    """The conversation's text in the tokenizer's chat template (what training tokenises)."""
+    return ensure_chat_template(tokenizer).apply_chat_template(with_system(messages, system_prompt), tokenize=False)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    # split_special_tokens: a literal "</s>" typed by a user is text, not the EOS id
-    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+def render_prompt(messages: Sequence[dict], tokenizer, system_prompt: str | None = None) -> str:
+    """The text serving renders for a conversation awaiting the next answer (generation prompt on)."""
+    return chat_template.render_prompt(tokenizer, with_system(messages, system_prompt))
 
 
-def special_ids(tokenizer) -> tuple[int, int]:
-    """(BOS id, EOS id); a tokenizer without them can't produce Llama 2 sequences."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no BOS/EOS token ids; a Llama 2 SentencePiece tokenizer is needed")
-    return bos, eos
+def answer_spans(messages: Sequence[dict], tokenizer, system_prompt: str | None = None) -> tuple[str, list[tuple[int, int, int]]]:
+    """(rendered text, [(start, end, weight)] character span of each assistant answer)."""
+    convo = with_system(messages, system_prompt)
+    offset = len(convo) - len(messages)  # 1 when system_prompt was inserted
+    text = render_chat(convo, tokenizer)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_prompt(convo[: k + offset], tokenizer)
+        upto = render_chat(convo[: k + offset + 1], tokenizer)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ValueError(f"the tokenizer's chat template renders messages[{k}] differently as the last answer than inside the "
+                             "whole conversation, so its answer can't be located for the loss mask; use a template whose output "
+                             "for a conversation's beginning is a prefix of its output for the whole")
+        spans.append((len(before), len(upto), int(message.get("weight", 1))))
+    return text, spans
+
+
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:  # a slow (Python) tokenizer has no offsets
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} gives no character offsets; a fast (tokenizers) tokenizer is needed "
+                         "to mask the loss from the rendered chat template") from exc
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
 def tokenize_messages(messages: Sequence[dict], tokenizer, system_prompt: str | None = None, location: str = "") -> TokenizedExample:
-    """The full (untruncated) ids and labels of a conversation; labels on answers + EOS only."""
-    bos, eos = special_ids(tokenizer)
-    ids: list[int] = []
-    labels: list[int] = []
-    for user, answer in chat_turns(messages, system_prompt):
-        prompt = [bos] + _encode(tokenizer, f"{B_INST} {user} {E_INST}")
-        target = _encode(tokenizer, answer) + [eos]
-        ids += prompt + target
-        labels += [IGNORE_INDEX] * len(prompt) + target
+    """The full (untruncated) ids and labels of a conversation; labels on weighted answers only.
+
+    Each answer's labels run through the end of its rendered span: for Llama 2, the answer, the
+    separator before `</s>` and `</s>` itself (the model learns to stop).
+    """
+    text, spans = answer_spans(messages, tokenizer, system_prompt)
+    ids, offsets = _offsets(tokenizer, text)
+    trained = [(start, end) for start, end, weight in spans if weight]
+    labels = [tok if any(start <= s < end for start, end in trained) else IGNORE_INDEX for tok, (s, _) in zip(ids, offsets)]
+    return TokenizedExample(ids, labels, location, full_length=len(ids))
+
+
+def tokenize_text(text: str, tokenizer, location: str = "") -> TokenizedExample:
+    """A `text` record for continued pretraining: BOS + text + EOS, every token after BOS trained."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    body = list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+    ids = ([bos] if bos is not None else []) + body + ([eos] if eos is not None else [])
+    labels = ([IGNORE_INDEX] if bos is not None else []) + ids[1 if bos is not None else 0:]
     return TokenizedExample(ids, labels, location, full_length=len(ids))
 
 
@@ -127,6 +145,8 @@ def truncate_example(example: TokenizedExample, max_len: int, truncation: str = 
 
 def tokenize_record(record, tokenizer, max_len: int, truncation: str = "right", system_prompt: str | None = None) -> TokenizedExample | None:
     """A `Record` (or a list of messages) -> truncated TokenizedExample, or None if dropped."""
-    messages = getattr(record, "messages", record)
     location = getattr(record, "location", "")
+    if getattr(record, "shape", None) == "text":
+        return truncate_example(tokenize_text(record.text, tokenizer, location), max_len, truncation)
+    messages = getattr(record, "messages", record)
     return truncate_example(tokenize_messages(messages, tokenizer, system_prompt, location), max_len, truncation)

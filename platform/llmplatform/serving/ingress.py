@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import ValidationError
 from ray import serve
 
+from llmplatform.chat_template import ensure_chat_template, render_prompt
 from llmplatform.serving import canary as C
 from llmplatform.serving import errors as E
 from llmplatform.serving import openai_schema as S
@@ -107,7 +108,7 @@ class OpenAIIngress:
             engine = LocalEngine(self.local_engine)
         self.engine = engine
         self.base_name = self.plan["base_model"]
-        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(base_dir))
         self.metrics = ServeMetrics(self.base_name, engine_publishes_vllm=self.plan["engine"] == "vllm")
         served = served_spec(self.plan)
         self.table = AdapterTable(served, self.base_name, base_dir, miss_ttl_s=self.plan["registry_poll_s"],
@@ -308,7 +309,7 @@ class OpenAIIngress:
         messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
         self._refuse_overlong(sum(len(m["content"]) for m in messages))
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = render_prompt(self.tokenizer, messages)  # the template training masked its answers with
         except Exception as exc:  # jinja raises for e.g. roles out of order
             raise E.bad_request(f"messages: {exc}", "messages", "invalid_messages") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids

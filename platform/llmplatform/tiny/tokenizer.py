@@ -17,29 +17,12 @@ import io
 import json
 from pathlib import Path
 
+from llmplatform.chat_template import LLAMA2_CHAT_TEMPLATE
 from llmplatform.tiny import text
 
 VOCAB_SIZE = 1024
 
-# Meta's template for meta-llama/Llama-2-*-chat-hf: system prompt folded into the first user
-# turn, `<s>[INST] ... [/INST] answer </s>` per turn, roles must alternate.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ ' '  + content.strip() + ' ' + eos_token }}"
-    "{% endif %}{% endfor %}"
-)
+CHAT_TEMPLATE = LLAMA2_CHAT_TEMPLATE  # part of the cache key: a change rebuilds the tokenizer
 
 # Standard-library modules whose docstrings add ordinary English and code words to the corpus.
 # Fixed order; a different Python changes the corpus and therefore the cache key.

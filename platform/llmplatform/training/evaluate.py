@@ -1,7 +1,7 @@
 """Held-out exact-match accuracy of a base model, with or without a LoRA adapter.
 
 Prompts are built exactly as in training (the tokens before the first trained label of
-`tokenize_record`, i.e. `<s>[INST] ... [/INST]`), answers are decoded greedily in left-padded
+`tokenize_record`: the base's chat template up to the answer, as serving renders it), answers are decoded greedily in left-padded
 batches (the fastest CPU path) up to EOS, and compared after whitespace normalisation.
 """
 

