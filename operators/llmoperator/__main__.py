@@ -38,7 +38,8 @@ def registry_lookup(ref: str, tracking_uri: str | None) -> dict:
 
 def mlflow_job_progress(body: dict) -> dict | None:
     """{mlflowRunId, progress} of a FineTuneJob's newest MLflow run (tag platform.job_id), with
-    {registeredModel, registeredVersion} once that run has finished and registered its adapter; or None."""
+    {registeredModel, registeredVersion} once that run has finished and registered its adapter (a sweep: its best
+    trial's); or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -58,8 +59,10 @@ def mlflow_job_progress(body: dict) -> dict | None:
             return None
         run = runs[0]
         history = client.get_metric_history(run.info.run_id, "loss") if "loss" in run.data.metrics else []
-        # The entrypoint registers the adapter before the run ends, so a finished run has its version.
-        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'") if run.info.status == "FINISHED" else []
+        # The entrypoint registers the adapter before the run ends, so a finished run has its version;
+        # a sweep's parent registers its best trial's, from that trial's child run.
+        registered_from = run.data.tags.get("sweep.best_run_id") or run.info.run_id
+        versions = client.search_model_versions(f"run_id = '{registered_from}'") if run.info.status == "FINISHED" else []
     except MlflowException as exc:
         raise RegistryError(f"MLflow: {exc}") from exc
     step = history[-1].step if history else None

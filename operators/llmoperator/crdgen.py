@@ -2,7 +2,8 @@
 
 The CRD `spec` schema is the JSON schema of `FineTuneSpec` / `ServeSpec` turned into a
 Kubernetes *structural* openAPIV3Schema: `$ref`s inlined, `Optional[X]` as `nullable`,
-`Literal`s as `enum`, int-or-"auto" as `x-kubernetes-int-or-string`, 2020-12 exclusive bounds
+`Literal`s as `enum`, int-or-"auto" as `x-kubernetes-int-or-string`, an `Any` value (a swept
+value, a scorer's keyword arguments) as `x-kubernetes-preserve-unknown-fields`, 2020-12 exclusive bounds
 as OpenAPI 3.0 booleans, pydantic defaults moved into the description (the API server must not
 write defaults the spec didn't have). `name` is dropped: `metadata.name` is the spec name.
 Closed pydantic models are closed in Kubernetes by pruning and strict field validation; the API
@@ -54,6 +55,8 @@ def structural(node: dict, defs: dict) -> dict:
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
         return structural(merged, defs)
     description = _describe(node)
+    if not any(k in node for k in ("type", "anyOf", "const", "enum", "properties")):  # `Any`: any JSON value, kept as given
+        return {"x-kubernetes-preserve-unknown-fields": True, **({"description": description} if description else {})}
     any_of = node.get("anyOf")
     if any_of:
         non_null = [b for b in any_of if b.get("type") != "null"]
@@ -88,6 +91,8 @@ def structural(node: dict, defs: dict) -> dict:
         elif key == "additionalProperties":
             if isinstance(value, dict):
                 out["additionalProperties"] = structural(value, defs)
+            elif value is True and "properties" not in node:  # dict[str, Any]: keep every key and value
+                out["x-kubernetes-preserve-unknown-fields"] = True
             # `False` (closed model): pruning closes it; the API server forbids the literal.
         elif key == "exclusiveMinimum":
             out["minimum"], out["exclusiveMinimum"] = value, True

@@ -161,6 +161,19 @@ class MlflowSpec(StrictModel):
     tracking_uri: str | None = Field(default=None, description="MLflow tracking server; default: the embedded stack's or `$MLFLOW_TRACKING_URI`.")
 
 
+class SweepSection(StrictModel):
+    """A hyperparameter sweep of this spec on Ray Tune: each trial is the spec with one combination of `params` (the
+    fields of `platformctl finetune sweep`'s flags); only the best trial's adapter is registered."""
+
+    params: dict[str, list[Any]] = Field(min_length=1, description="Spec fields to sweep and the values to try, e.g. `{hyperparameters.learning_rate: [1e-4, 3e-4], lora.rank: [8, 16]}` (the CLI's `--param PATH=V1,V2`); each path is a field of this spec.")
+    search: Literal["grid", "random"] = Field(default="grid", description="`grid`: every combination; `random`: `trials` seeded draws (`--search`).")
+    trials: int | None = Field(default=None, ge=1, description="Random search: how many trials (`--trials`); not used by a grid.")
+    metric: Literal["eval_loss", "eval_perplexity", "eval_token_accuracy", "loss"] = Field(default="eval_loss", description="What picks the best trial (`--metric`).")
+    mode: Literal["min", "max"] = Field(default="min", description="Whether a lower or higher `metric` is better (`--mode`).")
+    max_concurrent: int = Field(default=2, ge=1, description="Trials running at once (`--max-concurrent`); on Kubernetes the worker group holds this many trials' pods.")
+    early_stop: Literal["none", "asha"] = Field(default="none", description="`asha` stops trials that rank badly at eval steps (eval.every_n_steps, then x2, x4 ...) (`--early-stop`).")
+
+
 class FineTuneSpec(StrictModel):
     """A LoRA or QLoRA fine-tuning job for a Llama 2 base model."""
 
@@ -176,6 +189,7 @@ class FineTuneSpec(StrictModel):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation cadence.")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="Tracking and registration.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Kubernetes Secrets and model cache for this job's pods (operator only; other targets ignore it).")
+    sweep: SweepSection | None = Field(default=None, description="Run this spec as a hyperparameter sweep (`platformctl finetune sweep`; a FineTuneJob with this section on Kubernetes); unset = one training run.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "FineTuneSpec":
@@ -478,7 +492,7 @@ def parse_spec(kind: str, data: Any, source: str = "<spec>") -> StrictModel:
 def read_document(path: str | Path) -> tuple[str | None, dict]:
     """Read a YAML/JSON spec file. Returns (kind, body).
 
-    A file may be a bare spec, or wrapped as `{kind: FineTuneJob|ModelDeployment, spec: {...}}`
+    A file may be a bare spec, or wrapped as `{kind: FineTuneJob|ModelDeployment|EvaluationJob, spec: {...}}`
     (the Kubernetes CR shape; `metadata.name` then fills `name`).
     """
     path = Path(path)
@@ -493,7 +507,7 @@ def read_document(path: str | Path) -> tuple[str | None, dict]:
         raise SpecError(str(path), [Problem(where, f"not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}")]) from None
     if not isinstance(data, dict):
         raise SpecError(str(path), [Problem("(top level)", "a spec must be a mapping of fields", type(data).__name__, "a YAML/JSON object")])
-    cr_kind = {"FineTuneJob": "finetune", "ModelDeployment": "serve"}.get(str(data.get("kind")))
+    cr_kind = {"FineTuneJob": "finetune", "ModelDeployment": "serve", "EvaluationJob": "eval"}.get(str(data.get("kind")))
     if cr_kind:
         body = dict(data.get("spec") or {})
         name = (data.get("metadata") or {}).get("name")

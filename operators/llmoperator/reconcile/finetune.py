@@ -8,6 +8,11 @@ tolerations, the platform image, MLflow/object-store/Hugging Face Secrets as env
 PVC when configured (operator settings, overridden by the CR's `cluster:` section), and the
 training entrypoint `python -m llmplatform.training.entrypoint --resolved-json '<plan>' --job-id ID`,
 so the workers run with exactly the numbers the pods were sized for.
+A FineTuneJob with a `sweep:` section is a hyperparameter sweep: every trial is built
+(`sweep_params.plan_from_section`, as `platformctl finetune sweep` does) and resolved here, once;
+the RayJob runs `python -m llmplatform.training.sweep --sweep-json '<sweep + trial plans>'
+--resolved-json '<plan>' --job-id ID` on a worker group sized for `max_concurrent` trials
+(`llmplatform.resolve.sweep_pods`).
 KubeRay shuts the cluster down when the job ends (`shutdownAfterJobFinishes`, TTL), never retries
 by building a second cluster unless told to (`backoffLimit`), and kills it at the deadline.
 """
@@ -19,7 +24,8 @@ import json
 import shlex
 from typing import Any, Mapping
 
-from llmplatform.resolve import Facts, Resolved, ResolveError, resolve
+from llmplatform.errors import Problem, SpecError
+from llmplatform.resolve import Facts, Resolved, ResolveError, resolve, sweep_pods
 from llmplatform.specs import FineTuneSpec, parse_spec
 
 from llmoperator.reconcile.common import (
@@ -28,6 +34,7 @@ from llmoperator.reconcile.common import (
 )
 
 ENTRYPOINT_MODULE = "llmplatform.training.entrypoint"
+SWEEP_MODULE = "llmplatform.training.sweep"
 
 
 def parse_finetune(cr: Mapping[str, Any]) -> FineTuneSpec:
@@ -38,14 +45,36 @@ def parse_finetune(cr: Mapping[str, Any]) -> FineTuneSpec:
     return parse_spec("finetune", body, source)  # type: ignore[return-value]
 
 
+def _source(cr: Mapping[str, Any]) -> str:
+    return f"FineTuneJob {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
+
+
 def plan_for(cr: Mapping[str, Any], cfg: OperatorConfig) -> Resolved:
     """The FineTuneJob's resolved plan on this cluster (raises SpecError / ResolveError naming every problem)."""
     spec = parse_finetune(cr)
-    source = f"FineTuneJob {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
     plan = resolve(spec, Facts(target="k8s", platform_home=POD_PLATFORM_HOME))
     if plan.problems:
-        raise ResolveError(source, list(plan.problems))
+        raise ResolveError(_source(cr), list(plan.problems))
     return plan
+
+
+def sweep_for(cr: Mapping[str, Any], plan: Resolved) -> tuple[str, dict]:
+    """A sweep FineTuneJob's `--sweep-json` text (the sweep and every trial's resolved plan) and its worker
+    pods; SpecError naming the `sweep.` field, or ResolveError naming the trial, for a sweep that can't run."""
+    from llmplatform.training.sweep_params import SweepError, plan_from_section, sweep_document
+
+    spec: FineTuneSpec = plan.spec  # type: ignore[assignment]
+    try:
+        sweep, specs = plan_from_section(spec.sweep, spec)  # type: ignore[arg-type]
+        trials = [resolve(s, Facts(target="k8s", platform_home=POD_PLATFORM_HOME)) for s in specs]
+        problems = [Problem(f"sweep trial {i} ({', '.join(f'{k}={v!r}' for k, v in sweep.overrides[i].items())}): {p.location}", p.message, p.given, p.accepted)
+                    for i, t in enumerate(trials) for p in t.problems]
+        if problems:
+            raise ResolveError(_source(cr), problems)
+        doc = sweep_document(sweep, [t.to_dict() for t in trials], cli=False)
+    except SweepError as exc:
+        raise SpecError(_source(cr), [Problem(exc.field, str(exc))]) from None
+    return doc, sweep_pods(trials, sweep.max_concurrent)
 
 
 def job_id(cr: Mapping[str, Any]) -> str:
@@ -76,9 +105,13 @@ def resume_advice(cr: Mapping[str, Any], cfg: OperatorConfig) -> str:
     return f"{how}; it resumes from the last checkpoint in {where} if that path is on a volume every Ray pod mounts (else from step 0)"
 
 
-def entrypoint(plan: Resolved, job: str) -> str:
-    """The shell command KubeRay submits: the training entrypoint with the resolved plan as JSON."""
+def entrypoint(plan: Resolved, job: str, sweep_json: str | None = None) -> str:
+    """The shell command KubeRay submits: the training entrypoint with the resolved plan as JSON, or
+    (`sweep_json`) the sweep driver with the trials' plans too."""
     plan_json = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
+    if sweep_json is not None:
+        return (f"python -m {SWEEP_MODULE} --sweep-json {shlex.quote(sweep_json)} --resolved-json {shlex.quote(plan_json)} "
+                f"--job-id {shlex.quote(job)}")
     return f"python -m {ENTRYPOINT_MODULE} --resolved-json {shlex.quote(plan_json)} --job-id {shlex.quote(job)}"
 
 
@@ -95,7 +128,6 @@ def _deadline(cr: Mapping[str, Any], cfg: OperatorConfig) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        from llmplatform.errors import Problem, SpecError
         raise SpecError(f"FineTuneJob {cr['metadata']['name']}", [Problem(f"metadata.annotations[{ANNOTATION_DEADLINE}]", "must be a positive whole number of seconds", raw, "e.g. \"86400\"")])
     return value
 
@@ -105,7 +137,7 @@ def rayjob_for(cr: Mapping[str, Any], cfg: OperatorConfig) -> dict:
     plan = plan_for(cr, cfg)
     spec: FineTuneSpec = plan.spec  # type: ignore[assignment]
     cfg = cfg.for_cr(spec.cluster)  # the CR's Secret / cache names beat the operator's
-    pods = plan["pods"]
+    sweep_json, pods = sweep_for(cr, plan) if spec.sweep is not None else (None, plan["pods"])
     res = spec.resources
     labels = {LABEL_FINETUNE: cr["metadata"]["name"]}
     head = pod_template(container_name="ray-head", cfg=cfg, cpu=cfg.head_cpu, memory=cfg.head_memory, ports=HEAD_PORTS, labels=labels)
@@ -125,14 +157,15 @@ def rayjob_for(cr: Mapping[str, Any], cfg: OperatorConfig) -> dict:
         "kind": "RayJob",
         "metadata": child_metadata(cr, LABEL_FINETUNE, cfg),
         "spec": {
-            "entrypoint": entrypoint(plan, job_id(cr)),
+            "entrypoint": entrypoint(plan, job_id(cr), sweep_json),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
             "backoffLimit": cfg.backoff_limit,
             "activeDeadlineSeconds": _deadline(cr, cfg),
             "submitterConfig": {"backoffLimit": 2},
-            "metadata": {"finetunejob": cr["metadata"]["name"], "platform_job_id": job_id(cr), "base_model": spec.base_model, "method": spec.method},
+            "metadata": {"finetunejob": cr["metadata"]["name"], "platform_job_id": job_id(cr), "base_model": spec.base_model, "method": spec.method,
+                         **({"sweep_trials": str(len(json.loads(sweep_json)["plans"]))} if sweep_json else {})},
             "rayClusterSpec": {
                 "rayVersion": RAY_VERSION,
                 "headGroupSpec": {

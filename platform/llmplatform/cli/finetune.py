@@ -158,6 +158,8 @@ def submit(
     if target not in TARGETS:
         raise JobError(f"--target {target!r} is unknown; use one of {', '.join(TARGETS)}")
     spec = load_spec(spec_path, "finetune")
+    if spec.sweep is not None and target != "k8s":  # on k8s the operator runs the section as a sweep
+        raise JobError(f"{spec_path} has a `sweep:` section: run it with `platformctl finetune sweep {spec_path} --target {target}`")
     if target == "k8s":
         resolve(spec, finetune_facts(spec, target)).require()  # the operator resolves again with its own facts
         validate_before_submit(spec, target)

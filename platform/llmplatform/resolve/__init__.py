@@ -12,6 +12,7 @@ from __future__ import annotations
 from llmplatform.resolve.document import API_VERSION, Derived, Facts, RegistryFact, Resolved, ResolveError
 from llmplatform.resolve.finetune import K8S_PLATFORM_HOME, resolve_finetune
 from llmplatform.resolve.serve import K8S_API_KEYS_FILE, VLLM_LORA_RANKS, pinned, resolve_serve, served_spec
+from llmplatform.resolve.sweep import sweep_pods
 from llmplatform.specs import FineTuneSpec, ServeSpec, StrictModel
 
 
@@ -45,4 +46,4 @@ def sizing_table(*args, **kwargs):
 
 
 __all__ = ["API_VERSION", "Derived", "Facts", "K8S_API_KEYS_FILE", "K8S_PLATFORM_HOME", "RegistryFact", "ResolveError", "Resolved", "VLLM_LORA_RANKS", "pinned", "resolve",
-           "resolve_finetune", "resolve_serve", "served_spec", "size_serving", "size_training", "sizing_table"]
+           "resolve_finetune", "resolve_serve", "served_spec", "size_serving", "size_training", "sizing_table", "sweep_pods"]

@@ -1,11 +1,12 @@
 """The Ray job of a hyperparameter sweep: every trial a Ray Train run inside one Ray Tune `Tuner`.
 
-    python -m llmplatform.training.sweep --sweep-json '{...}' --resolved-json '{...}' --job-id ID --run-id PARENT ...
+    python -m llmplatform.training.sweep --sweep-json '{...}' --resolved-json '{...}' --job-id ID [--run-id PARENT] ...
 
 `--resolved-json` is the base spec's plan (the parent MLflow run's); `--sweep-json` holds the
 `SweepPlan` and each trial's own resolved plan (`llmplatform.resolve`, computed by the CLI:
-nothing is planned here). Before Tune starts, the driver creates one MLflow child run per trial
-(tag `mlflow.parentRunId`). Each trial is a function trainable that runs the platform's
+nothing is planned here; on Kubernetes the operator resolved them). Without `--run-id` (a
+FineTuneJob's RayJob) the driver creates the parent run itself. Before Tune starts, it creates one
+MLflow child run per trial (tag `mlflow.parentRunId`). Each trial is a function trainable that runs the platform's
 `TorchTrainer` with Tune's report callback, so the metrics the loop reports at eval steps reach
 Tune (and ASHA, which ranks trials at eval-step milestones). At the end the parent gets the best
 finished trial's params and metric, and only that trial's adapter is uploaded and registered.
@@ -120,12 +121,14 @@ def register_best(best: dict, plan: Resolved, run_id: str, tracking_uri: str, ba
     return publish(Checkpoint(best["checkpoint_path"]), plan.spec, run_id, tracking_uri, base_dir, job_id, sha, stats, metrics)
 
 
-def run_sweep(sweep: SweepPlan, base: Resolved, plans: list[dict], job_id: str, parent_id: str, tracking_uri: str, base_dir: str | None = None) -> dict:
+def run_sweep(sweep: SweepPlan, base: Resolved, plans: list[dict], job_id: str, parent_id: str | None, tracking_uri: str, base_dir: str | None = None) -> dict:
     from llmplatform.basemodels import locate
     from llmplatform.training import mlflow_logging as ml
     from llmplatform.training.entrypoint import data_stats, plain_reason
     from llmplatform.training.model_setup import load_tokenizer
 
+    if not parent_id:  # a RayJob the operator built: nobody created the parent run before the job
+        parent_id, _ = ml.create_run(tracking_uri, base.spec, job_id)
     emit("run", run_id=parent_id, url=ml.run_url(tracking_uri, parent_id))
     signal.signal(signal.SIGTERM, _stop)
     children: list[str] = []
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-json", required=True, help='{"sweep": SweepPlan, "plans": [each trial\'s resolved plan]}')
     parser.add_argument("--resolved-json", required=True, help="the base spec's resolved plan (the parent run's)")
     parser.add_argument("--job-id", required=True, help="the sweep's job id (its trials' Ray Train runs are ID-t<N>)")
-    parser.add_argument("--run-id", required=True, help="the parent MLflow run")
+    parser.add_argument("--run-id", default=None, help="the parent MLflow run (default: a new one)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: the spec's, else $MLFLOW_TRACKING_URI)")
     parser.add_argument("--base-dir", default=None, help="already-resolved base model directory")
     args = parser.parse_args(argv)
