@@ -73,6 +73,34 @@ def mlflow_job_progress(body: dict) -> dict | None:
     return out
 
 
+def mlflow_eval_results(body: dict) -> dict | None:
+    """{results: [{model, runId, status, metrics[, error]}]} of an EvaluationJob, from its MLflow runs
+    (tag platform.job_id), once they have ended; or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from llmoperator.reconcile.evaluation import job_id, parse_evaluation
+
+    spec = parse_evaluation(body)
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
+    prefix = f"eval.{spec.dataset.name}."
+    try:
+        experiment = client.get_experiment_by_name(spec.mlflow.experiment)
+        if experiment is None:
+            return None
+        runs = client.search_runs([experiment.experiment_id], f"tags.`platform.job_id` = '{job_id(body)}'", max_results=100)
+    except MlflowException as exc:
+        raise RegistryError(f"MLflow: {exc}") from exc
+    results = []
+    for run in sorted(runs, key=lambda r: r.data.tags.get("eval.model", "")):
+        metrics = {k[len(prefix):]: v for k, v in run.data.metrics.items() if k.startswith(prefix) and not k.endswith(".errors")}
+        row = {"model": run.data.tags.get("eval.model", run.info.run_name), "runId": run.info.run_id, "status": run.info.status, "metrics": metrics}
+        if run.data.tags.get("eval.error"):
+            row["error"] = run.data.tags["eval.error"][:1000]
+        results.append(row)
+    return {"results": results} if results and all(r["status"] in ("FINISHED", "FAILED") for r in results) else None
+
+
 def serve_metrics(port: int, addr: str = "0.0.0.0", registry=None, lookup=registry_lookup):
     """Prometheus metrics of the operator process on `addr:port` (/metrics: process_*, python_*,
     `platform_registry_lookups_total{result}`); returns (the counted `lookup`, the HTTP server)."""
@@ -95,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg=OperatorConfig.from_env(),
         resolve_version=serve_metrics(int(os.environ.get("LLMOP_METRICS_PORT", "8081")))[0],
         job_progress=mlflow_job_progress,
+        eval_results=mlflow_eval_results,
         check_interval_s=float(os.environ.get("LLMOP_CHECK_INTERVAL_S", "30")),
         registry_poll_s=float(os.environ.get("LLMOP_REGISTRY_TICK_S", "5")),
     )

@@ -1,6 +1,6 @@
-"""Generate our CRDs (FineTuneJob, ModelDeployment) from the pydantic specs.
+"""Generate our CRDs (FineTuneJob, ModelDeployment, EvaluationJob) from the pydantic specs.
 
-The CRD `spec` schema is the JSON schema of `FineTuneSpec` / `ServeSpec` turned into a
+The CRD `spec` schema is the JSON schema of `FineTuneSpec` / `ServeSpec` / `EvaluationSpec` turned into a
 Kubernetes *structural* openAPIV3Schema: `$ref`s inlined, `Optional[X]` as `nullable`,
 `Literal`s as `enum`, int-or-"auto" as `x-kubernetes-int-or-string`, an `Any` value (a swept
 value, a scorer's keyword arguments) as `x-kubernetes-preserve-unknown-fields`, 2020-12 exclusive bounds
@@ -32,7 +32,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KINDS: dict[str, dict[str, Any]] = {
     "FineTuneJob": {"spec_kind": "finetune", "plural": "finetunejobs", "singular": "finetunejob", "short": ["ftj"]},
     "ModelDeployment": {"spec_kind": "serve", "plural": "modeldeployments", "singular": "modeldeployment", "short": ["mdep"]},
+    "EvaluationJob": {"spec_kind": "eval", "plural": "evaluationjobs", "singular": "evaluationjob", "short": ["evj"]},
 }
+JOB_KINDS = ("FineTuneJob", "EvaluationJob")  # run once as a RayJob; their spec is a record of what ran
 
 _DROP = {"title", "default", "examples"}
 
@@ -150,7 +152,7 @@ def _conditions_schema(kind: str) -> dict:
 def _status_schema(kind: str) -> dict:
     s = lambda d: {"type": "string", "description": d}  # noqa: E731
     common = {
-        "phase": {"type": "string", "enum": FINETUNE_PHASES if kind == "FineTuneJob" else DEPLOYMENT_PHASES, "description": "Where the object is in its lifecycle."},
+        "phase": {"type": "string", "enum": FINETUNE_PHASES if kind in JOB_KINDS else DEPLOYMENT_PHASES, "description": "Where the object is in its lifecycle."},
         "reason": s("Machine-readable cause of the phase (e.g. DeadlineExceeded, SubmissionFailed, InvalidSpec)."),
         "message": s("What happened last, in words, with the fix where there is one."),
         "observedGeneration": {"type": "integer", "format": "int64", "description": "metadata.generation the status reflects."},
@@ -167,6 +169,20 @@ def _status_schema(kind: str) -> dict:
             "progress": s("Training progress, e.g. `120/500 steps (24%)`."),
             "registeredModel": s("Registered model the trained adapter went to (MLflow registry)."),
             "registeredVersion": s("Registry version of the trained adapter, once the job succeeded."),
+            "startTime": s("When the Ray job started (RFC 3339)."),
+            "completionTime": s("When the job reached a terminal phase (RFC 3339)."),
+        }
+    elif kind == "EvaluationJob":
+        metrics = {"type": "object", "additionalProperties": {"type": "number"}, "description": "Mean score of each metric (`eval.<dataset>.<metric>`)."}
+        extra = {
+            "rayJobName": s("The KubeRay RayJob created for this evaluation."),
+            "rayJobId": s("The Ray job submission id."),
+            "jobId": s("The evaluation's job id, tagged `platform.job_id` on each of its MLflow runs."),
+            "results": {"type": "array", "description": "One entry per evaluated model, read from its MLflow run once the job ended.",
+                        "items": {"type": "object", "properties": {
+                            "model": s("The model as the spec names it."), "runId": s("Its MLflow run."),
+                            "status": s("The run's status: FINISHED, or FAILED when a metric raised on every example."),
+                            "error": s("Why the model failed, when it did."), "metrics": metrics}}},
             "startTime": s("When the Ray job started (RFC 3339)."),
             "completionTime": s("When the job reached a terminal phase (RFC 3339)."),
         }
@@ -191,6 +207,12 @@ def _printer_columns(kind: str) -> list[dict]:
             {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
             {"name": "MLflow-Run", "type": "string", "jsonPath": ".status.mlflowRunId", "priority": 1},
         ]
+    elif kind == "EvaluationJob":
+        cols += [
+            {"name": "Dataset", "type": "string", "jsonPath": ".spec.dataset.name"},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+            {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
+        ]
     else:
         cols += [
             {"name": "Served", "type": "string", "jsonPath": ".status.servedVersion"},
@@ -205,9 +227,9 @@ def crd(kind: str) -> dict:
     """The full CustomResourceDefinition object for one of our kinds."""
     info = KINDS[kind]
     spec = spec_schema(info["spec_kind"])
-    if kind == "FineTuneJob":
+    if kind in JOB_KINDS:
         # A submitted job is a record of what ran: changing it would lie. Create a new one.
-        spec["x-kubernetes-validations"] = [{"rule": "self == oldSelf", "message": "a FineTuneJob's spec is immutable once created; create a new FineTuneJob"}]
+        spec["x-kubernetes-validations"] = [{"rule": "self == oldSelf", "message": f"a {kind}'s spec is immutable once created; create a new {kind}"}]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

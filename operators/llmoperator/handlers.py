@@ -22,11 +22,12 @@ from llmplatform.kube import KubeApi, TransientApiError
 from llmplatform.errors import JobError, RegistryError, SpecError
 from llmplatform.resolve import ResolveError
 
-from llmoperator.reconcile import deployment, finetune, status
-from llmoperator.reconcile.common import ANNOTATION_CANCEL, GROUP, LABEL_DEPLOYMENT, LABEL_FINETUNE, OperatorConfig
+from llmoperator.reconcile import deployment, evaluation, finetune, status
+from llmoperator.reconcile.common import ANNOTATION_CANCEL, GROUP, LABEL_DEPLOYMENT, LABEL_EVALUATION, LABEL_FINETUNE, OperatorConfig
 
 FTJ = (GROUP, "v1alpha1", "finetunejobs")
 MDEP = (GROUP, "v1alpha1", "modeldeployments")
+EVJ = (GROUP, "v1alpha1", "evaluationjobs")
 
 
 def utcnow() -> str:
@@ -41,6 +42,7 @@ class Deps:
     cfg: OperatorConfig = field(default_factory=OperatorConfig)
     resolve_version: Callable[[str, str | None], str] | None = None  # (models:/N@A, tracking_uri) -> version
     job_progress: Callable[[dict], dict | None] | None = None  # FineTuneJob body -> {mlflowRunId, progress[, registeredModel, registeredVersion]}
+    eval_results: Callable[[dict], dict | None] | None = None  # EvaluationJob body -> {results: [{model, runId, status, metrics}]}
     check_interval_s: float = 30.0  # FineTuneJob health checks (cluster present, progress)
     registry_poll_s: float = 5.0  # the registry timer's tick; each ModelDeployment re-resolves on its own registry_poll_s
     retry_delay_s: float = 15.0  # TemporaryError backoff (API server, MLflow)
@@ -179,6 +181,89 @@ def cancel_job(deps: Deps, body: dict, logger: logging.Logger) -> None:
     logger.info("cancelled FineTuneJob %s/%s", ns, name)
 
 
+# ---------------------------------------------------------------------------- EvaluationJob
+
+
+def create_eval_rayjob(deps: Deps, body: dict, logger: logging.Logger) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    current = dict(body.get("status") or {})
+    try:
+        rayjob = evaluation.rayjob_for(body, deps.cfg)
+    except SpecError as exc:
+        raise _permanent(deps, "EvaluationJob", body, exc) from exc
+    try:
+        deps.api.create(rayjob)
+        logger.info("created RayJob %s/%s", ns, name)
+    except TransientApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+    except JobError as exc:
+        if not getattr(exc, "conflict", False):
+            raise kopf.PermanentError(str(exc)) from exc
+        existing = deps.api.get("RayJob", ns, name) or {}
+        if body["metadata"].get("uid") not in [o.get("uid") for o in existing.get("metadata", {}).get("ownerReferences", [])]:
+            msg = f"a RayJob named {name} exists and is not owned by this EvaluationJob; delete it or rename the job"
+            _set_status(deps, "EvaluationJob", body, {"phase": "Failed", "reason": "NameTaken", "message": msg, "lastTransitionTime": deps.now()})
+            raise kopf.PermanentError(msg) from exc
+    fields = {"phase": "Pending", "reason": "Submitted", "message": "RayJob created; waiting for KubeRay", "rayJobName": name,
+              "jobId": evaluation.job_id(body), "observedGeneration": body["metadata"].get("generation", 1), "lastTransitionTime": deps.now()}
+    _set_status(deps, "EvaluationJob", body, {k: v for k, v in fields.items() if current.get(k) != v})
+
+
+def mirror_eval_rayjob(deps: Deps, rayjob: dict | None, ns: str, name: str, cluster_gone: bool = False) -> dict:
+    """Recompute an EvaluationJob's status from its RayJob (None: gone); returns the fields written."""
+    evj = deps.api.get("EvaluationJob", ns, name)
+    if evj is None or evj["metadata"].get("deletionTimestamp"):
+        return {}
+    fields = status.finetune_status(rayjob, evj.get("status"), deps.now(), cluster_gone=cluster_gone, kind="EvaluationJob")
+    _set_status(deps, "EvaluationJob", evj, fields)
+    return fields
+
+
+def awaiting_results(current: dict, now: str) -> bool:
+    """An evaluation that ended recently (a failed one may have scored some models) without results in its status."""
+    if current.get("phase") not in ("Succeeded", "Failed") or current.get("results") or current.get("reason") == "InvalidSpec":
+        return False
+    done = current.get("lastTransitionTime")
+    try:
+        return not done or (_parse_time(now) - _parse_time(done)).total_seconds() <= RESULT_WINDOW_S
+    except ValueError:
+        return False
+
+
+def check_eval(deps: Deps, body: dict) -> None:
+    """Periodic: mirror the RayJob (cluster lost, RayJob gone) and, once it ended, read the scores from MLflow."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    current = body.get("status") or {}
+    try:
+        if awaiting_results(current, deps.now()) and deps.eval_results:
+            found = deps.eval_results(body) or {}
+            if found.get("results"):
+                _set_status(deps, "EvaluationJob", body, {"results": found["results"]})
+            return
+        if status.is_terminal(current) or not current.get("rayJobName"):
+            return
+        rayjob = deps.api.get("RayJob", ns, current["rayJobName"])
+        cluster = (rayjob or {}).get("status", {}).get("rayClusterName")
+        gone = bool(cluster) and current.get("phase") == "Running" and deps.api.get("RayCluster", ns, cluster) is None
+        mirror_eval_rayjob(deps, rayjob, ns, name, cluster_gone=gone)
+    except (TransientApiError, RegistryError, OSError) as exc:  # API server or MLflow unreachable
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+
+
+def cancel_eval(deps: Deps, body: dict, logger: logging.Logger) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    current = body.get("status") or {}
+    if status.is_terminal(current):
+        return
+    _set_status(deps, "EvaluationJob", body, {"phase": "Cancelled", "reason": "Cancelled", "message": "cancelled by request; the Ray cluster is being removed",
+                                              "lastTransitionTime": deps.now(), "completionTime": deps.now()})
+    try:
+        deps.api.delete("RayJob", ns, current.get("rayJobName") or name)
+    except TransientApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=deps.retry_delay_s) from exc
+    logger.info("cancelled EvaluationJob %s/%s", ns, name)
+
+
 # ---------------------------------------------------------------------------- ModelDeployment
 
 
@@ -296,6 +381,23 @@ def make_registry(deps: Deps) -> kopf.OperatorRegistry:
     def _rayjob_event(type: str, body: kopf.Body, **_: Any) -> None:
         ns, job = body["metadata"]["namespace"], body["metadata"]["labels"][LABEL_FINETUNE]
         mirror_rayjob(deps, None if type == "DELETED" else dict(body), ns, job)
+
+    @kopf.on.create(*EVJ, registry=registry, id="rayjob")
+    def _evj_create(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        create_eval_rayjob(deps, dict(body), logger)
+
+    @kopf.on.update(*EVJ, registry=registry, id="cancel", annotations={ANNOTATION_CANCEL: "true"})
+    def _evj_cancel(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        cancel_eval(deps, dict(body), logger)
+
+    @kopf.timer(*EVJ, registry=registry, id="health", interval=deps.check_interval_s, initial_delay=deps.check_interval_s)
+    def _evj_check(body: kopf.Body, **_: Any) -> None:
+        check_eval(deps, dict(body))
+
+    @kopf.on.event("ray.io", "v1", "rayjobs", registry=registry, labels=has_label(LABEL_EVALUATION))
+    def _eval_rayjob_event(type: str, body: kopf.Body, **_: Any) -> None:
+        ns, job = body["metadata"]["namespace"], body["metadata"]["labels"][LABEL_EVALUATION]
+        mirror_eval_rayjob(deps, None if type == "DELETED" else dict(body), ns, job)
 
     @kopf.on.create(*MDEP, registry=registry, id="rayservice-create")
     @kopf.on.update(*MDEP, registry=registry, id="rayservice-update", field="spec")

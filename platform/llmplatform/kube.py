@@ -21,6 +21,7 @@ VERSION = "v1alpha1"
 KINDS: dict[str, tuple[str, str, str]] = {  # kind -> (group, version, plural)
     "FineTuneJob": (GROUP, VERSION, "finetunejobs"),
     "ModelDeployment": (GROUP, VERSION, "modeldeployments"),
+    "EvaluationJob": (GROUP, VERSION, "evaluationjobs"),
     "RayJob": ("ray.io", "v1", "rayjobs"),
     "RayService": ("ray.io", "v1", "rayservices"),
     "RayCluster": ("ray.io", "v1", "rayclusters"),

@@ -385,6 +385,16 @@ class EvalMlflowSpec(StrictModel):
     experiment: str = Field(default="llm-platform-eval", min_length=1, description="MLflow experiment of the runs (one run per model).")
 
 
+class EvalResourcesSpec(StrictModel):
+    """What the evaluation's Ray pod gets on Kubernetes (the job runs in one process there, its engine on these GPUs)."""
+
+    cpus: float = Field(default=4.0, gt=0, description="CPUs of the evaluation's worker pod, all reserved for the job.")
+    gpus: int = Field(default=0, ge=0, le=8, description="GPUs of the worker pod (0 = CPU generation); the engine runs on them.")
+    memory_gb: float = Field(default=16.0, gt=0, description="Memory of the worker pod (Kubernetes request and limit).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes node selector for the worker pod.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Kubernetes tolerations for the worker pod.")
+
+
 class EvaluationSpec(StrictModel):
     """An evaluation job: models answer a held-out dataset, scorers grade the answers."""
 
@@ -394,6 +404,8 @@ class EvaluationSpec(StrictModel):
     metrics: list[MetricSpec] = Field(default_factory=lambda: [{"scorer": "exact_match"}], min_length=1, description="Scorers to run; a bare scorer name is accepted for an item (`- exact_match`).")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
     mlflow: EvalMlflowSpec = Field(default_factory=EvalMlflowSpec, description="Tracking.")
+    resources: EvalResourcesSpec = Field(default_factory=EvalResourcesSpec, description="The evaluation's pod on Kubernetes (an EvaluationJob; other targets ignore it).")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Kubernetes Secrets and model cache for this job's pods (operator only; other targets ignore it).")
 
     @field_validator("metrics", mode="before")
     @classmethod

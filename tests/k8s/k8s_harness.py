@@ -118,6 +118,7 @@ class ManifestValidator:
 RESOURCES = {
     "llmplatform.io/v1alpha1/finetunejobs": ("FineTuneJob", True, {"status"}),
     "llmplatform.io/v1alpha1/modeldeployments": ("ModelDeployment", True, {"status"}),
+    "llmplatform.io/v1alpha1/evaluationjobs": ("EvaluationJob", True, {"status"}),
     "ray.io/v1/rayjobs": ("RayJob", True, {"status"}),
     "ray.io/v1/rayservices": ("RayService", True, {"status"}),
     "ray.io/v1/rayclusters": ("RayCluster", True, {"status"}),

@@ -168,7 +168,7 @@ def test_generated_crds_are_structural_with_status_and_columns(kind: str, manife
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Phase"] == ".status.phase" and columns["Age"] == ".metadata.creationTimestamp"
-    assert (".status.progress" if kind == "FineTuneJob" else ".status.servedVersion") in columns.values()
+    assert {"FineTuneJob": ".status.progress", "ModelDeployment": ".status.servedVersion", "EvaluationJob": ".spec.dataset.name"}[kind] in columns.values()
 
 
 def test_closing_keeps_maps_open() -> None:

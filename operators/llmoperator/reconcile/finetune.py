@@ -128,7 +128,7 @@ def _deadline(cr: Mapping[str, Any], cfg: OperatorConfig) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise SpecError(f"FineTuneJob {cr['metadata']['name']}", [Problem(f"metadata.annotations[{ANNOTATION_DEADLINE}]", "must be a positive whole number of seconds", raw, "e.g. \"86400\"")])
+        raise SpecError(f"{cr.get('kind') or 'FineTuneJob'} {cr['metadata']['name']}", [Problem(f"metadata.annotations[{ANNOTATION_DEADLINE}]", "must be a positive whole number of seconds", raw, "e.g. \"86400\"")])
     return value
 
 

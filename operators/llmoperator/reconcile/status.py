@@ -5,7 +5,8 @@ KubeRay is known to leave hanging end in a terminal phase: the submitter pod fai
 (`SubmissionFailed`), `jobStatus: FAILED` while `jobDeploymentStatus` still says Running, the Ray
 cluster disappearing mid-run, the RayJob itself vanishing, and `activeDeadlineSeconds` passing.
 A terminal phase is sticky: later events (the cluster shut down after success, the RayJob's TTL
-deletion) don't rewrite it. `deployment_status` does the same for RayService -> ModelDeployment.
+deletion) don't rewrite it; an EvaluationJob's RayJob maps the same way (`kind`), in its own words.
+`deployment_status` does the same for RayService -> ModelDeployment.
 Each returns only the status fields that change, so an unchanged status costs no API call.
 """
 
@@ -36,9 +37,17 @@ def _failed(reason: str, message: str) -> dict:
 
 
 RESUBMIT = "resubmit the FineTuneJob with the same name and spec to resume from its last checkpoint"
+# What a user reads for each kind of job a RayJob runs: success, the app failing, running.
+WORDS = {
+    "FineTuneJob": {"done": "training finished; the adapter is in MLflow", "running": "training",
+                    "failed": "the training job failed{tail}; see `platformctl finetune logs {name} --target k8s`", "resubmit": RESUBMIT},
+    "EvaluationJob": {"done": "evaluation finished; the scores are in MLflow (status.results)", "running": "evaluating",
+                      "failed": "the evaluation job failed{tail}; see `kubectl logs -l job-name={name}`",
+                      "resubmit": "delete the EvaluationJob and apply it again to rerun it"},
+}
 
 
-def _classify(rayjob: Mapping[str, Any], cluster_gone: bool, resume: str) -> dict:
+def _classify(rayjob: Mapping[str, Any], cluster_gone: bool, resume: str, kind: str = "FineTuneJob") -> dict:
     spec = rayjob.get("spec") or {}
     st = rayjob.get("status") or {}
     jds = st.get("jobDeploymentStatus") or ""
@@ -48,10 +57,11 @@ def _classify(rayjob: Mapping[str, Any], cluster_gone: bool, resume: str) -> dic
     name = rayjob["metadata"]["name"]
     tail = f": {kuberay_msg}" if kuberay_msg else ""
 
+    words = WORDS[kind]
     if js == "SUCCEEDED":
-        return {"phase": "Succeeded", "reason": "JobSucceeded", "message": "training finished; the adapter is in MLflow"}
+        return {"phase": "Succeeded", "reason": "JobSucceeded", "message": words["done"]}
     if js == "FAILED":  # also while jobDeploymentStatus is still Running: don't wait for it
-        return _failed("AppFailed", f"the training job failed{tail}; see `platformctl finetune logs {name} --target k8s`")
+        return _failed("AppFailed", words["failed"].format(tail=tail, name=name))
     if js == "STOPPED":
         return {"phase": "Cancelled", "reason": "JobStopped", "message": f"the Ray job was stopped{tail}"}
     if jds == "Failed" or reason:
@@ -77,16 +87,16 @@ def _classify(rayjob: Mapping[str, Any], cluster_gone: bool, resume: str) -> dic
         return {"phase": "Running", "reason": "Retrying", "message": f"KubeRay is retrying on a new cluster after a failure (failed={st.get('failed', 0)})"}
     if js in ("", "PENDING"):
         return {"phase": "Running", "reason": "JobPending", "message": "the Ray job is submitted and waiting for workers"}
-    return {"phase": "Running", "reason": "JobRunning", "message": "training"}
+    return {"phase": "Running", "reason": "JobRunning", "message": words["running"]}
 
 
 def finetune_status(rayjob: Mapping[str, Any] | None, current: Mapping[str, Any] | None, now: str, *, cluster_gone: bool = False,
-                    resume: str | None = None) -> dict:
-    """Status fields of a FineTuneJob that change given its RayJob (None: the RayJob is gone).
+                    resume: str | None = None, kind: str = "FineTuneJob") -> dict:
+    """Status fields of a FineTuneJob (or `kind` EvaluationJob) that change given its RayJob (None: the RayJob is gone).
 
     `resume`: how to resume this job after a lost cluster (`finetune.resume_advice`), put in the
     ClusterLost and RayJobDeleted messages."""
-    resume = resume or RESUBMIT
+    resume = resume or WORDS[kind]["resubmit"]
     current = current or {}
     if is_terminal(current):
         return {}
@@ -96,7 +106,7 @@ def finetune_status(rayjob: Mapping[str, Any] | None, current: Mapping[str, Any]
         wanted = _failed("RayJobDeleted", f"RayJob {current['rayJobName']} was deleted before the job finished; {resume}")
         return _changes(current, wanted, now)
     st = rayjob.get("status") or {}
-    wanted = _classify(rayjob, cluster_gone, resume)
+    wanted = _classify(rayjob, cluster_gone, resume, kind)
     wanted.update({
         "rayJobName": rayjob["metadata"]["name"],
         "rayJobId": st.get("jobId"),
@@ -151,11 +161,13 @@ def deployment_status(rayservice: Mapping[str, Any] | None, current: Mapping[str
 # Argo CD's health check (manifests/argocd/health) read one documented shape. Every type is always
 # present (True/False), so a waiter never sees a missing condition as "not yet".
 
-CONDITION_TYPES = {"FineTuneJob": ("Running", "Succeeded", "Failed"), "ModelDeployment": ("Ready", "Progressing", "Degraded")}
+CONDITION_TYPES = {"FineTuneJob": ("Running", "Succeeded", "Failed"), "EvaluationJob": ("Running", "Succeeded", "Failed"),
+                   "ModelDeployment": ("Ready", "Progressing", "Degraded")}
 
 # phase -> the condition types that are "True" in it (every other type is "False")
 _TRUE_IN = {
     "FineTuneJob": {"Pending": (), "Initializing": (), "Running": ("Running",), "Succeeded": ("Succeeded",), "Failed": ("Failed",), "Cancelled": ()},
+    "EvaluationJob": {"Pending": (), "Initializing": (), "Running": ("Running",), "Succeeded": ("Succeeded",), "Failed": ("Failed",), "Cancelled": ()},
     "ModelDeployment": {"Pending": ("Progressing",), "Deploying": ("Progressing",), "Updating": ("Progressing",), "Ready": ("Ready",),
                         "Unhealthy": ("Degraded",), "Failed": ("Degraded",)},
 }

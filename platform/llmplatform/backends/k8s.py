@@ -1,7 +1,8 @@
-"""`--target k8s`: FineTuneJob and ModelDeployment custom resources.
+"""`--target k8s`: FineTuneJob, ModelDeployment and EvaluationJob custom resources.
 
-Pure builders `finetune_job_cr(spec, namespace)` / `model_deployment_cr(spec, namespace)` turn
-specs into CRs (the operator does the rest). The CLI functions below talk to the API server
+Pure builders `finetune_job_cr(spec, namespace)` / `model_deployment_cr(spec, namespace)` /
+`evaluation_job_cr(spec, namespace)` turn specs into CRs (the operator does the rest; a
+fine-tune spec with a `sweep:` section is a sweep there too). The CLI functions below talk to the API server
 through `llmplatform.kube` (the client the operator uses too); they take
 kubeconfig/context/namespace, falling back to KUBECONFIG, PLATFORM_K8S_CONTEXT and
 PLATFORM_K8S_NAMESPACE, then to the kubeconfig context's namespace (kubectl's default), then
@@ -18,7 +19,7 @@ from typing import Iterator
 
 from llmplatform.errors import JobError, ServeError
 from llmplatform.kube import GROUP, SERVE_PORT, VERSION, KubeApi, api_client, connect, serve_service  # noqa: F401 (connect: re-exported)
-from llmplatform.specs import FineTuneSpec, ServeSpec
+from llmplatform.specs import EvaluationSpec, FineTuneSpec, ServeSpec
 
 CANCEL_ANNOTATION = f"{GROUP}/cancel"
 FINETUNE_TERMINAL = ("Succeeded", "Failed", "Cancelled")
@@ -33,7 +34,7 @@ class NoOperatorError(JobError):
 # ---------------------------------------------------------------------------- pure builders
 
 
-def _cr(kind: str, spec: FineTuneSpec | ServeSpec, namespace: str) -> dict:
+def _cr(kind: str, spec: FineTuneSpec | ServeSpec | EvaluationSpec, namespace: str) -> dict:
     body = spec.model_dump(mode="json", exclude_unset=True)
     body.pop("name", None)  # metadata.name is the name
     return {
@@ -52,6 +53,14 @@ def finetune_job_cr(spec: FineTuneSpec, namespace: str) -> dict:
 def model_deployment_cr(spec: ServeSpec, namespace: str) -> dict:
     """The ModelDeployment CR for a serve spec."""
     return _cr("ModelDeployment", spec, namespace)
+
+
+def evaluation_job_cr(spec: EvaluationSpec, namespace: str) -> dict:
+    """The EvaluationJob CR for an evaluation spec. Every metric is written as an object (the CRD's
+    schema has no bare scorer names), so the whole validated list goes in."""
+    cr = _cr("EvaluationJob", spec, namespace)
+    cr["spec"]["metrics"] = [m.model_dump(mode="json", exclude_unset=True) for m in spec.metrics]
+    return cr
 
 
 # ---------------------------------------------------------------------------- CLI-facing functions
@@ -148,6 +157,38 @@ def finetune_row(cr: dict) -> dict:
         "mlflow_run_id": st.get("mlflowRunId"), "registered_model": st.get("registeredModel"), "registered_version": st.get("registeredVersion"),
         "created": meta.get("creationTimestamp"), "completed": st.get("completionTime"),
     }
+
+
+def submit_evaluation(spec: EvaluationSpec, *, namespace: str | None = None, kubeconfig: str | None = None, context: str | None = None,
+                      api: KubeApi | None = None, operator_timeout_s: float = 0) -> dict:
+    """Create the EvaluationJob (the operator runs it as a RayJob); returns its `evaluation_row`, once an
+    operator has picked it up when `operator_timeout_s` > 0 (else NoOperatorError)."""
+    api = api or cli_connect(kubeconfig, context)
+    ns = default_namespace(namespace, kubeconfig, context)
+    try:
+        created = api.create(evaluation_job_cr(spec, ns))
+    except JobError as exc:
+        if getattr(exc, "conflict", False):
+            raise JobError(f"EvaluationJob {ns}/{spec.name} already exists; to run it again delete it first "
+                           f"(`kubectl delete evaluationjob {spec.name} -n {ns}`), or pick a new `name`") from exc
+        raise
+    if operator_timeout_s > 0:
+        created = wait_for_operator(api, "EvaluationJob", ns, spec.name, operator_timeout_s)
+    return evaluation_row(created)
+
+
+def evaluation_row(cr: dict) -> dict:
+    """What `eval submit/list --target k8s` shows for one EvaluationJob."""
+    st = cr.get("status") or {}
+    meta, spec = cr["metadata"], cr.get("spec") or {}
+    return {"name": meta["name"], "namespace": meta.get("namespace"), "phase": st.get("phase", "Pending"), "reason": st.get("reason"),
+            "message": st.get("message"), "dataset": (spec.get("dataset") or {}).get("name"), "models": ", ".join(spec.get("models") or []),
+            "ray_job": st.get("rayJobName"), "results": st.get("results"), "created": meta.get("creationTimestamp"), "completed": st.get("completionTime")}
+
+
+def list_evaluations(*, namespace: str | None = None, kubeconfig: str | None = None, context: str | None = None, api: KubeApi | None = None) -> list[dict]:
+    api = api or cli_connect(kubeconfig, context)
+    return [evaluation_row(cr) for cr in api.list("EvaluationJob", default_namespace(namespace, kubeconfig, context))]
 
 
 # What a follower prints a line for when it changes (not `dashboard`, `created`: they don't move).

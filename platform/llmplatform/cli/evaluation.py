@@ -7,7 +7,9 @@ cluster at RAY_ADDRESS, or the local stack's when it is unset; waits for it, `ev
 the jobs), and prints one row per model with its mean scores and MLflow run. A scorer
 that raised on some examples is reported (index, line, exception, on stderr) and counted in the
 ERRORS column; its mean is over the examples that scored. A metric that raised on every example
-makes the command exit 1 after the report (that model is not tagged).
+makes the command exit 1 after the report (that model is not tagged). `--target k8s` creates an
+EvaluationJob (the operator runs it as a KubeRay RayJob; its status carries each model's MLflow
+run and mean scores once it ends) and returns once the operator has picked it up.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import List, Optional
 import typer
 
 from llmplatform.cli.models import TRACKING_OPTION, resolve_tracking_uri
-from llmplatform.cli.output import OUTPUT_OPTION, OutputFormat, emit, emit_json
+from llmplatform.cli.output import (CONTEXT_OPTION, KUBECONFIG_OPTION, NAMESPACE_OPTION, OPERATOR_TIMEOUT_OPTION, OUTPUT_OPTION, OutputFormat,
+                                    emit, emit_json)
 
 app = typer.Typer(help="Evaluation jobs: score base models and registered adapters on held-out data.", no_args_is_help=True)
 
@@ -28,10 +31,15 @@ def submit(
     model: List[str] = typer.Option([], "--model", "-m", help="Evaluate this model instead of the spec's `models` "
                                     "(llama2-tiny, NAME@ALIAS, NAME/VERSION); repeatable."),
     target: str = typer.Option("local", "--target", help="local: in this process; ray: a Ray job on the cluster at "
-                               "RAY_ADDRESS, or on the local stack (`platformctl up`) when RAY_ADDRESS is unset."),
+                               "RAY_ADDRESS, or on the local stack (`platformctl up`) when RAY_ADDRESS is unset; k8s: an "
+                               "EvaluationJob resource (the operator runs it)."),
     timeout_s: float = typer.Option(3600, "--timeout", help="With --target ray: seconds to wait for the job."),
     tracking_uri: Optional[str] = TRACKING_OPTION,
     output: OutputFormat = OUTPUT_OPTION,
+    namespace: str = NAMESPACE_OPTION,
+    kubeconfig: str = KUBECONFIG_OPTION,
+    context: str = CONTEXT_OPTION,
+    operator_timeout: float = OPERATOR_TIMEOUT_OPTION,
 ) -> None:
     """Generate answers for every model, score them, log one MLflow run per model (mean scores and a
     per-example table) and tag each registered version `eval.<dataset>.<metric>`. A scorer that raises on
@@ -40,11 +48,18 @@ def submit(
     from llmplatform.evaluation.runner import run_eval
     from llmplatform.specs import load_spec
 
-    if target not in ("local", "ray"):
-        raise EvalError(f"--target {target!r}: evaluation jobs run with --target local (this process) or ray")
+    if target not in ("local", "ray", "k8s"):
+        raise EvalError(f"--target {target!r}: evaluation jobs run with --target local (this process), ray or k8s")
     spec = load_spec(spec_path, "eval")
     if model:
         spec = spec.model_copy(update={"models": list(model)})
+    if target == "k8s":
+        from llmplatform.backends import k8s
+
+        row = k8s.submit_evaluation(spec, namespace=namespace, kubeconfig=kubeconfig, context=context, operator_timeout_s=operator_timeout)
+        emit(row, output, text=f"EvaluationJob {row['namespace']}/{row['name']} created ({row['phase']}); follow it with "
+                               f"`platformctl eval list --target k8s -n {row['namespace']}` (scores in its status.results when it ends)")
+        return
     if target == "ray":
         _submit_ray(spec, tracking_uri, timeout_s, output)
         return
@@ -100,10 +115,22 @@ def print_report(name: str, dataset: str, examples: int, rows: list[dict], metri
 
 
 @app.command("list")
-def list_cmd(output: OutputFormat = OUTPUT_OPTION) -> None:
-    """Evaluation jobs submitted with --target ray, newest first (running ones refreshed)."""
+def list_cmd(output: OutputFormat = OUTPUT_OPTION,
+             target: str = typer.Option("ray", "--target", help="ray: jobs submitted with --target ray; k8s: the EvaluationJobs of a namespace."),
+             namespace: str = NAMESPACE_OPTION, kubeconfig: str = KUBECONFIG_OPTION, context: str = CONTEXT_OPTION) -> None:
+    """Evaluation jobs submitted with --target ray, newest first (running ones refreshed); --target k8s: EvaluationJobs."""
     from llmplatform.backends.targets import backend_of
     from llmplatform.evaluation import ray_job
+
+    if target == "k8s":
+        from llmplatform.backends import k8s
+
+        rows = k8s.list_evaluations(namespace=namespace, kubeconfig=kubeconfig, context=context)
+        for row in rows:
+            row["scores"] = "; ".join(f"{r['model']}: " + ", ".join(f"{k}={v:.4g}" for k, v in (r.get("metrics") or {}).items())
+                                      for r in row.get("results") or []) or None
+        emit(rows, output, columns=["name", "namespace", "phase", "dataset", "models", "scores", "reason", "created"])
+        return
 
     rows = []
     for record in ray_job.list_records():

@@ -268,9 +268,10 @@ def evaluate(spec: EvaluationSpec, targets: list[ModelTarget]) -> EvalReport:
     return report
 
 
-def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport) -> EvalReport:
+def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport, job_id: str | None = None) -> EvalReport:
     """One MLflow run per model (mean metrics, error counts, per-example table), then the version
-    tags of every registered model that has no failed metric."""
+    tags of every registered model that has no failed metric. `job_id` (an EvaluationJob's) is
+    tagged `platform.job_id` on every run, so the operator finds this job's runs."""
     from llmplatform.registry import client as mc
 
     client = mc.connect(tracking_uri)
@@ -280,7 +281,7 @@ def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport) -> EvalR
     for r in report.results:
         run = client.create_run(exp_id, run_name=f"{spec.name}-{r.target.label}",
                                 tags={"llmplatform.kind": "eval", "eval.job": spec.name, "eval.dataset": ds,
-                                      "eval.model": r.target.label})
+                                      "eval.model": r.target.label, **({"platform.job_id": job_id} if job_id else {})})
         run_id = run.info.run_id
         client.log_param(run_id, "model", r.target.label)
         client.log_param(run_id, "base_model", r.target.base)
@@ -309,10 +310,10 @@ def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport) -> EvalR
     return report
 
 
-def run_eval(spec: EvaluationSpec, tracking_uri: Any) -> EvalReport:
+def run_eval(spec: EvaluationSpec, tracking_uri: Any, job_id: str | None = None) -> EvalReport:
     """The whole job: resolve, generate and score every model, then record (see module docstring)."""
     targets = resolve_models(spec, tracking_uri)
-    return record(tracking_uri, spec, evaluate(spec, targets))
+    return record(tracking_uri, spec, evaluate(spec, targets), job_id)
 
 
 def evaluate_missing(tracking_uri: Any, spec: EvaluationSpec, name: str, versions: list[int]) -> EvalReport | None:
