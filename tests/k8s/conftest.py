@@ -43,8 +43,15 @@ def operator(cluster: InMemoryCluster, fake_registry: FakeRegistry):
             return {"mlflowRunId": f"run-{job_id(body)}", "progress": "20/20 steps (100%)", "registeredModel": "support-bot", "registeredVersion": "3"}
         return {"mlflowRunId": f"run-{job_id(body)}", "progress": "5/20 steps (25%)"}
 
+    def eval_results(body: dict) -> dict | None:  # stands in for the MLflow lookup of an evaluation's runs
+        from llmoperator.reconcile.evaluation import job_id as eval_job_id
+
+        return {"results": [{"model": m, "runId": f"run-{eval_job_id(body)}-{i}", "status": "FINISHED", "metrics": {"exact_match": 0.5 + i / 4}}
+                            for i, m in enumerate(body["spec"]["models"])]}
+
     deps = Deps(api=connect(host=cluster.url), cfg=OperatorConfig(image="registry.example/llm-platform:test"),
-                resolve_version=fake_registry, job_progress=progress, check_interval_s=0.5, registry_poll_s=0.5, retry_delay_s=0.25)
+                resolve_version=fake_registry, job_progress=progress, eval_results=eval_results, check_interval_s=0.5, registry_poll_s=0.5,
+                retry_delay_s=0.25)
     with OperatorThread(cluster.url, deps) as op:
         yield op
 

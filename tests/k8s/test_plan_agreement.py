@@ -46,8 +46,34 @@ def pod_gpus(group: dict) -> int:
     return int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
 
 
+def assert_sweep_agrees(rayjob: dict) -> list[Resolved]:
+    """A sweep's RayJob: every trial's plan (what its Ray Train run gets) fits the worker pods, and the
+    worker group holds `max_concurrent` of the largest trials at once."""
+    from llmplatform.training.trainer import scaling_config
+
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "llmplatform.training.sweep"]
+    doc = json.loads(argv[argv.index("--sweep-json") + 1])
+    trials = [Resolved.from_dict(p) for p in doc["plans"]]
+    [group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cpu = limits["cpu"]
+    pod_cpus = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    for trial in trials:
+        scaling = scaling_config(trial)
+        assert scaling.resources_per_worker["CPU"] * trial["pods"]["workers_per_pod"] <= pod_cpus, "a trial's workers fit a pod"
+        assert scaling.num_workers * (scaling.resources_per_worker or {}).get("GPU", 0) <= pod_gpus(group) * trial["pods"]["pods"]
+    concurrent = min(doc["sweep"]["max_concurrent"], len(trials))
+    largest = sorted((t["pods"]["pods"] for t in trials), reverse=True)[:concurrent]
+    assert group["replicas"] == sum(largest), "the worker group holds max_concurrent of the largest trials"
+    return trials
+
+
 def assert_job_agrees(rayjob: dict) -> Resolved:
     plan, scaling = job_side(rayjob)
+    if plan.spec.sweep is not None:
+        assert_sweep_agrees(rayjob)
+        return plan
     [group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus_in_pods = pod_gpus(group) * group["replicas"]
     assert scaling.use_gpu == (gpus_in_pods > 0), "use_gpu is true exactly when pods request GPUs"
@@ -171,3 +197,12 @@ def test_the_registry_poll_interval_is_the_specs_unless_the_operator_overrides_i
     assert cfg.registry_poll_s == 7.0
     forced = deployment.plan_for(slow, cfg, {"models:/b@prod": "2"})
     assert forced["registry_poll_s"] == 7.0 and forced.source("registry_poll_s") == "target"
+
+
+@pytest.mark.parametrize("gpu", ["a10g-24gb", "a100-80gb"])
+def test_a_sweep_over_lora_rank_and_workers_sizes_its_group_for_max_concurrent_trials(gpu: str) -> None:
+    spec = parse_spec("finetune", {"name": "sw", "base_model": "llama2-7b", "method": "qlora", "data": {"train": "s3://b/t.jsonl"},
+                                   "hyperparameters": {"micro_batch_size": 1, "gradient_checkpointing": True}, "resources": {"gpu_type": gpu},
+                                   "sweep": {"params": {"lora.rank": [8, 64], "resources.workers": [1, 2]}, "max_concurrent": 3}})
+    trials = assert_sweep_agrees(finetune.rayjob_for(with_uid(finetune_job_cr(spec, "ns")), CFG))
+    assert len(trials) == 4 and sorted(t["workers"] for t in trials) == [1, 1, 2, 2]
