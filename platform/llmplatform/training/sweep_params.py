@@ -94,6 +94,8 @@ def check_path(path: str, cli: bool = True) -> None:
     model: type[BaseModel] = FineTuneSpec
     parts = path.split(".")
     at, field = _name(path, cli), f"sweep.params.{path}"
+    if parts[0] == "sweep":
+        raise SweepError(f"{at}: a sweep's own settings are not swept; sweep a training field", field)
     for i, part in enumerate(parts):
         fields = model.model_fields
         where = ".".join(parts[:i]) or "the spec"
@@ -111,8 +113,6 @@ def check_path(path: str, cli: bool = True) -> None:
             model = annotation
     if parts[0] == "name":
         raise SweepError(f"{at}: each trial's name is derived from the sweep's; sweep another field", field)
-    if parts[0] == "sweep":
-        raise SweepError(f"{at}: a sweep's own settings are not swept; sweep a training field", field)
 
 
 def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:

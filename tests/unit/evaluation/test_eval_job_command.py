@@ -24,3 +24,14 @@ def test_eval_job_ids_are_unique_and_dns_safe():
     spec = specs.parse_spec("eval", {"name": "a" * 63, "models": ["llama2-tiny"], "dataset": {"name": "d", "path": "x"}})
     ids = {new_eval_id(spec) for _ in range(20)}
     assert len(ids) > 1 and all(re.fullmatch(r"[a-z0-9-]{1,63}", i) for i in ids)
+
+
+def test_the_entrypoint_without_a_tracking_server_says_which_to_set(monkeypatch, capsys):
+    """An EvaluationJob's pod passes no --tracking-uri: it reads MLFLOW_TRACKING_URI (the platform Secret)."""
+    from llmplatform.evaluation import entrypoint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = {"name": "e", "models": ["llama2-tiny"], "dataset": {"name": "d", "path": "/nowhere.jsonl"}}
+    assert entrypoint.main(["--spec-json", json.dumps(spec), "--job-id", "e-1234"]) == 1
+    out = capsys.readouterr().out
+    assert '"kind": "failed"' in out and "set MLFLOW_TRACKING_URI" in out

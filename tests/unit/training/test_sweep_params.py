@@ -83,3 +83,43 @@ def test_best_trial_is_the_best_finished_one():
     assert best_trial(rows, "eval_loss", "min")["trial"] == 1
     assert best_trial(rows, "eval_loss", "max")["trial"] == 0
     assert best_trial([], "eval_loss", "min") is None
+
+
+def test_the_flags_build_the_spec_section_and_both_give_the_same_trials(base):
+    from llmplatform.specs import SweepSection
+    from llmplatform.training.sweep_params import plan_from_section, section_from_flags
+
+    flags = dict(search="random", trials=3, metric="loss", mode="min", max_concurrent=2, early_stop="asha")
+    section = section_from_flags(["hyperparameters.learning_rate=1e-4,1e-3", "lora.rank=8,16"], base, **flags)
+    assert section == SweepSection(params={"hyperparameters.learning_rate": [1e-4, 1e-3], "lora.rank": [8, 16]}, **flags)
+    from_flags = build_plan(["hyperparameters.learning_rate=1e-4,1e-3", "lora.rank=8,16"], base, **flags)
+    in_spec = base.model_copy(update={"sweep": section})
+    from_spec = plan_from_section(in_spec.sweep, in_spec)
+    assert from_flags[0] == from_spec[0] and [s.name for s in from_flags[1]] == [s.name for s in from_spec[1]]
+    assert all(s.sweep is None for s in from_spec[1])  # a trial is one training run, not a sweep again
+
+
+@pytest.mark.parametrize("section, field, says", [
+    ({"params": {"lora.rnak": [8]}}, "sweep.params.lora.rnak", "sweep.params.lora.rnak: lora has no field 'rnak'"),
+    ({"params": {"lora.rank": [8, 0]}}, "sweep.params.lora.rank", "fix the value in sweep.params.lora.rank"),
+    ({"params": {"lora.rank": []}}, "sweep.params.lora.rank", "give at least one value"),
+    ({"params": {"sweep.max_concurrent": [1, 2]}}, "sweep.params.sweep.max_concurrent", "not swept"),
+    ({"params": {"lora.rank": [8]}, "search": "random"}, "sweep.trials", "sweep.search random needs sweep.trials N"),
+    ({"params": {"lora.rank": [8]}, "trials": 2}, "sweep.trials", "sweep.trials goes with sweep.search random"),
+])
+def test_a_bad_spec_section_names_its_field(base, section, field, says):
+    from llmplatform.specs import SweepSection
+    from llmplatform.training.sweep_params import plan_from_section
+
+    with pytest.raises(SweepError) as err:
+        plan_from_section(SweepSection(**section), base)
+    assert err.value.field == field and says in str(err.value)
+
+
+def test_a_sweep_document_too_long_for_one_argument_is_refused(base):
+    from llmplatform.training.sweep_params import MAX_SWEEP_JSON, sweep_document
+
+    plan, _ = build_plan(["lora.rank=8,16"], base)
+    with pytest.raises(SweepError, match="too many for one sweep job's command line") as err:
+        sweep_document(plan, [{"spec": "x" * MAX_SWEEP_JSON}], cli=False)
+    assert err.value.field == "sweep.params" and "fewer values in sweep.params" in str(err.value)
