@@ -72,7 +72,7 @@ def operator_mlflow(cluster: InMemoryCluster, mlflow_server: str):
     from llmplatform.kube import connect
 
     from kuberay_jobs import HF_TEST_TOKEN, KUBERAY_NAMESPACES
-    from llmoperator.__main__ import mlflow_job_progress, registry_lookup
+    from llmoperator.__main__ import mlflow_eval_results, mlflow_job_progress, registry_lookup
     from llmoperator.handlers import Deps
     from llmoperator.reconcile.common import OperatorConfig
 
@@ -85,7 +85,8 @@ def operator_mlflow(cluster: InMemoryCluster, mlflow_server: str):
         core.create_namespaced_secret(ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm-platform-hf-token", "namespace": ns},
                                            "data": {"token": base64.b64encode(HF_TEST_TOKEN.encode()).decode()}})
     deps = Deps(api=api, cfg=OperatorConfig(image="registry.example/llm-platform:test", ttl_seconds_after_finished=30),
-                resolve_version=registry_lookup, job_progress=mlflow_job_progress, check_interval_s=1.0, registry_poll_s=1.0, retry_delay_s=0.5)
+                resolve_version=registry_lookup, job_progress=mlflow_job_progress, eval_results=mlflow_eval_results, check_interval_s=1.0,
+                registry_poll_s=1.0, retry_delay_s=0.5)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         with OperatorThread(cluster.url, deps) as op:
