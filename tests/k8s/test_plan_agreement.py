@@ -206,3 +206,25 @@ def test_a_sweep_over_lora_rank_and_workers_sizes_its_group_for_max_concurrent_t
                                    "sweep": {"params": {"lora.rank": [8, 64], "resources.workers": [1, 2]}, "max_concurrent": 3}})
     trials = assert_sweep_agrees(finetune.rayjob_for(with_uid(finetune_job_cr(spec, "ns")), CFG))
     assert len(trials) == 4 and sorted(t["workers"] for t in trials) == [1, 1, 2, 2]
+
+
+EVAL_SPECS = sorted(p for p in (REPO / "jobs").rglob("*.yaml")
+                    if p.name != "kustomization.yaml" and load_spec(p).__class__.__name__ == "EvaluationSpec")
+
+
+@pytest.mark.parametrize("path", EVAL_SPECS, ids=[str(p.relative_to(REPO)) for p in EVAL_SPECS])
+def test_every_shipped_eval_spec_runs_its_driver_on_the_pod_sized_for_it(path: Path) -> None:
+    """An EvaluationJob's driver reserves (entrypoint resources) no more than its worker pod offers and
+    more than the head does, so Ray can only place it on that pod, with its GPUs."""
+    from llmplatform.backends.k8s import evaluation_job_cr
+
+    from llmoperator.reconcile import evaluation
+
+    spec = load_spec(path)
+    rayjob = evaluation.rayjob_for(with_uid(evaluation_job_cr(spec, "ns")), CFG)["spec"]
+    [group] = rayjob["rayClusterSpec"]["workerGroupSpecs"]
+    cpu = group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+    pod_cpus = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    assert rayjob["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert 0 < rayjob["entrypointNumCpus"] <= pod_cpus and group["replicas"] == 1
+    assert rayjob.get("entrypointNumGpus", 0) == pod_gpus(group) == spec.resources.gpus
