@@ -20,7 +20,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
 from llmplatform.errors import DataError, Problem
@@ -124,20 +123,11 @@ def _check_cached_revision(uri: str, ds: HubDataset, table) -> None:
                                       ds.revision, "that commit fetched into the cache, or the cached commit as revision")])
 
 
-def _without_nulls(value: Any) -> Any:
-    """Drop null fields: Arrow gives every row every column, so a field one row lacks reads as None."""
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
 def hub_rows(uri: str) -> list:
     """Every row of the URI's split as RawRow("index N", N, row)."""
-    from llmplatform.data.sources import RawRow
+    from llmplatform.data.sources import RawRow, without_nulls
 
-    return [RawRow(f"index {i}", i, _without_nulls(row)) for i, row in enumerate(load_split(uri))]
+    return [RawRow(f"index {i}", i, without_nulls(row)) for i, row in enumerate(load_split(uri))]
 
 
 def rows_sha256(rows: list) -> str:

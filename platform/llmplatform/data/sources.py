@@ -4,7 +4,7 @@ A dataset is one JSONL, JSON (an array, or JSON lines) or Parquet file, or a Hug
 dataset named `hf://datasets/OWNER/NAME?split=...&revision=...` (loaded through `datasets`,
 see `hub`). `read_source` returns the rows and the data's SHA-256 for either. `read_rows` returns
 every row with its location (`line N`, 1-based, for JSON lines; `index N`, 0-based, for JSON
-arrays and Parquet) and the raw value, or a parse error for that line, so the caller can report
+arrays and Parquet; Parquet's null fields are left out) and the raw value, or a parse error for that line, so the caller can report
 every bad line at once. Object-store URIs (s3://, gs://, ...) go through fsspec, then
 pyarrow.fs; when neither can open the scheme the error names the library to install.
 """
@@ -209,4 +209,14 @@ def _parquet_rows(path: str | Path, data: bytes) -> list[RawRow]:
         table = pq.read_table(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError) for bad files
         raise DataError(str(path), [Problem("(file)", f"not a readable Parquet file: {exc}")]) from exc
-    return [RawRow(f"index {i}", i, value) for i, value in enumerate(table.to_pylist())]
+    return [RawRow(f"index {i}", i, without_nulls(value)) for i, value in enumerate(table.to_pylist())]
+
+
+def without_nulls(value: Any) -> Any:
+    """`value` without null fields, at every depth: Arrow gives every row every column (and every
+    message every key any message has), so a field a row lacks reads as None; here it is absent."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
