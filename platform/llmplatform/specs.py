@@ -38,10 +38,10 @@ class StrictModel(BaseModel):
 class DataSpec(StrictModel):
     """Where the training data is and how it becomes token sequences."""
 
-    train: str = Field(description="Training data: a local path or object-store URI (s3://, gs://) to a JSONL, JSON or Parquet file.")
+    train: str = Field(description="Training data: a local path or object-store URI (s3://, gs://) to a JSONL, JSON or Parquet file, or a Hugging Face dataset `hf://datasets/OWNER/NAME?split=train&revision=REV` (loaded through `datasets`, honouring its cache and offline mode).")
     validation: str | None = Field(default=None, description="Validation data in the same shapes as `train`. If omitted, `validation_split` of the training data is held out.")
     validation_split: float = Field(default=0.05, ge=0.0, lt=0.5, description="Share of training records held out for evaluation when `validation` is not given (0 disables evaluation).")
-    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape: `chat` (messages), `prompt_completion`, `alpaca` (instruction/input/output), or `auto` to detect per file.")
+    format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"] = Field(default="auto", description="Record shape: `chat` (messages, optional per-message `weight` 0/1), `sharegpt` (conversations of from/value), `prompt_completion`, `alpaca` (instruction/input/output), `text` (continued pretraining), or `auto` to detect per record.")
     max_seq_length: int = Field(default=2048, ge=16, le=32768, description="Tokens per training sequence (Llama 2's context is 4096).")
     packing: bool = Field(default=False, description="Pack several examples into one sequence; attention and position ids are reset at example boundaries so examples never see each other.")
     truncation: Literal["right", "drop"] = Field(default="right", description="Examples longer than `max_seq_length`: `right` cuts the end (keeping the prompt), `drop` skips the example.")
@@ -319,8 +319,8 @@ class EvalDatasetSpec(StrictModel):
     """Held-out data: the formats and record checks of training data; the last assistant turn is the reference."""
 
     name: str = Field(pattern=EVAL_NAME, description="Dataset name in the version tags `eval.<name>.<metric>` (letters, digits, '_' and '-').")
-    path: str = Field(min_length=1, description="A local path or object-store URI to a JSONL, JSON or Parquet file (chat, prompt_completion or alpaca records).")
-    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape, as in fine-tuning data; `auto` detects it.")
+    path: str = Field(min_length=1, description="A local path or object-store URI to a JSONL, JSON or Parquet file, or an `hf://datasets/OWNER/NAME?split=...` dataset (chat, sharegpt, prompt_completion or alpaca records).")
+    format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape, as in fine-tuning data; `auto` detects it.")
     limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N records; unset = all.")
     max_seq_length: int = Field(default=1024, ge=16, le=32768, description="Tokens of prompt plus reference per example; longer ones are cut as in training.")
 
