@@ -163,3 +163,16 @@ def test_parquet_nulls_are_absent_fields_so_weights_and_mixed_shapes_read_right(
     assert [r.shape for r in records] == ["chat", "sharegpt", "prompt_completion"]
     assert records[0].messages[0] == {"role": "user", "content": "q"}  # user's null weight is no weight
     assert [m.get("weight") for m in records[0].messages] == [None, 0, None, None]
+
+
+def test_every_record_example_in_the_data_docs_is_valid(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "data.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```jsonl\n")[1:]]
+    shapes = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"example{i}.jsonl"
+        path.write_text(block, encoding="utf-8")
+        shapes += [r.shape for r in load_records(path)]
+    assert shapes == ["chat", "chat", "sharegpt", "prompt_completion", "alpaca", "text"]
