@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlparse
+from urllib.parse import unquote, urlparse
 
 from llmplatform.errors import DataError, Problem
 
@@ -58,7 +58,8 @@ def parse_hub_uri(uri: str) -> HubDataset:
         name, _, rev = repo_id.partition("@")
         problems.append(Problem("(uri)", "a revision is given as a query parameter", uri, f"hf://datasets/{name}?revision={rev}"))
     query: dict[str, str] = {}
-    for key, value in parse_qsl(parsed.query, keep_blank_values=True):
+    for part in filter(None, parsed.query.split("&")):  # not parse_qsl: its "+" is a space, and `train+test` is a split
+        key, _, value = (unquote(x) for x in part.partition("="))
         if key not in QUERY_KEYS:
             problems.append(Problem("(uri)", f"unknown query parameter '{key}'", uri, ", ".join(QUERY_KEYS)))
         elif not value:

@@ -81,7 +81,7 @@ def test_loads_a_cached_dataset_offline_with_index_locations(tiny_hub):
     test = load_records("hf://datasets/acme/tiny-chat?split=test")
     assert [(r.location, r.shape, r.messages[1]) for r in test] == [("index 0", "chat", {"role": "assistant", "content": "c a t"})]
     assert len(load_records("hf://datasets/acme/tiny-chat?split=train[:2]")) == 2
-    assert len(load_records(f"hf://datasets/acme/tiny-chat?split=train%2Btest&revision={COMMIT}")) == 4
+    assert len(load_records(f"hf://datasets/acme/tiny-chat?split=train+test&revision={COMMIT}")) == 4
 
 
 def test_lineage_sha_is_stable_and_tells_splits_apart(tiny_hub):
