@@ -3,7 +3,7 @@
 # this CPU) for the optional llamacpp test tier, which checks that a GGUF export answers what the
 # merged model answers in transformers.   Usage: scripts/setup-llama-cpp.sh [VENV_DIR]
 # PyPI has only the sdist, so pip compiles llama.cpp: needs cmake and a C/C++ compiler (Debian:
-# build-essential cmake); ~15 min on 2 cores. Its own venv: nothing of the project is needed there.
+# build-essential cmake); ~21 min on 2 cores (measured 2026-12-05, niced beside other work). Its own venv: nothing of the project is needed there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv-llamacpp}"
