@@ -79,6 +79,25 @@ def _strategy(spec: FineTuneSpec, plan, workers: int, problems: list[Problem]) -
     return Derived("ddp", "default", "no plan (no GPU type, or a model outside the catalog): DDP")
 
 
+def _objective(spec: FineTuneSpec, problems: list[Problem]) -> dict[str, Derived]:
+    """The training objective and, for DPO, its loss settings and reference model."""
+    source = "spec" if "objective" in spec.model_fields_set else "default"
+    if spec.objective != "dpo":
+        return {"objective": Derived("sft", source, "supervised: loss on the answer tokens")}
+    if spec.data.packing:
+        problems.append(Problem("data.packing", "packing does not work with objective dpo: each chosen and rejected answer "
+                                "is scored as its own sequence", True, "false"))
+    if spec.data.format not in ("auto", "preference"):
+        problems.append(Problem("data.format", "objective dpo reads preference records (prompt, chosen, rejected)", spec.data.format, "auto"))
+    dpo = spec.dpo
+    return {
+        "objective": Derived("dpo", "spec", "preference tuning on chosen/rejected pairs"),
+        "dpo_beta": Derived(dpo.beta, "spec" if "beta" in dpo.model_fields_set else "default"),
+        "dpo_loss_type": Derived(dpo.loss_type, "spec" if "loss_type" in dpo.model_fields_set else "default"),
+        "dpo_reference": Derived("base_without_adapter", "default", "the frozen base model: the policy with its adapter disabled, no gradients"),
+    }
+
+
 def _precision(spec: FineTuneSpec, use_gpu: bool, bf16: bool) -> Derived:
     precision = spec.hyperparameters.precision
     if precision != "auto":
@@ -146,6 +165,7 @@ def resolve_finetune(spec: FineTuneSpec, facts: Facts | None = None) -> Resolved
     v["use_gpu"] = Derived(use_gpu, gpus.source, "GPUs per worker > 0" if use_gpu else "no GPUs per worker")
     v["backend"] = Derived("nccl" if use_gpu else "gloo", gpus.source, "NCCL between GPU workers, gloo on CPU")
     v["strategy"] = _strategy(spec, plan, workers.value, problems)
+    v.update(_objective(spec, problems))
     v["precision"] = _precision(spec, use_gpu, bf16)
     v["quantization"] = _quantization(spec, use_gpu, bf16)
     if plan is not None:
