@@ -12,8 +12,8 @@ row (`line N` / `index N`), the field and what would be accepted, like `records`
 
 Each pair becomes two chat sequences, prompt + chosen and prompt + rejected, tokenized with the
 same chat tokenization as SFT (`chat.tokenize_messages`): earlier assistant turns of a
-multi-turn prompt carry `"weight": 0`, so only the final answer has labels, and the log-prob of
-an answer is the sum over its labelled tokens. Truncation follows SFT's policy
+multi-turn prompt carry `"weight": 0` (and `final_answer_only` masks them in any case), so only
+the final answer has labels, and the log-prob of an answer is the sum over its labelled tokens. Truncation follows SFT's policy
 (`chat.truncate_example` with `data.max_seq_length` and `data.truncation`); a pair is dropped
 when either side is dropped.
 """
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmplatform.data.chat import tokenize_messages, truncate_example
+from llmplatform.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_messages, truncate_example
 from llmplatform.data.records import ROLES, _short, _type_name
 from llmplatform.data.sources import RawRow, dataset_sha256, read_bytes, read_rows
 from llmplatform.errors import DataError, Problem
@@ -216,12 +216,28 @@ class TokenizedPair:
     truncated: bool = False
 
 
+def final_answer_only(example: TokenizedExample) -> TokenizedExample:
+    """Labels on the trailing labelled span only (the final answer and its EOS): earlier assistant
+    turns are masked here too, whether or not the chat tokenization honours `weight: 0`. Applied
+    before truncation, so a pair whose final answer is cut off entirely is dropped, never scored
+    on an earlier turn."""
+    labels = list(example.labels)
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:  # trailing masked tokens (a template's closing text)
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    labels[:start] = [IGNORE_INDEX] * start
+    return TokenizedExample(example.input_ids, labels, example.location, example.full_length, example.truncated, dict(example.extra))
+
+
 def tokenize_pair(record: PreferenceRecord, tokenizer, max_len: int, truncation: str = "right",
                   system_prompt: str | None = None) -> TokenizedPair | None:
     """Both sides through the SFT tokenization and truncation policy; None if either is dropped."""
     sides = []
     for answer in (record.chosen, record.rejected):
-        full = tokenize_messages(record.conversation(answer), tokenizer, system_prompt, record.location)
+        full = final_answer_only(tokenize_messages(record.conversation(answer), tokenizer, system_prompt, record.location))
         kept = truncate_example(full, max_len, truncation)
         if kept is None:
             return None
