@@ -281,6 +281,16 @@ class PreferenceReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def render(self) -> str:
+        """Human-readable summary (what `platformctl data validate` prints for a DPO spec)."""
+        lines = [f"{self.source} ({self.split}): {self.records} preference record(s), {self.pairs} pair(s) kept",
+                 f"  tokens per pair (longer side, before truncation): p50 {self.tokens_p50}, max {self.tokens_max}; "
+                 f"max_seq_length {self.max_len}, truncation {self.truncation}: {self.truncated} truncated, {self.dropped} dropped",
+                 f"  sha256 {self.sha256}", *(f"  note: {n}" for n in self.notes)]
+        if self.validation is not None:
+            lines += ["", self.validation.render()]
+        return "\n".join(lines)
+
 
 def preference_report(path: str | Path, tokenizer, max_len: int, truncation: str = "right", system_prompt: str | None = None,
                       split: str = "train") -> PreferenceReport:

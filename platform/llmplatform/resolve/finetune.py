@@ -27,6 +27,11 @@ def _targets(spec: FineTuneSpec) -> list[str]:
     return list(LLAMA_LINEAR_MODULES) if "all-linear" in targets else list(targets)
 
 
+def sequences_per_micro_batch(spec: FineTuneSpec) -> int:
+    """Sequences in one forward: DPO runs each pair's chosen and rejected answer together."""
+    return spec.hyperparameters.micro_batch_size * (2 if spec.objective == "dpo" else 1)
+
+
 def _plan(spec: FineTuneSpec, gpu_type: str | None, problems: list[Problem]) -> tuple[planner.TrainingPlan | None, str]:
     """The planner's plan, or None with the reason it could not run."""
     if not gpu_type:
@@ -43,7 +48,7 @@ def _plan(spec: FineTuneSpec, gpu_type: str | None, problems: list[Problem]) -> 
     hp = spec.hyperparameters
     try:
         plan = planner.plan_training(shape, spec.method, gpu, spec.data.max_seq_length if spec.data.max_seq_length <= shape.context else None,
-                                     hp.micro_batch_size, spec.lora.rank, hp.gradient_checkpointing, _targets(spec),
+                                     sequences_per_micro_batch(spec), spec.lora.rank, hp.gradient_checkpointing, _targets(spec),
                                      cpus_per_worker=spec.resources.cpus_per_worker, lora_dropout=spec.lora.dropout)
     except planner.PlanError as exc:
         problems.append(Problem("data.max_seq_length", str(exc), spec.data.max_seq_length))
@@ -95,6 +100,7 @@ def _objective(spec: FineTuneSpec, problems: list[Problem]) -> dict[str, Derived
         "dpo_beta": Derived(dpo.beta, "spec" if "beta" in dpo.model_fields_set else "default"),
         "dpo_loss_type": Derived(dpo.loss_type, "spec" if "loss_type" in dpo.model_fields_set else "default"),
         "dpo_reference": Derived("base_without_adapter", "default", "the frozen base model: the policy with its adapter disabled, no gradients"),
+        "sequences_per_micro_batch": Derived(sequences_per_micro_batch(spec), "spec", "chosen + rejected per pair: the planner sizes activations for these"),
     }
 
 

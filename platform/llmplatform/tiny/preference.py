@@ -37,3 +37,10 @@ def write_preference_task(out_dir: Path | str, n_train: int = 400, n_eval: int =
         lines = (json.dumps(preference_record(item, conversational=i % 2 == 1)) for i, item in enumerate(items))
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
+
+
+if __name__ == "__main__":  # python -m llmplatform.tiny.preference OUT_DIR  (what jobs/examples/dpo-tiny.yaml reads)
+    import sys
+
+    for split, path in write_preference_task(sys.argv[1] if len(sys.argv) > 1 else ".demo/data").items():
+        print(f"{split}: {path}")

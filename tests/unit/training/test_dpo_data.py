@@ -113,3 +113,12 @@ def test_dpo_spec_mistakes_name_their_field(spec_for):
     assert not ok.problems and (ok["objective"], ok["dpo_beta"], ok["dpo_loss_type"]) == ("dpo", 0.2, "sigmoid")
     assert ok.source("dpo_beta") == "spec" and ok.source("dpo_loss_type") == "default"
     assert resolve_finetune(spec_for())["objective"] == "sft"
+
+
+def test_the_planner_sizes_a_dpo_micro_batch_as_chosen_plus_rejected(spec_for):
+    from llmplatform.resolve import resolve_finetune
+
+    sized = {o: resolve_finetune(spec_for(base_model="llama2-7b", objective=o, resources={"gpu_type": "a100-80gb"},
+                                          hyperparameters={"micro_batch_size": 4})) for o in ("sft", "dpo")}
+    assert sized["dpo"]["sequences_per_micro_batch"] == 8
+    assert sized["dpo"]["memory_per_worker_gib"] > sized["sft"]["memory_per_worker_gib"]
