@@ -52,11 +52,6 @@ class PreferenceRecord:
         return [*earlier, {"role": "assistant", "content": answer}]
 
 
-def is_preference(value: Any) -> bool:
-    """True for an object that looks like a preference record (has `chosen` and `rejected`)."""
-    return isinstance(value, dict) and "chosen" in value and "rejected" in value
-
-
 def _messages(raw: Any, where: str, field_name: str, problems: list[Problem]) -> list[dict] | None:
     """A list of {role, content} messages with known roles and string content, or None (problems added)."""
     if not isinstance(raw, list) or not raw:
