@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from llmplatform.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_messages, truncate_example
 from llmplatform.data.records import ROLES, _short, _type_name
-from llmplatform.data.sources import RawRow, dataset_sha256, read_bytes, read_rows
+from llmplatform.data.sources import RawRow, dataset_sha256, read_source
 from llmplatform.errors import DataError, Problem
 
 SHAPE_ACCEPTED = ("`prompt` (a string or a list of chat messages ending with a user turn), `chosen` and `rejected` "
@@ -175,9 +175,9 @@ def parse_preference_rows(rows: Sequence[RawRow]) -> tuple[list[PreferenceRecord
 
 
 def load_preference_records(uri: str | Path, data: bytes | None = None) -> list[PreferenceRecord]:
-    """Read and check a preference file; raise DataError listing every bad record."""
-    data = read_bytes(uri) if data is None else data
-    records, problems = parse_preference_rows(read_rows(uri, data))
+    """Read and check a preference file or `hf://datasets/...` split; raise DataError listing every bad record."""
+    rows, _ = read_source(uri, data)
+    records, problems = parse_preference_rows(rows)
     if problems:
         raise DataError(str(uri), problems)
     if not records:

@@ -122,3 +122,13 @@ def test_the_planner_sizes_a_dpo_micro_batch_as_chosen_plus_rejected(spec_for):
                                           hyperparameters={"micro_batch_size": 4})) for o in ("sft", "dpo")}
     assert sized["dpo"]["sequences_per_micro_batch"] == 8
     assert sized["dpo"]["memory_per_worker_gib"] > sized["sft"]["memory_per_worker_gib"]
+
+
+def test_every_preference_example_in_the_data_docs_is_valid(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "data.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```json\n")[1:] if "chosen" in b.split("```", 1)[0]]
+    assert len(blocks) == 1
+    records = load_preference_records(_write(tmp_path / "docs.jsonl", [blocks[0].strip()]))
+    assert len(records) == 3 and records[2].prompt == [{"role": "user", "content": "Hi"}]
