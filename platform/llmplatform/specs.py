@@ -97,6 +97,26 @@ class HyperParameters(StrictModel):
     seed: int = Field(default=42, ge=0, description="Seed for data order, init and dropout; the same seed gives the same run.")
 
 
+# TRL 1.16 DPOTrainer loss names that need no parameter besides beta (see training.dpo)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sigmoid_norm", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down")
+
+
+class DpoSpec(StrictModel):
+    """Direct Preference Optimization settings (used when `objective` is `dpo`); names follow TRL's DPOConfig."""
+
+    beta: float = Field(default=0.1, gt=0, le=100, description="DPO beta: how far the policy may move from the reference (the frozen base); for `ipo` the regularisation tau. TRL's default 0.1.")
+    loss_type: str = Field(default="sigmoid", description="Preference loss, by TRL's name: `sigmoid` (DPO), `hinge` (SLiC), `ipo`, `sigmoid_norm`, `nca_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`.")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in DPO_LOSS_TYPES:
+            close = difflib.get_close_matches(value, DPO_LOSS_TYPES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown DPO loss type {value!r}{hint}; accepted: {', '.join(DPO_LOSS_TYPES)}")
+        return value
+
+
 class Toleration(StrictModel):
     """A Kubernetes toleration for the worker pods."""
 
@@ -167,7 +187,9 @@ class FineTuneSpec(StrictModel):
     name: str = Field(pattern=DNS_LABEL, description="Job name: lowercase letters, digits and '-', at most 63 characters (a Kubernetes name).")
     base_model: str = Field(min_length=1, description="Base model: a catalog name (`llama2-7b`, `llama2-13b-chat`, `llama2-tiny`, ...), a local directory, or a Hugging Face id.")
     method: Literal["lora", "qlora"] = Field(default="lora", description="`lora` trains adapters on a bf16/fp32 base; `qlora` on a 4-bit NF4 base.")
+    objective: Literal["sft", "dpo"] = Field(default="sft", description="`sft`: supervised tuning on answers; `dpo`: preference tuning (Direct Preference Optimization) on `prompt`/`chosen`/`rejected` records, against the frozen base as reference.")
     data: DataSpec = Field(description="Training and validation data.")
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="Preference-tuning settings (used when objective is dpo).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape.")
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="4-bit settings (used when method is qlora).")
     hyperparameters: HyperParameters = Field(default_factory=HyperParameters, description="Optimiser and schedule.")

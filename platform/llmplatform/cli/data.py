@@ -67,7 +67,12 @@ def validate(
     fmt = record_format.value if record_format else None
     trunc = truncation.value if truncation else None
     try:
-        report = validate_dataset(spec if spec else target, tok, max_seq_length or (None if spec else DEFAULT_MAX_LEN), fmt, trunc)
+        if spec is not None and spec.objective == "dpo":  # preference records: their own checks and report
+            from llmplatform.data.preference import validate_preference_dataset
+
+            report = validate_preference_dataset(spec, tok)
+        else:
+            report = validate_dataset(spec if spec else target, tok, max_seq_length or (None if spec else DEFAULT_MAX_LEN), fmt, trunc)
     except DataError as exc:
         problems = [{"location": p.location, "reason": p.message, "given": p.given, "accepted": p.accepted, "text": p.render()} for p in exc.problems]
         if output == OutputFormat.json:
