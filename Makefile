@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PLATFORM_HOME ?= $(HOME)/.llm-platform
 
-.PHONY: install test test-fast demo down e2e-kind test-vllm bench clean docs crds
+.PHONY: install test test-fast demo down e2e-kind test-vllm test-llamacpp bench clean docs crds
 
 install: $(STAMP)
 
@@ -39,6 +39,13 @@ down: install
 
 test-vllm: install .venv-vllm
 	$(BIN)/python -m pytest -q tests -m vllm
+
+# Optional tier: llama.cpp (llama-cpp-python, compiled here, ~15 min) reads our GGUF exports.
+.venv-llamacpp:
+	scripts/setup-llama-cpp.sh
+
+test-llamacpp: install .venv-llamacpp
+	$(BIN)/python -m pytest -q tests -m llamacpp
 
 bench: install
 	$(BIN)/python bench/finetune.py

@@ -38,10 +38,10 @@ class StrictModel(BaseModel):
 class DataSpec(StrictModel):
     """Where the training data is and how it becomes token sequences."""
 
-    train: str = Field(description="Training data: a local path or object-store URI (s3://, gs://) to a JSONL, JSON or Parquet file.")
+    train: str = Field(description="Training data: a local path or object-store URI (s3://, gs://) to a JSONL, JSON or Parquet file, or a Hugging Face dataset `hf://datasets/OWNER/NAME?split=train&revision=REV` (loaded through `datasets`, honouring its cache and offline mode).")
     validation: str | None = Field(default=None, description="Validation data in the same shapes as `train`. If omitted, `validation_split` of the training data is held out.")
     validation_split: float = Field(default=0.05, ge=0.0, lt=0.5, description="Share of training records held out for evaluation when `validation` is not given (0 disables evaluation).")
-    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape: `chat` (messages), `prompt_completion`, `alpaca` (instruction/input/output), or `auto` to detect per file.")
+    format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"] = Field(default="auto", description="Record shape: `chat` (messages, optional per-message `weight` 0/1), `sharegpt` (conversations of from/value), `prompt_completion`, `alpaca` (instruction/input/output), `text` (continued pretraining), or `auto` to detect per record.")
     max_seq_length: int = Field(default=2048, ge=16, le=32768, description="Tokens per training sequence (Llama 2's context is 4096).")
     packing: bool = Field(default=False, description="Pack several examples into one sequence; attention and position ids are reset at example boundaries so examples never see each other.")
     truncation: Literal["right", "drop"] = Field(default="right", description="Examples longer than `max_seq_length`: `right` cuts the end (keeping the prompt), `drop` skips the example.")
@@ -95,6 +95,26 @@ class HyperParameters(StrictModel):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(default="auto", description="Autocast dtype: `auto` is bf16 on GPU, fp32 on CPU (bf16 for QLoRA on CPU).")
     seed: int = Field(default=42, ge=0, description="Seed for data order, init and dropout; the same seed gives the same run.")
+
+
+# TRL 1.16 DPOTrainer loss names that need no parameter besides beta (see training.dpo)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sigmoid_norm", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down")
+
+
+class DpoSpec(StrictModel):
+    """Direct Preference Optimization settings (used when `objective` is `dpo`); names follow TRL's DPOConfig."""
+
+    beta: float = Field(default=0.1, gt=0, le=100, description="DPO beta: how far the policy may move from the reference (the frozen base); for `ipo` the regularisation tau. TRL's default 0.1.")
+    loss_type: str = Field(default="sigmoid", description="Preference loss, by TRL's name: `sigmoid` (DPO), `hinge` (SLiC), `ipo`, `sigmoid_norm`, `nca_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`.")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in DPO_LOSS_TYPES:
+            close = difflib.get_close_matches(value, DPO_LOSS_TYPES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown DPO loss type {value!r}{hint}; accepted: {', '.join(DPO_LOSS_TYPES)}")
+        return value
 
 
 class Toleration(StrictModel):
@@ -180,7 +200,9 @@ class FineTuneSpec(StrictModel):
     name: str = Field(pattern=DNS_LABEL, description="Job name: lowercase letters, digits and '-', at most 63 characters (a Kubernetes name).")
     base_model: str = Field(min_length=1, description="Base model: a catalog name (`llama2-7b`, `llama2-13b-chat`, `llama2-tiny`, ...), a local directory, or a Hugging Face id.")
     method: Literal["lora", "qlora"] = Field(default="lora", description="`lora` trains adapters on a bf16/fp32 base; `qlora` on a 4-bit NF4 base.")
+    objective: Literal["sft", "dpo"] = Field(default="sft", description="`sft`: supervised tuning on answers; `dpo`: preference tuning (Direct Preference Optimization) on `prompt`/`chosen`/`rejected` records, against the frozen base as reference.")
     data: DataSpec = Field(description="Training and validation data.")
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="Preference-tuning settings (used when objective is dpo).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape.")
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="4-bit settings (used when method is qlora).")
     hyperparameters: HyperParameters = Field(default_factory=HyperParameters, description="Optimiser and schedule.")
@@ -333,8 +355,8 @@ class EvalDatasetSpec(StrictModel):
     """Held-out data: the formats and record checks of training data; the last assistant turn is the reference."""
 
     name: str = Field(pattern=EVAL_NAME, description="Dataset name in the version tags `eval.<name>.<metric>` (letters, digits, '_' and '-').")
-    path: str = Field(min_length=1, description="A local path or object-store URI to a JSONL, JSON or Parquet file (chat, prompt_completion or alpaca records).")
-    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape, as in fine-tuning data; `auto` detects it.")
+    path: str = Field(min_length=1, description="A local path or object-store URI to a JSONL, JSON or Parquet file, or an `hf://datasets/OWNER/NAME?split=...` dataset (chat, sharegpt, prompt_completion or alpaca records).")
+    format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca"] = Field(default="auto", description="Record shape, as in fine-tuning data; `auto` detects it.")
     limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N records; unset = all.")
     max_seq_length: int = Field(default=1024, ge=16, le=32768, description="Tokens of prompt plus reference per example; longer ones are cut as in training.")
 

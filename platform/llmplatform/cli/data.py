@@ -21,8 +21,10 @@ DEFAULT_MAX_LEN = 2048
 class RecordFormat(str, Enum):
     auto = "auto"
     chat = "chat"
+    sharegpt = "sharegpt"
     prompt_completion = "prompt_completion"
     alpaca = "alpaca"
+    text = "text"
 
 
 class Truncation(str, Enum):
@@ -49,7 +51,7 @@ def _load_spec_if_spec(path: str):
 
 @app.command("validate")
 def validate(
-    target: str = typer.Argument(..., metavar="SPEC_OR_FILE", help="A FineTuneSpec YAML (checks its train and validation files) or a JSONL/JSON/Parquet file or URI."),
+    target: str = typer.Argument(..., metavar="SPEC_OR_FILE", help="A FineTuneSpec YAML (checks its train and validation files), a JSONL/JSON/Parquet file or URI, or hf://datasets/OWNER/NAME?split=SPLIT&revision=REV."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer directory or model name; default: the spec's base model, else llama2-tiny."),
     max_seq_length: int = typer.Option(None, "--max-seq-length", min=16, help=f"Tokens per example; default: the spec's, else {DEFAULT_MAX_LEN}."),
     record_format: RecordFormat = typer.Option(None, "--format", help="Record shape; default: the spec's, else auto (per record)."),
@@ -65,7 +67,12 @@ def validate(
     fmt = record_format.value if record_format else None
     trunc = truncation.value if truncation else None
     try:
-        report = validate_dataset(spec if spec else target, tok, max_seq_length or (None if spec else DEFAULT_MAX_LEN), fmt, trunc)
+        if spec is not None and spec.objective == "dpo":  # preference records: their own checks and report
+            from llmplatform.data.preference import validate_preference_dataset
+
+            report = validate_preference_dataset(spec, tok)
+        else:
+            report = validate_dataset(spec if spec else target, tok, max_seq_length or (None if spec else DEFAULT_MAX_LEN), fmt, trunc)
     except DataError as exc:
         problems = [{"location": p.location, "reason": p.message, "given": p.given, "accepted": p.accepted, "text": p.render()} for p in exc.problems]
         if output == OutputFormat.json:

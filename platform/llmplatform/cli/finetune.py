@@ -104,6 +104,7 @@ def validate_before_submit(spec, target: str = "local") -> dict:
     not available here, every record is still checked, but token statistics are skipped.
     """
     from llmplatform import data
+    from llmplatform.data import preference
     from llmplatform.data.sources import is_uri
 
     try:
@@ -113,8 +114,10 @@ def validate_before_submit(spec, target: str = "local") -> dict:
             raise
         for path in filter(None, (spec.data.train, spec.data.validation)):
             if not is_uri(path):
-                data.load_records(path, spec.data.format)
+                preference.load_preference_records(path) if spec.objective == "dpo" else data.load_records(path, spec.data.format)
         return {}
+    if spec.objective == "dpo":
+        return preference.validate_preference_dataset(spec, tokenizer).to_dict()
     return data.validate_dataset(spec, tokenizer, spec.data.max_seq_length).to_dict()
 
 

@@ -1,6 +1,6 @@
 """From a spec's `data` section to tokenised examples, and a resumable, shardable dataset.
 
-`load_and_tokenize(spec_data, tokenizer, split)` reads and checks the train or validation file
+`load_and_tokenize(spec_data, tokenizer, split)` reads and checks the train or validation file or dataset
 (bad records raise `DataError`), holds out `validation_split` of the training records when no
 validation file is given (the same seed always holds out the same records), applies the chat
 format, loss mask and truncation policy, and returns the kept `TokenizedExample`s.

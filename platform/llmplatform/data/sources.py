@@ -1,8 +1,10 @@
-"""Reading dataset files: local paths, `file://` and object-store URIs, into raw rows.
+"""Reading datasets: local paths, `file://` and object-store URIs, and Hugging Face datasets, into raw rows.
 
-A dataset is one JSONL, JSON (an array, or JSON lines) or Parquet file. `read_rows` returns
+A dataset is one JSONL, JSON (an array, or JSON lines) or Parquet file, or a Hugging Face
+dataset named `hf://datasets/OWNER/NAME?split=...&revision=...` (loaded through `datasets`,
+see `hub`). `read_source` returns the rows and the data's SHA-256 for either. `read_rows` returns
 every row with its location (`line N`, 1-based, for JSON lines; `index N`, 0-based, for JSON
-arrays and Parquet) and the raw value, or a parse error for that line, so the caller can report
+arrays and Parquet; Parquet's null fields are left out) and the raw value, or a parse error for that line, so the caller can report
 every bad line at once. Object-store URIs (s3://, gs://, ...) go through fsspec, then
 pyarrow.fs; when neither can open the scheme the error names the library to install.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from llmplatform.data.hub import hub_rows, is_hub_dataset, rows_sha256
 from llmplatform.errors import DataError, Problem
 
 PARQUET_MAGIC = b"PAR1"
@@ -52,6 +55,9 @@ def local_path(path: str | Path) -> Path | None:
 
 def read_bytes(path: str | Path) -> bytes:
     """The whole file at a local path or URI; DataError when it cannot be read."""
+    if is_hub_dataset(path):
+        raise DataError(str(path), [Problem("(file)", "a Hugging Face dataset is not one file", str(path),
+                                            "read_source(), which loads it through `datasets`")])
     local = local_path(path)
     if local is not None:
         if not local.is_file():
@@ -107,8 +113,20 @@ def _read_pyarrow(uri: str) -> bytes:
         return fh.read()
 
 
+def read_source(path: str | Path, data: bytes | None = None) -> tuple[list[RawRow], str]:
+    """(rows, hex SHA-256) of a data file, or of an `hf://datasets/...` split (its rows' SHA-256)."""
+    if is_hub_dataset(path):
+        rows = hub_rows(str(path))
+        return rows, rows_sha256(rows)
+    data = read_bytes(path) if data is None else data
+    return read_rows(path, data), hashlib.sha256(data).hexdigest()
+
+
 def dataset_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of the file's bytes (local path or URI): the dataset's lineage id."""
+    """The dataset's lineage id: hex SHA-256 of the file's bytes (local path or URI), or of an
+    `hf://datasets/...` split's rows as canonical JSON lines (see `hub.rows_sha256`)."""
+    if is_hub_dataset(path):
+        return rows_sha256(hub_rows(str(path)))
     local = local_path(path)
     if local is not None and local.is_file():
         digest = hashlib.sha256()
@@ -191,4 +209,14 @@ def _parquet_rows(path: str | Path, data: bytes) -> list[RawRow]:
         table = pq.read_table(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError) for bad files
         raise DataError(str(path), [Problem("(file)", f"not a readable Parquet file: {exc}")]) from exc
-    return [RawRow(f"index {i}", i, value) for i, value in enumerate(table.to_pylist())]
+    return [RawRow(f"index {i}", i, without_nulls(value)) for i, value in enumerate(table.to_pylist())]
+
+
+def without_nulls(value: Any) -> Any:
+    """`value` without null fields, at every depth: Arrow gives every row every column (and every
+    message every key any message has), so a field a row lacks reads as None; here it is absent."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value

@@ -11,15 +11,15 @@ tokenizer for a base model name or directory without downloading anything.
 
 from __future__ import annotations
 
-import hashlib
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmplatform.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_messages, truncate_example
+from llmplatform.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_record, truncate_example
 from llmplatform.data.packing import pack_examples
 from llmplatform.data.records import Record, parse_rows
-from llmplatform.data.sources import read_bytes, read_rows
+from llmplatform.data.sources import read_source
 from llmplatform.errors import DataError, Problem, SpecError
 
 MARK_PLAIN = ("[[", "]]")
@@ -129,7 +129,8 @@ def preview_example(example: TokenizedExample, tokenizer, marks: tuple[str, str]
 
 def _file_stats(source: str, records: list[Record], tokenizer, max_len: int, truncation: str,
                 system_prompt: str | None, sha256: str, split: str, packing: bool = False) -> DataReport:
-    full = [tokenize_messages(r.messages, tokenizer, system_prompt, r.location) for r in records]
+    # untruncated (no length limit) so the statistics see each example's real length
+    full = [tokenize_record(r, tokenizer, sys.maxsize, "right", system_prompt) for r in records]
     kept = [truncate_example(ex, max_len, truncation) for ex in full]
     lengths = [len(ex) for ex in full]
     shapes: dict[str, int] = {}
@@ -155,15 +156,15 @@ def _file_stats(source: str, records: list[Record], tokenizer, max_len: int, tru
 
 def _check_file(path: str, fmt: str, label: str | None = None) -> tuple[list[Record], list[Problem], str]:
     try:
-        data = read_bytes(path)
-        records, problems = parse_rows(read_rows(path, data), fmt)
-    except DataError as exc:  # unreadable file: reported with the other files' problems
-        records, problems, data = [], exc.problems, b""
+        rows, digest = read_source(path)
+        records, problems = parse_rows(rows, fmt)
+    except DataError as exc:  # unreadable file or dataset: reported with the other files' problems
+        records, problems, digest = [], exc.problems, ""
     if label:
         problems = [Problem(f"{label}: {p.location}", p.message, p.given, p.accepted) for p in problems]
     if not records and not problems:
         problems = [Problem(f"{label}: (file)" if label else "(file)", "no records", accepted="at least one record")]
-    return records, problems, hashlib.sha256(data).hexdigest()
+    return records, problems, digest
 
 
 def validate_dataset(path_or_spec: Any, tokenizer, max_len: int | None = None, fmt: str | None = None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from llmplatform.errors import EvalError
+from llmplatform.errors import DataError, EvalError, Problem
 from llmplatform.evaluation import scorers
 from llmplatform.specs import REGISTRY_URI, EvaluationSpec, MetricSpec
 
@@ -167,6 +167,10 @@ def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
 
     ds = spec.dataset
     records = load_records(ds.path, ds.format)[: ds.limit]  # DataError lists every record without a reference
+    texts = [Problem(r.location, "a text record has no answer to score", accepted="conversation records (chat, sharegpt, prompt_completion, alpaca)")
+             for r in records if r.shape == "text"]
+    if texts:
+        raise DataError(ds.path, texts)
     examples = []
     for i, record in enumerate(records):
         prompt, _ = prompt_and_answer(record, tokenizer, ds.max_seq_length)

@@ -27,6 +27,11 @@ def _targets(spec: FineTuneSpec) -> list[str]:
     return list(LLAMA_LINEAR_MODULES) if "all-linear" in targets else list(targets)
 
 
+def sequences_per_micro_batch(spec: FineTuneSpec) -> int:
+    """Sequences in one forward: DPO runs each pair's chosen and rejected answer together."""
+    return spec.hyperparameters.micro_batch_size * (2 if spec.objective == "dpo" else 1)
+
+
 def _plan(spec: FineTuneSpec, gpu_type: str | None, problems: list[Problem]) -> tuple[planner.TrainingPlan | None, str]:
     """The planner's plan, or None with the reason it could not run."""
     if not gpu_type:
@@ -43,7 +48,7 @@ def _plan(spec: FineTuneSpec, gpu_type: str | None, problems: list[Problem]) -> 
     hp = spec.hyperparameters
     try:
         plan = planner.plan_training(shape, spec.method, gpu, spec.data.max_seq_length if spec.data.max_seq_length <= shape.context else None,
-                                     hp.micro_batch_size, spec.lora.rank, hp.gradient_checkpointing, _targets(spec),
+                                     sequences_per_micro_batch(spec), spec.lora.rank, hp.gradient_checkpointing, _targets(spec),
                                      cpus_per_worker=spec.resources.cpus_per_worker, lora_dropout=spec.lora.dropout)
     except planner.PlanError as exc:
         problems.append(Problem("data.max_seq_length", str(exc), spec.data.max_seq_length))
@@ -77,6 +82,26 @@ def _strategy(spec: FineTuneSpec, plan, workers: int, problems: list[Problem]) -
     if plan is not None:
         return Derived("ddp", "planner", f"one {plan.gpu} holds it ({plan.per_gpu_gib:.1f} of {plan.usable_gib:.1f} GiB)")
     return Derived("ddp", "default", "no plan (no GPU type, or a model outside the catalog): DDP")
+
+
+def _objective(spec: FineTuneSpec, problems: list[Problem]) -> dict[str, Derived]:
+    """The training objective and, for DPO, its loss settings and reference model."""
+    source = "spec" if "objective" in spec.model_fields_set else "default"
+    if spec.objective != "dpo":
+        return {"objective": Derived("sft", source, "supervised: loss on the answer tokens")}
+    if spec.data.packing:
+        problems.append(Problem("data.packing", "packing does not work with objective dpo: each chosen and rejected answer "
+                                "is scored as its own sequence", True, "false"))
+    if spec.data.format not in ("auto", "preference"):
+        problems.append(Problem("data.format", "objective dpo reads preference records (prompt, chosen, rejected)", spec.data.format, "auto"))
+    dpo = spec.dpo
+    return {
+        "objective": Derived("dpo", "spec", "preference tuning on chosen/rejected pairs"),
+        "dpo_beta": Derived(dpo.beta, "spec" if "beta" in dpo.model_fields_set else "default"),
+        "dpo_loss_type": Derived(dpo.loss_type, "spec" if "loss_type" in dpo.model_fields_set else "default"),
+        "dpo_reference": Derived("base_without_adapter", "default", "the frozen base model: the policy with its adapter disabled, no gradients"),
+        "sequences_per_micro_batch": Derived(sequences_per_micro_batch(spec), "spec", "chosen + rejected per pair: the planner sizes activations for these"),
+    }
 
 
 def _precision(spec: FineTuneSpec, use_gpu: bool, bf16: bool) -> Derived:
@@ -146,6 +171,7 @@ def resolve_finetune(spec: FineTuneSpec, facts: Facts | None = None) -> Resolved
     v["use_gpu"] = Derived(use_gpu, gpus.source, "GPUs per worker > 0" if use_gpu else "no GPUs per worker")
     v["backend"] = Derived("nccl" if use_gpu else "gloo", gpus.source, "NCCL between GPU workers, gloo on CPU")
     v["strategy"] = _strategy(spec, plan, workers.value, problems)
+    v.update(_objective(spec, problems))
     v["precision"] = _precision(spec, use_gpu, bf16)
     v["quantization"] = _quantization(spec, use_gpu, bf16)
     if plan is not None:

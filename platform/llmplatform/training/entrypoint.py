@@ -40,7 +40,12 @@ def data_stats(spec: FineTuneSpec, tokenizer) -> tuple[dict, str]:
     """Validate the data (raises DataError with every bad line) -> (stats dict, dataset sha256)."""
     from llmplatform import data
 
-    report = data.validate_dataset(spec, tokenizer, spec.data.max_seq_length)
+    if spec.objective == "dpo":
+        from llmplatform.data.preference import validate_preference_dataset
+
+        report = validate_preference_dataset(spec, tokenizer)
+    else:
+        report = data.validate_dataset(spec, tokenizer, spec.data.max_seq_length)
     stats = report.to_dict() if hasattr(report, "to_dict") else dict(getattr(report, "__dict__", {}))
     return stats, data.dataset_sha256(spec.data.train)
 

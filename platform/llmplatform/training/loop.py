@@ -177,8 +177,13 @@ def setup(config: dict) -> dict:
     device = ray.train.torch.get_device() if plan["use_gpu"] else torch.device("cpu")
 
     tokenizer = model_setup.load_tokenizer(config["base_dir"])
-    train = batches.tokenized_examples(spec, tokenizer, "train")
-    val = batches.tokenized_examples(spec, tokenizer, "validation")
+    if plan["objective"] == "dpo":  # preference pairs; the steps are dpo.train_step / dpo.evaluate
+        from llmplatform.training import dpo
+
+        train, val = dpo.tokenized_pairs(spec, tokenizer, "train"), dpo.tokenized_pairs(spec, tokenizer, "validation")
+    else:
+        train = batches.tokenized_examples(spec, tokenizer, "train")
+        val = batches.tokenized_examples(spec, tokenizer, "validation")
     shard = batches.Shard(len(train), world, rank, hp.micro_batch_size, hp.seed)
     if shard.per_epoch < 1:
         raise ValueError(f"{len(train)} training sequences are too few for {world} worker(s) x micro_batch_size {hp.micro_batch_size}")
@@ -267,11 +272,16 @@ def train_loop_per_worker(config: dict) -> None:
     meter = ResourceMeter(plan["workers"], plan["gpus_per_worker"], plan["cpus_per_worker"],
                           logger.latest(NAMES) if logger and ctx["resumed"] else None, started=entered)
     emit("worker_start", ctx["progress_file"], rank=ctx["rank"], pid=os.getpid(), step=ctx["step"], total=ctx["steps"], resumed=ctx["resumed"])
+    step_fn, eval_fn = train_step, evaluate
+    if plan["objective"] == "dpo":
+        from llmplatform.training import dpo
+
+        step_fn, eval_fn = dpo.train_step, dpo.evaluate
     last_eval: dict[str, float] = {}
     started, start_step = time.perf_counter(), ctx["step"]
     while ctx["step"] < ctx["steps"]:
         t0 = time.perf_counter()
-        metrics = train_step(ctx)
+        metrics = step_fn(ctx)
         meter.add_tokens(metrics["tokens"])
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
         metrics.update(meter.metrics())  # cumulative gpu_hours, cpu_core_hours, trained_tokens
@@ -280,7 +290,7 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt_due = final or step % plan["checkpoint_every_n_steps"] == 0
         evaluated = final or (plan["eval_every_n_steps"] and step % plan["eval_every_n_steps"] == 0) or (ckpt_due and ctx["val"])
         if evaluated:
-            last_eval = evaluate(ctx["model"], ctx["val"], ctx)
+            last_eval = eval_fn(ctx["model"], ctx["val"], ctx)
             metrics.update(last_eval)
         if rank0:
             if logger:

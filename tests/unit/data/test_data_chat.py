@@ -137,9 +137,8 @@ def test_text_records_train_every_token_after_bos(tokenizer):
     assert ex.input_ids[0] == tokenizer.bos_token_id and ex.input_ids[-1] == tokenizer.eos_token_id
     assert ex.input_ids.count(tokenizer.eos_token_id) == 1  # the literal "</s>" is text
     assert ex.labels == [IGNORE_INDEX] + ex.input_ids[1:]
-    record = Record([], "line 3", "text", text="Plain text, </s> included.") if "text" in Record.__dataclass_fields__ else None
-    if record is not None:
-        assert tokenize_record(record, tokenizer, 4).input_ids == ex.input_ids[:4]
+    record = Record([], "line 3", "text", text="Plain text, </s> included.")
+    assert tokenize_record(record, tokenizer, 4).input_ids == ex.input_ids[:4]
 
 
 def test_right_truncation_keeps_prompt_cuts_answer_and_drops_when_nothing_trained(tokenizer):

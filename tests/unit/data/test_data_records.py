@@ -45,7 +45,7 @@ BAD = [
     ('"just text"', "not an object"),
     ({"prompt": "p"}, "missing field 'completion'"),
     ({"instruction": "do"}, "missing field 'output'"),
-    ({"text": "raw"}, "missing fields: no known record shape"),
+    ({"body": "raw"}, "missing fields: no known record shape"),
     ({"messages": []}, "missing fields"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "missing field 'content'"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}, "unknown role 'bot'"),

@@ -76,3 +76,12 @@ def test_records_without_a_reference_are_refused_with_their_lines(tmp_path):
         load_examples(_spec(path), tokenizer=None)  # refused before any tokenizer or model is used
     text = str(err.value)
     assert "line 2: messages[1]: empty assistant turn" in text and "line 3" in text and "line 1" not in text
+
+
+def test_text_records_are_refused_for_evaluation_with_their_lines(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"text": "a document"}) + "\n" + json.dumps({"text": "another"}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_examples(_spec(path), tokenizer=None)
+    assert [p.location for p in err.value.problems] == ["line 1", "line 2"]
+    assert "no answer to score" in str(err.value)
