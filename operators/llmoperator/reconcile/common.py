@@ -243,3 +243,19 @@ HEAD_PORTS = [
     {"name": "dashboard", "containerPort": 8265},
     {"name": "client", "containerPort": 10001},
 ]
+
+
+def cr_source(kind: str, cr: Mapping[str, Any]) -> str:
+    """`Kind namespace/name`, how errors about a custom resource name it."""
+    return f"{kind} {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
+
+
+def parse_cr_spec(cr: Mapping[str, Any], kind: str, spec_kind: str):
+    """A `kind` CR's spec validated by the spec model the CLI uses (`spec_kind`: finetune, eval,
+    serve), its name from metadata.name; raises SpecError naming every bad field."""
+    from llmplatform.specs import parse_spec
+
+    body = dict(cr.get("spec") or {})
+    body.setdefault("name", cr["metadata"]["name"])
+    return parse_spec(spec_kind, body, cr_source(kind, cr))
+

@@ -16,9 +16,10 @@ from typing import Any, Mapping
 import yaml
 
 from llmplatform.resolve import Facts, RegistryFact, Resolved, ResolveError, resolve
-from llmplatform.specs import REGISTRY_URI, ServeSpec, parse_spec
+from llmplatform.specs import REGISTRY_URI, ServeSpec
 
 from llmoperator.reconcile.common import (
+    cr_source, parse_cr_spec,
     HEAD_PORTS, LABEL_DEPLOYMENT, POD_API_KEYS_FILE, RAY_API_VERSION, RAY_VERSION, OperatorConfig, child_metadata,
     pod_template, quantity_gi, tolerations_from,
 )
@@ -28,10 +29,7 @@ SERVE_IMPORT_PATH = "llmplatform.serving.app:build_app"
 
 def parse_serve(cr: Mapping[str, Any]) -> ServeSpec:
     """The CR's spec as a ServeSpec; raises SpecError naming every bad field."""
-    body = dict(cr.get("spec") or {})
-    body.setdefault("name", cr["metadata"]["name"])
-    source = f"ModelDeployment {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
-    return parse_spec("serve", body, source)  # type: ignore[return-value]
+    return parse_cr_spec(cr, "ModelDeployment", "serve")  # type: ignore[return-value]
 
 
 def lookup_refs(spec: ServeSpec) -> list[str]:
@@ -70,7 +68,7 @@ def plan_for(cr: Mapping[str, Any], cfg: OperatorConfig, found: Mapping[str, Any
                   api_keys_file=POD_API_KEYS_FILE)  # cluster_config mounts the API-key Secret there when auth is on
     plan = resolve(spec, facts)
     if plan.problems:
-        raise ResolveError(f"ModelDeployment {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}", list(plan.problems))
+        raise ResolveError(cr_source("ModelDeployment", cr), list(plan.problems))
     return plan
 
 

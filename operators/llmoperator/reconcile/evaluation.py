@@ -16,9 +16,10 @@ import json
 import shlex
 from typing import Any, Mapping
 
-from llmplatform.specs import EvaluationSpec, parse_spec
+from llmplatform.specs import EvaluationSpec
 
 from llmoperator.reconcile.common import (
+    parse_cr_spec,
     HEAD_PORTS, LABEL_EVALUATION, RAY_API_VERSION, RAY_VERSION, OperatorConfig, child_metadata, pod_template, quantity_gi, tolerations_from,
 )
 from llmoperator.reconcile.finetune import _cpu, _deadline
@@ -28,10 +29,7 @@ ENTRYPOINT_MODULE = "llmplatform.evaluation.entrypoint"
 
 def parse_evaluation(cr: Mapping[str, Any]) -> EvaluationSpec:
     """The CR's spec as an EvaluationSpec; raises SpecError naming every bad field."""
-    body = dict(cr.get("spec") or {})
-    body.setdefault("name", cr["metadata"]["name"])
-    source = f"EvaluationJob {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
-    return parse_spec("eval", body, source)  # type: ignore[return-value]
+    return parse_cr_spec(cr, "EvaluationJob", "eval")  # type: ignore[return-value]
 
 
 def job_id(cr: Mapping[str, Any]) -> str:

@@ -26,9 +26,10 @@ from typing import Any, Mapping
 
 from llmplatform.errors import Problem, SpecError
 from llmplatform.resolve import Facts, Resolved, ResolveError, resolve, sweep_pods
-from llmplatform.specs import FineTuneSpec, parse_spec
+from llmplatform.specs import FineTuneSpec
 
 from llmoperator.reconcile.common import (
+    cr_source, parse_cr_spec,
     ANNOTATION_DEADLINE, HEAD_PORTS, LABEL_FINETUNE, POD_PLATFORM_HOME, RAY_API_VERSION, RAY_VERSION, OperatorConfig,
     child_metadata, pod_template, quantity_gi, tolerations_from,
 )
@@ -39,14 +40,7 @@ SWEEP_MODULE = "llmplatform.training.sweep"
 
 def parse_finetune(cr: Mapping[str, Any]) -> FineTuneSpec:
     """The CR's spec as a FineTuneSpec; raises SpecError naming every bad field."""
-    body = dict(cr.get("spec") or {})
-    body.setdefault("name", cr["metadata"]["name"])
-    source = f"FineTuneJob {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
-    return parse_spec("finetune", body, source)  # type: ignore[return-value]
-
-
-def _source(cr: Mapping[str, Any]) -> str:
-    return f"FineTuneJob {cr['metadata'].get('namespace', '')}/{cr['metadata']['name']}"
+    return parse_cr_spec(cr, "FineTuneJob", "finetune")  # type: ignore[return-value]
 
 
 def plan_for(cr: Mapping[str, Any], cfg: OperatorConfig) -> Resolved:
@@ -54,7 +48,7 @@ def plan_for(cr: Mapping[str, Any], cfg: OperatorConfig) -> Resolved:
     spec = parse_finetune(cr)
     plan = resolve(spec, Facts(target="k8s", platform_home=POD_PLATFORM_HOME))
     if plan.problems:
-        raise ResolveError(_source(cr), list(plan.problems))
+        raise ResolveError(cr_source("FineTuneJob", cr), list(plan.problems))
     return plan
 
 
@@ -70,10 +64,10 @@ def sweep_for(cr: Mapping[str, Any], plan: Resolved) -> tuple[str, dict]:
         problems = [Problem(f"sweep trial {i} ({', '.join(f'{k}={v!r}' for k, v in sweep.overrides[i].items())}): {p.location}", p.message, p.given, p.accepted)
                     for i, t in enumerate(trials) for p in t.problems]
         if problems:
-            raise ResolveError(_source(cr), problems)
+            raise ResolveError(cr_source("FineTuneJob", cr), problems)
         doc = sweep_document(sweep, [t.to_dict() for t in trials], cli=False)
     except SweepError as exc:
-        raise SpecError(_source(cr), [Problem(exc.field, str(exc))]) from None
+        raise SpecError(cr_source("FineTuneJob", cr), [Problem(exc.field, str(exc))]) from None
     return doc, sweep_pods(trials, sweep.max_concurrent)
 
 
