@@ -165,3 +165,30 @@ def test_guard_aborts_a_failing_canary_within_the_window_and_history_says_why(ti
     assert last["reason"].startswith("guard: error_rate>0.02: candidate error_rate=")
     assert (last["from_version"], last["to_version"]) == (bot["bad"], holder)
     assert any(e["action"] == "abort" for e in deployment(tiny_app)["canary_events"])
+
+
+def test_promote_after_completes_a_canary_whose_guard_held(tiny_app, bot):
+    """`--promote-after`: the deployment's guard completes a healthy canary by itself once the time
+    has passed, moving the alias, and every request keeps succeeding across the switch."""
+    from llmplatform.registry import canary, canary_rules, show_model
+
+    client = openai.OpenAI(base_url=tiny_app["url"], api_key=tiny_app["key"], max_retries=0, timeout=60)
+    ref = f"models:/{bot['name']}@production"
+    holder = show_model(bot["uri"], bot["name"])["aliases"]["production"]
+    candidate = bot["v1"] if holder != bot["v1"] else bot["v2"]
+    guard = canary_rules.parse_guard(["error_rate>0.02"], "5s", "8s")
+    with Load(client, f"{bot['name']}@production", threads=2) as load:
+        started = time.time()
+        canary.start(bot["uri"], bot["name"], candidate, "production", 50, guard)
+        completed = wait_for(lambda: canary.state_of(bot["uri"], bot["name"], "production") is None, "the promote-after completion",
+                             timeout=guard.promote_after_s + 15)
+        served = wait_for(lambda: deployment(tiny_app)["served_versions"].get(ref) == candidate, "the new holder served")
+        wait_for(lambda: len(load.since(served + 0.5)) >= 10, "requests after completing", timeout=120)
+    assert completed - started >= guard.promote_after_s  # not before the time
+    assert not [r for r in load.results if r[4]], [r[4] for r in load.results if r[4]][:3]
+    assert all(r[2] == f"{bot['name']}/{candidate}" for r in load.since(served + 0.5))
+    model = show_model(bot["uri"], bot["name"])
+    last = model["history"][-1]
+    assert model["aliases"]["production"] == candidate
+    assert (last["kind"], last["actor"], last["from_version"], last["to_version"]) == ("promote", "guard@tiny-chat", holder, candidate)
+    assert "promote-after" in last["reason"]
