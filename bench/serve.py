@@ -17,6 +17,12 @@ alternate within each round; `--rounds N` takes medians. Results: bench/results/
 limits (far above the load, so each request asks the limiter and none is refused) and the usage
 store on; the plain ones have auth and the usage store off. `targets` reports their throughput
 ratio at 16 streams (`*_accounting_vs_plain`, target >= 0.97).
+Multi-adapter workload: `hf_endpoint_adapters`, `vllm_endpoint_adapters` and `vllm_direct_adapters`
+serve 8 LoRA adapters (rank 8 on q/k/v/o, `ADAPTERS` below) beside the base, and request k of the
+load names adapter k mod 8, so 16 streams spread over 8 adapters; the base systems run the same
+prompts without adapters. `targets` gives each engine's adapters/base ratio at 16 streams
+(target >= 0.8 for ours on vllm, and no worse than `vllm_direct_adapters_vs_base`: vLLM's own
+multi-LoRA, `--enable-lora` with the same adapters, in the same run).
 Our endpoints get their own Ray, started as `platformctl up` starts the local head (on a host
 without a GPU: the CPU partition, `--cpu-partition`), with the serve spec's defaults.
 """
@@ -88,6 +94,31 @@ def _spm_32k() -> bytes:
                                    byte_fallback=True, character_coverage=1.0, input_sentence_size=400_000,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     return buf.getvalue()
+
+
+ADAPTERS = 8
+ADAPTER_RANK = 8
+
+
+def bench_adapters(model_dir: Path, cache: Path, n: int = ADAPTERS, rank: int = ADAPTER_RANK) -> list[tuple[str, Path]]:
+    """`n` LoRA adapters of `rank` on q/k/v/o for the model under test, random non-zero weights
+    (a zero B would let an engine skip nothing, but keep the test honest about what is applied)."""
+    out = []
+    for i in range(n):
+        d = cache / f"{model_dir.name}-lora{i}-r{rank}"
+        out.append((f"a{i}", d))
+        if (d / "adapter_config.json").is_file():
+            continue
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(100 + i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+                               LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                          init_lora_weights=False))
+        model.save_pretrained(d)
+    return out
 
 
 def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -163,18 +194,22 @@ async def _stream_one(client, model: str, prompt: list[int], out_tokens: int) ->
     return (ttft if ttft is not None else time.perf_counter() - t0), usage
 
 
-def run_http(base_url: str, model: str, prompts: list[list[int]], concurrency: int, out_tokens: int, cap_s: float) -> dict:
+def run_http(base_url: str, model: str | list[str], prompts: list[list[int]], concurrency: int, out_tokens: int, cap_s: float) -> dict:
+    """`model`: one name, or a list whose entries requests take in turn (request k: entry k mod len)."""
     from openai import AsyncOpenAI
+
+    models = [model] if isinstance(model, str) else list(model)
 
     async def main():
         client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
-        todo = list(prompts)
+        todo = list(enumerate(prompts))
         records: list[tuple[float, int]] = []
         start = time.perf_counter()
 
         async def worker():
             while todo and time.perf_counter() - start < cap_s:
-                records.append(await _stream_one(client, model, todo.pop(0), out_tokens))
+                k, prompt = todo.pop(0)
+                records.append(await _stream_one(client, models[k % len(models)], prompt, out_tokens))
 
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - start
@@ -269,14 +304,17 @@ def run_continuous_batching(model, prompts, concurrency: int, out_tokens: int, c
 # ---------------------------------------------------------------------------- servers
 
 
-def start_endpoint(model_dir: Path, engine: str, python: str, partition=None, accounting: bool = False) -> tuple[subprocess.Popen, str, str]:
+def start_endpoint(model_dir: Path, engine: str, python: str, partition=None, accounting: bool = False,
+                   adapters: list[tuple[str, Path]] | None = None) -> tuple[subprocess.Popen, str, str | list[str]]:
     """Our endpoint in a child process (own Ray, own process group): returns (proc, base_url, model).
 
     `partition` (llmplatform.cpus.CpuPartition): start its Ray on the front-end CPUs with
     the partition in its env, as `platformctl up` starts the local head. `accounting`: auth on
     with a keys file whose bench key has per-minute limits far above the load (so every request
     takes the limiter round trip and none is refused) and the usage store on (SQLite in a temp
-    dir); without it auth and the usage store are off."""
+    dir); without it auth and the usage store are off. `adapters`: (name, dir) served beside the
+    base (all loaded at once: `max_loaded_adapters` = their count); the model names returned are
+    then `BASE:NAME` per adapter."""
     port = _free_port()
     extra_env, auth = {"PLATFORM_USAGE_DB": "off"}, ""
     if accounting:
@@ -286,13 +324,18 @@ def start_endpoint(model_dir: Path, engine: str, python: str, partition=None, ac
         (state / "keys.txt").write_text(f"sha256:{hash_key('bench')} name=bench rpm=100000000 tpm=100000000000\n")
         extra_env = {"PLATFORM_USAGE_DB": f"sqlite:///{state}/usage.db"}
         auth = f", 'auth': {{'enabled': True, 'api_keys_file': '{state}/keys.txt', 'api_keys_env': None}}"
+    listed = ""
+    if adapters:
+        refs = ", ".join(f"{{'name': '{name}', 'source': '{path}'}}" for name, path in adapters)
+        listed = f", 'adapters': [{refs}]"
+        auth += f", 'max_loaded_adapters': {len(adapters)}, 'max_lora_rank': {ADAPTER_RANK}"
     code = (
         "import os, sys, time, tempfile, ray\n"
         "from llmplatform.backends.serving import deploy_spec\n"
         "ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix='rb', dir='/tmp'), log_to_driver=False)\n"
         f"st = deploy_spec({{'name': 'bench', 'engine': '{engine}', 'max_model_len': 512,"
         " 'limits': {'max_concurrent_requests': 64, 'max_queued_requests': 64, 'max_batch_size': 32, 'request_timeout_s': 600},"
-        f" 'dtype': 'bfloat16', 'model': {{'base': '{model_dir}', 'allow_dynamic_adapters': False}}{auth}}}, http_port={port})\n"
+        f" 'dtype': 'bfloat16', 'model': {{'base': '{model_dir}', 'allow_dynamic_adapters': False{listed}}}{auth}}}, http_port={port})\n"
         "print('READY', st['url'], flush=True)\n"
         "while True: time.sleep(3600)\n"
     )
@@ -304,13 +347,18 @@ def start_endpoint(model_dir: Path, engine: str, python: str, partition=None, ac
     proc = subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True, cwd=ROOT, preexec_fn=cpus.pin_child(partition.front) if partition else None)
     url = _wait_ready(proc, 420)
-    return proc, url, str(model_dir)
+    return proc, url, ([f"{model_dir}:{name}" for name, _ in adapters] if adapters else str(model_dir))
 
 
-def start_vllm_direct(model_dir: Path) -> tuple[subprocess.Popen, str, str]:
+def start_vllm_direct(model_dir: Path, adapters: list[tuple[str, Path]] | None = None) -> tuple[subprocess.Popen, str, str | list[str]]:
+    """`vllm serve` (its OpenAI server module); with `adapters`, multi-LoRA as vLLM documents it:
+    `--enable-lora --lora-modules NAME=DIR ...`, every adapter resident (`--max-loras`)."""
     port = _free_port()
     cmd = [str(VLLM_VENV / "bin/python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512"]
+    if adapters:
+        cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(ADAPTER_RANK),
+                "--lora-modules", *[f"{name}={path}" for name, path in adapters]]
     if not _cuda():
         cmd += ["--gpu-memory-utilization", os.environ.get("PLATFORM_VLLM_MEMORY_FRACTION", "0.15")]  # CPU: share of host RAM
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
@@ -324,7 +372,7 @@ def start_vllm_direct(model_dir: Path) -> tuple[subprocess.Popen, str, str]:
             raise RuntimeError("vllm server exited: " + (proc.stdout.read() or "")[-2000:])
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            return proc, f"http://127.0.0.1:{port}/v1", str(model_dir)
+            return proc, f"http://127.0.0.1:{port}/v1", ([name for name, _ in adapters] if adapters else str(model_dir))
         except OSError:
             time.sleep(2)
     raise RuntimeError("vllm server not ready in 300 s")
@@ -409,8 +457,9 @@ def vllm_available() -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="llama2-tiny, 8 prompts x 16 tokens, concurrency 1 and 8")
-    ap.add_argument("--systems", default="hf_endpoint,hf_endpoint_accounted,sequential,continuous_batching,vllm_direct,vllm_endpoint,"
-                                         "vllm_endpoint_accounted", help="`*_accounted`: the endpoint with keys, limits and usage on")
+    ap.add_argument("--systems", default="hf_endpoint,hf_endpoint_accounted,hf_endpoint_adapters,sequential,continuous_batching,vllm_direct,"
+                                         "vllm_direct_adapters,vllm_endpoint,vllm_endpoint_accounted,vllm_endpoint_adapters",
+                    help="`*_accounted`: the endpoint with keys, limits and usage on; `*_adapters`: requests spread over 8 LoRA adapters")
     ap.add_argument("--concurrency", default=None, help="comma list; default 1,8,16,32 (quick: 1,8)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=None)
@@ -447,28 +496,32 @@ def main(argv: list[str] | None = None) -> dict:
                           "endpoint_cpu_partition": partition.to_dict() if partition else None},
               "systems": {}, "rounds_tok_per_s": {}, "skipped": {}}
     have_vllm, why = vllm_available()
-    for s in ("vllm_direct", "vllm_endpoint", "vllm_endpoint_accounted"):
+    for s in ("vllm_direct", "vllm_direct_adapters", "vllm_endpoint", "vllm_endpoint_accounted", "vllm_endpoint_adapters"):
         if s in systems and not have_vllm:
             result["skipped"][s] = why
     runs: dict[str, dict[int, list[dict]]] = {}
     hf_model = None
+    adapters = bench_adapters(model_dir, Path(args.cache)) if any(s.endswith("_adapters") for s in systems) else None
+    if adapters:
+        result["workload"]["adapters"] = {"count": len(adapters), "rank": ADAPTER_RANK, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     for rnd in range(args.rounds):
         for system in systems:
             if system in result["skipped"]:
                 continue
             proc = None
             try:
-                if system in ("hf_endpoint", "hf_endpoint_accounted"):
-                    proc, url, name = start_endpoint(model_dir, "hf", sys.executable, partition, system.endswith("_accounted"))
-                elif system in ("vllm_endpoint", "vllm_endpoint_accounted"):
-                    proc, url, name = start_endpoint(model_dir, "vllm", str(VLLM_VENV / "bin/python"), partition, system.endswith("_accounted"))
-                elif system == "vllm_direct":
-                    proc, url, name = start_vllm_direct(model_dir)
+                mine = adapters if system.endswith("_adapters") else None
+                if system in ("hf_endpoint", "hf_endpoint_accounted", "hf_endpoint_adapters"):
+                    proc, url, name = start_endpoint(model_dir, "hf", sys.executable, partition, system.endswith("_accounted"), mine)
+                elif system in ("vllm_endpoint", "vllm_endpoint_accounted", "vllm_endpoint_adapters"):
+                    proc, url, name = start_endpoint(model_dir, "vllm", str(VLLM_VENV / "bin/python"), partition, system.endswith("_accounted"), mine)
+                elif system in ("vllm_direct", "vllm_direct_adapters"):
+                    proc, url, name = start_vllm_direct(model_dir, mine)
                 elif hf_model is None:
                     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
                 for c in levels:
-                    if system in ("hf_endpoint", "hf_endpoint_accounted", "vllm_endpoint", "vllm_endpoint_accounted", "vllm_direct"):
-                        run_http(url, name, prompts[: min(4, len(prompts))], min(c, 4), 4, 30)  # warm-up
+                    if system.startswith(("hf_endpoint", "vllm_endpoint", "vllm_direct")):
+                        run_http(url, name, prompts[: max(4, len(name) if isinstance(name, list) else 0)], min(c, 4), 4, 30)  # warm-up (every adapter loaded)
                         before = session_cpu(proc.pid)
                         res = with_cpu(run_http(url, name, prompts, c, o_tokens, cap), before, session_cpu(proc.pid))
                     elif system == "sequential":
@@ -515,6 +568,10 @@ def targets(result: dict) -> dict:
         on, off = tps(f"{engine}_endpoint_accounted", c), tps(f"{engine}_endpoint", c)
         out[f"{engine}_accounting_vs_plain"] = round(on / off, 3) if on and off else None
     out["accounting_vs_plain_target"] = 0.97
+    for engine, system in (("hf", "hf_endpoint"), ("vllm", "vllm_endpoint"), ("vllm_direct", "vllm_direct")):  # 16 streams over 8 adapters / base
+        on, off = tps(f"{system}_adapters", c), tps(system, c)
+        out[f"{engine}_adapters_vs_base"] = round(on / off, 3) if on and off else None
+    out["vllm_adapters_vs_base_target"] = 0.8  # and >= vllm_direct_adapters_vs_base, vLLM's own multi-LoRA in the same run
     for system in ("vllm_direct", "vllm_endpoint"):  # CPU the serving layer spends per output token, beside the model's
         out[f"{system}_serving_cpu_ms_per_token"] = (sysd.get(system, {}).get(str(c)) or {}).get("serving_cpu_ms_per_token")
     return out

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_serve_bench_quick_measures_every_available_system(tmp_path):
     out = tmp_path / "serve.json"
     have_vllm = (ROOT / ".venv-vllm/bin/python").exists()
-    systems = "hf_endpoint,sequential,continuous_batching" + ("" if have_vllm else ",vllm_direct")  # vllm: `make test-vllm`
+    systems = "hf_endpoint,hf_endpoint_adapters,sequential,continuous_batching" + ("" if have_vllm else ",vllm_direct")  # vllm: `make test-vllm`
     cmd = [sys.executable, str(ROOT / "bench/serve.py"), "--quick", "--concurrency", "1,4", "--prompts", "4", "--output-tokens", "8",
            "--systems", systems, "--out", str(out), "--cache", str(tmp_path / "models")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
-    for system in ("hf_endpoint", "sequential", "continuous_batching"):
+    for system in ("hf_endpoint", "hf_endpoint_adapters", "sequential", "continuous_batching"):
         assert system in result["systems"], result["skipped"]
         for level in ("1", "4"):
             r = result["systems"][system][level]
@@ -31,6 +31,8 @@ def test_serve_bench_quick_measures_every_available_system(tmp_path):
     if not have_vllm:
         assert "not found" in result["skipped"]["vllm_direct"]
     assert result["targets"]["hf_vs_sequential"] is not None
+    assert result["targets"]["hf_adapters_vs_base"] is not None  # the 4 requests went to 4 adapters, each answered
+    assert result["workload"]["adapters"]["count"] == 8
 
 
 def test_gpu_bench_dry_run_reports_skip_or_results(tmp_path):
