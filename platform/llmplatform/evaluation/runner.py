@@ -279,8 +279,7 @@ def record(tracking_uri: Any, spec: EvaluationSpec, report: EvalReport, job_id: 
     from llmplatform.registry import client as mc
 
     client = mc.connect(tracking_uri)
-    exp = client.get_experiment_by_name(spec.mlflow.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(spec.mlflow.experiment)
+    exp_id = mc.experiment_id(client, spec.mlflow.experiment)
     ds, examples = spec.dataset.name, report.items
     for r in report.results:
         run = client.create_run(exp_id, run_name=f"{spec.name}-{r.target.label}",

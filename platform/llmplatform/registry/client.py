@@ -33,6 +33,26 @@ def connect(tracking_uri: Any = None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created when missing. Two jobs submitted at once to a fresh
+    server both find no experiment and both create it: the loser's RESOURCE_ALREADY_EXISTS is not
+    an error, it reads the winner's experiment."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:  # deleted in between: nothing sensible to pick
+            raise
+        return exp.experiment_id
+
+
 def default_tracking_uri() -> str:
     """`$MLFLOW_TRACKING_URI`, else a RegistryError saying how to name a server. (The registry
     never asks the local stack: `platformctl models` passes the stack's server explicitly.)"""

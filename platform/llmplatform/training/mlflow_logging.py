@@ -64,9 +64,10 @@ def create_run(tracking_uri: str, spec: FineTuneSpec, job_id: str, tags: dict[st
     """Create the job's run (status RUNNING) with the spec as params; returns (run_id, url)."""
     from mlflow.entities import Param
 
+    from llmplatform.registry.client import experiment_id
+
     c = client(tracking_uri)
-    exp = c.get_experiment_by_name(spec.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(spec.mlflow.experiment)
+    exp_id = experiment_id(c, spec.mlflow.experiment)
     all_tags = {"platform.job_id": job_id, "base_model": spec.base_model, "method": spec.method, "git_sha": git_sha(), **(tags or {})}
     run = c.create_run(exp_id, run_name=job_id, tags=all_tags)
     params = [Param(k, v) for k, v in flatten(spec.model_dump(mode="json")).items()]
