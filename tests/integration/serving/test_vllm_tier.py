@@ -110,7 +110,8 @@ SCRIPT = FIELDS_CHECK + PRELUDE + r'''
                                                if s.name.endswith("_total"))}
     out["fields"] = fields_check(c, base)  # after the scrape: its token counts are the three requests above
     from llmplatform import cpus
-    procs = [(pid, comm) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
+    # the kernel's 15-character comm: psutil completes a cut name from the command line when vLLM's set it
+    procs = [(pid, comm[:15]) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
     out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in procs}
     out["nice"] = {comm: os.getpriority(os.PRIO_PROCESS, pid) for pid, comm in procs}
     print("RESULT " + json.dumps(out), flush=True)
