@@ -134,12 +134,10 @@ def pair_loss(model, batch: dict, spec: FineTuneSpec, amp_dtype, device_type: st
 
 def train_step(ctx: dict) -> dict[str, float]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches of preference pairs."""
-    from llmplatform.training.loop import _all_reduce, no_sync
-    from llmplatform.training import sharding
+    from llmplatform.training.loop import _all_reduce, apply_step, no_sync
 
-    spec, model, opt = ctx["spec"], ctx["model"], ctx["opt"]
+    spec, model = ctx["spec"], ctx["model"]
     accum = spec.hyperparameters.gradient_accumulation_steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, float] = defaultdict(float)
     tokens_seen = 0.0
     for micro in range(accum):
@@ -152,16 +150,11 @@ def train_step(ctx: dict) -> dict[str, float]:
         for k, v in metrics.items():
             sums[k] += v
         tokens_seen += batches.count_tokens(batch, ctx["pad_id"])
-    grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, spec.hyperparameters.max_grad_norm))
-    lr = opt.param_groups[0]["lr"]
-    opt.step()
-    ctx["sched"].step()
-    opt.zero_grad(set_to_none=True)
-    ctx["step"] += 1
+    grad_norm, lr = apply_step(ctx)
     names = list(sums)
     averaged = _all_reduce([sums[k] / accum for k in names])  # mean over micro-batches, summed over ranks
     out = {k: v / ctx["world"] for k, v in zip(names, averaged)}
-    return {**out, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen * ctx["world"]}
+    return {**out, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen * ctx["world"]}
 
 
 def evaluate(model, pairs: list[dict], ctx: dict) -> dict[str, float]:

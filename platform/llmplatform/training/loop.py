@@ -217,9 +217,8 @@ def no_sync(model, sharded: bool):
 
 def train_step(ctx: dict) -> dict[str, float]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches."""
-    spec, model, opt = ctx["spec"], ctx["model"], ctx["opt"]
+    spec, model = ctx["spec"], ctx["model"]
     accum = spec.hyperparameters.gradient_accumulation_steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
     loss_sum = tokens_trained = tokens_seen = 0.0
     for micro in range(accum):
         batch = batches.make_batch(ctx["train"], ctx["shard"].indices(ctx["position"]), ctx["pad_id"], ctx["device"])
@@ -230,14 +229,23 @@ def train_step(ctx: dict) -> dict[str, float]:
             (l / n.clamp(min=1) / accum).backward()
         loss_sum, tokens_trained = loss_sum + float(l.detach()), tokens_trained + float(n)
         tokens_seen += batches.count_tokens(batch, ctx["pad_id"])
+    grad_norm, lr = apply_step(ctx)
+    return {"loss": loss_sum / max(tokens_trained, 1.0), "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen * ctx["world"]}
+
+
+def apply_step(ctx: dict) -> tuple[float, float]:
+    """After a step's backward passes (SFT or DPO): clip, step the optimizer and the schedule, zero the
+    grads, count the step; (global grad norm before clipping, the lr the step used)."""
+    trainable = [p for p in ctx["model"].parameters() if p.requires_grad]
     # sharded grads are DTensors: clip_grad_norm_ computes the global norm, returned as a DTensor
-    grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, spec.hyperparameters.max_grad_norm))
+    grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, ctx["spec"].hyperparameters.max_grad_norm))
+    opt = ctx["opt"]
     lr = opt.param_groups[0]["lr"]
     opt.step()
     ctx["sched"].step()
     opt.zero_grad(set_to_none=True)
     ctx["step"] += 1
-    return {"loss": loss_sum / max(tokens_trained, 1.0), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen * ctx["world"]}
+    return float(grad_norm), lr
 
 
 def report(ctx: dict, metrics: dict, with_checkpoint: bool) -> None:
