@@ -133,17 +133,26 @@ def submit_finetune(spec: FineTuneSpec, *, namespace: str | None = None, kubecon
     """
     api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace, kubeconfig, context)
+    created = _create_job(api, finetune_job_cr(spec, ns), operator_timeout_s,
+                          f"FineTuneJob {ns}/{spec.name} already exists. To resubmit it (same spec: resumes from its last "
+                          f"checkpoint), delete it first: `kubectl delete finetunejob {spec.name} -n {ns}`; "
+                          "to train separately, pick a new `name`")
+    return finetune_row(created)
+
+
+def _create_job(api: KubeApi, cr: dict, operator_timeout_s: float, exists: str) -> dict:
+    """Create a job CR (FineTuneJob, EvaluationJob); `exists` is the error when its name is taken. With
+    `operator_timeout_s` > 0, the CR as the operator first reconciled it (else NoOperatorError)."""
     try:
-        created = api.create(finetune_job_cr(spec, ns))
+        created = api.create(cr)
     except JobError as exc:
         if getattr(exc, "conflict", False):
-            raise JobError(f"FineTuneJob {ns}/{spec.name} already exists. To resubmit it (same spec: resumes from its last "
-                           f"checkpoint), delete it first: `kubectl delete finetunejob {spec.name} -n {ns}`; "
-                           "to train separately, pick a new `name`") from exc
+            raise JobError(exists) from exc
         raise
     if operator_timeout_s > 0:
-        created = wait_for_operator(api, "FineTuneJob", ns, spec.name, operator_timeout_s)
-    return finetune_row(created)
+        meta = cr["metadata"]
+        created = wait_for_operator(api, cr["kind"], meta["namespace"], meta["name"], operator_timeout_s)
+    return created
 
 
 def finetune_row(cr: dict) -> dict:
@@ -165,15 +174,9 @@ def submit_evaluation(spec: EvaluationSpec, *, namespace: str | None = None, kub
     operator has picked it up when `operator_timeout_s` > 0 (else NoOperatorError)."""
     api = api or cli_connect(kubeconfig, context)
     ns = default_namespace(namespace, kubeconfig, context)
-    try:
-        created = api.create(evaluation_job_cr(spec, ns))
-    except JobError as exc:
-        if getattr(exc, "conflict", False):
-            raise JobError(f"EvaluationJob {ns}/{spec.name} already exists; to run it again delete it first "
-                           f"(`kubectl delete evaluationjob {spec.name} -n {ns}`), or pick a new `name`") from exc
-        raise
-    if operator_timeout_s > 0:
-        created = wait_for_operator(api, "EvaluationJob", ns, spec.name, operator_timeout_s)
+    created = _create_job(api, evaluation_job_cr(spec, ns), operator_timeout_s,
+                          f"EvaluationJob {ns}/{spec.name} already exists; to run it again delete it first "
+                          f"(`kubectl delete evaluationjob {spec.name} -n {ns}`), or pick a new `name`")
     return evaluation_row(created)
 
 
