@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=40 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not integration and not e2e and not network"

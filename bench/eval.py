@@ -3,7 +3,7 @@
     .venv/bin/python bench/eval.py            # a few minutes on 2 cores; writes bench/results/eval.json
     .venv/bin/python bench/eval.py --quick    # CPU dry run, llama2-tiny-random, 8 examples (tests)
 
-Same model (llama2-tiny, the pretrained tiny base), same held-out examples (64 of the `reverse`
+Same model (llama2-tiny, the pretrained tiny base), same held-out examples (128 of the `reverse`
 task, prompts built as in training), same generation settings (greedy, `--max-tokens` new tokens,
 stop at EOS), same torch threads, in the same process and run. Ours: the eval job's generate+score
 path (`llmplatform.evaluation.runner.evaluate`, what `platformctl eval submit` runs before it
@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU dry run: llama2-tiny-random, 8 examples, 8 tokens, batch 4")
     parser.add_argument("--model", default="llama2-tiny", help="base model (basemodels.locate name)")
-    parser.add_argument("--examples", type=int, default=64, help="held-out examples")
+    parser.add_argument("--examples", type=int, default=128, help="held-out examples")
     parser.add_argument("--max-tokens", type=int, default=32, help="max new tokens per answer")
     parser.add_argument("--batch-size", type=int, default=16, help="the job's generation.batch_size")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating (sequential, job) rounds; medians reported")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating (sequential, job) rounds; medians reported")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
     args = parser.parse_args(argv)
     if args.quick:

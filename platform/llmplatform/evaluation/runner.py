@@ -163,7 +163,7 @@ def resolve_models(spec: EvaluationSpec, tracking_uri: Any) -> list[ModelTarget]
 def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
     """The dataset's records as prompts (built as in training) and references (the last assistant turn)."""
     from llmplatform.data import load_records, tokenize_record
-    from llmplatform.training.evaluate import prompt_and_answer
+    from llmplatform.training.evaluate import prompt_ids
 
     ds = spec.dataset
     records = load_records(ds.path, ds.format)[: ds.limit]  # DataError lists every record without a reference
@@ -173,10 +173,9 @@ def load_examples(spec: EvaluationSpec, tokenizer) -> list[Example]:
         raise DataError(ds.path, texts)
     examples = []
     for i, record in enumerate(records):
-        prompt, _ = prompt_and_answer(record, tokenizer, ds.max_seq_length)
         question = next((m["content"] for m in reversed(record.messages) if m["role"] == "user"), "")
-        full = tokenize_record(record, tokenizer, ds.max_seq_length)
-        examples.append(Example(i, record.location, question, record.messages[-1]["content"], prompt,
+        full = tokenize_record(record, tokenizer, ds.max_seq_length)  # tokenised once: prompt, and labels for perplexity
+        examples.append(Example(i, record.location, question, record.messages[-1]["content"], prompt_ids(full),
                                 list(full.input_ids), list(full.labels)))
     return examples
 
@@ -234,7 +233,10 @@ def _engine(base: str, spec: EvaluationSpec):
     from llmplatform.basemodels import locate
     from llmplatform.serving.engines.hf import HFEngine
 
-    return HFEngine(locate(base), dtype="float32", max_batch_size=spec.generation.batch_size,
+    # min_admit: every example is queued at once, so rows freed by short answers are refilled half a batch at a time
+    # (one prefill pass per refill instead of one per freed row: 128 reverse examples, batch 16: 0.71 s vs 0.85 s)
+    batch = spec.generation.batch_size
+    return HFEngine(locate(base), dtype="float32", max_batch_size=batch, min_admit=max(1, batch // 2),
                     max_model_len=spec.dataset.max_seq_length + spec.generation.max_tokens, threads=_engine_threads())
 
 

@@ -21,9 +21,15 @@ def prompt_and_answer(record, tokenizer, max_len: int = 1024) -> tuple[list[int]
     from llmplatform.data import tokenize_record
 
     example = tokenize_record(record, tokenizer, max_len)
+    prompt = prompt_ids(example)
+    answer = tokenizer.decode([t for t in example.labels[len(prompt):] if t != IGNORE], skip_special_tokens=True)
+    return prompt, answer
+
+
+def prompt_ids(example) -> list[int]:
+    """The tokens of a tokenised example before its first trained label: the prompt serving sees."""
     first = next(i for i, label in enumerate(example.labels) if label != IGNORE)
-    answer = tokenizer.decode([t for t in example.labels[first:] if t != IGNORE], skip_special_tokens=True)
-    return list(example.input_ids[:first]), answer
+    return list(example.input_ids[:first])
 
 
 def load_model(base_dir: str | Path, adapter_dir: str | Path | None = None):

@@ -6,7 +6,9 @@ decodes one token for every running sequence in a single forward pass, samples p
 (logit_bias, presence/frequency penalties, temperature, top_p, seed; logprobs from the raw
 distribution; `json_object` through `json_constraint`), and drops finished or cancelled rows.
 `n > 1` runs as n sequences (`fan_out`). So a request that arrives
-while others are decoding joins at the next step instead of waiting for the batch to drain.
+while others are decoding joins at the next step instead of waiting for the batch to drain
+(`min_admit` > 1, what evaluation jobs use, waits instead until that many rows are free, so one
+prefill pass refills several rows).
 LoRA adapters are peft adapters loaded into one `PeftModel`; a mixed batch runs with peft's
 per-row `adapter_names`, so requests for different adapters (and the base) share each step.
 In a partitioned local stack (llmplatform.cpus) the decode thread, and the OpenMP threads
@@ -163,7 +165,8 @@ class HFEngine:
     """Batched transformers generation; see the module docstring."""
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", max_batch_size: int = 32, max_model_len: int = 4096,
-                 tensor_parallel: int = 1, threads: int = 1, max_loaded_adapters: int = 8, device: str = "auto"):
+                 tensor_parallel: int = 1, threads: int = 1, max_loaded_adapters: int = 8, device: str = "auto",
+                 min_admit: int = 1):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
@@ -174,6 +177,7 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.max_loaded_adapters = max_loaded_adapters
+        self.min_admit = min_admit  # rows freed before waiting requests join a running batch (1: at once)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         on_gpu = {"device_map": str(self.device)} if self.device.type == "cuda" else {}  # weights straight to the GPU
@@ -195,7 +199,8 @@ class HFEngine:
         self._loaders = 0  # threads waiting for `_lock` to load an adapter; the decode loop lets them in
         self._wake = threading.Event()
         self._stop = False
-        self.steps = 0
+        self.steps = 0  # decode passes
+        self.prefills = 0  # prefill passes (one per admission of waiting requests)
         self.partition = cpus.from_env()
         self._thread = threading.Thread(target=self._loop, name="hf-decode", daemon=True)
         self._thread.start()
@@ -207,6 +212,7 @@ class HFEngine:
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters),
                 "running": len(self._running), "waiting": len(self._waiting), "decode_steps": self.steps,
+                "prefill_passes": self.prefills,
                 "decode_cpus": cpus.format_cpu_list(self.partition.model) if self.partition else None}
 
     def stats(self) -> dict:
@@ -350,11 +356,15 @@ class HFEngine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, adapters: list[str]):
         if self.peft is not None:
-            return self.peft(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, adapter_names=adapters)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            return self.peft(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1, adapter_names=adapters)
+        # logits_to_keep=1: only the last position is sampled (a prefill needs no logits for its prompt)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     def _admit(self) -> None:
         free = self.max_batch_size - len(self._running)
+        if self._running and free < min(len(self._waiting), self.min_admit):
+            return  # every prefill is a forward pass of its own: while rows decode, admit several at once
         new = []
         while self._waiting and free > 0:
             seq = self._waiting.popleft()
@@ -373,6 +383,7 @@ class HFEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
             out = self._forward(ids, mask, pos, None, [s.adapter for s in new])
+            self.prefills += 1
         except Exception as exc:  # these rows are in neither queue now: fail them here or their requests wait forever
             for seq in new:  # the running batch's cache is untouched (no merge yet): it decodes on
                 seq.emit({"error": f"engine step failed: {type(exc).__name__}: {exc}"})
