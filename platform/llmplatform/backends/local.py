@@ -10,17 +10,37 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from llmplatform import paths
 from llmplatform.backends.ray_jobs import RayJobsBackend
 from llmplatform.errors import JobError
 
 
-def local_backend(home: str | None = None) -> RayJobsBackend:
-    """A backend bound to the running local stack; a clear error if it isn't running."""
+PATIENCE_S = 20.0  # a running stack's health checks may time out (2 s each) while the machine is busy
+
+
+def _answering_stack(home: str | None):
+    """The stack's status, polled for up to PATIENCE_S while its processes run but a health check
+    fails (a busy 2-core machine: two submits at once made the dashboard miss a 2 s check)."""
     from llmplatform import stack
 
+    deadline = time.monotonic() + PATIENCE_S
     info = stack.status(home)
+    while (not info.healthy and info.components and all(c.state == "running" for c in info.components)
+           and time.monotonic() < deadline):
+        time.sleep(1.0)
+        info = stack.status(home)
+    return info
+
+
+def local_backend(home: str | None = None) -> RayJobsBackend:
+    """A backend bound to the running local stack; a clear error if it isn't running."""
+    info = _answering_stack(home)
+    slow = [c for c in info.components if c.state == "running" and not c.healthy]
+    if slow and all(c.state == "running" for c in info.components):
+        raise JobError(f"the local stack in {info.home} is running but did not answer its health checks for {PATIENCE_S:.0f} s: "
+                       + "; ".join(f"{c.name} at {c.url} (log: {c.log})" for c in slow) + "; retry, or `platformctl status`")
     if not info.dashboard_url or not info.healthy:
         raise JobError(f"the local stack in {info.home} is not running: start it with `platformctl up` (or use --target ray with RAY_ADDRESS)")
     env = {"PLATFORM_HOME": str(paths.platform_home()), "PLATFORM_MODEL_CACHE": str(paths.model_cache()), **info.client_env}

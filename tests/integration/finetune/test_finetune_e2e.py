@@ -1,7 +1,9 @@
 """End to end on this CPU: `platformctl finetune submit --follow` runs a 2-worker LoRA job and a
 QLoRA job on llama2-tiny against the session's real local stack (Ray head + MLflow server);
-the registered adapters raise held-out exact-match accuracy well above the base model's, and
-the MLflow run and registered version carry the whole lineage."""
+the QLoRA adapter raises held-out exact-match accuracy well above the base model's, and the MLflow
+run and registered version carry the whole lineage. The 2-worker LoRA job runs a short schedule
+here: that a 2-worker LoRA adapter beats the base (by 0.6, 800 steps) is asserted by
+tests/e2e/test_demo.py, which runs the same recipe through `make demo`'s flow."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 # embed_tokens trained in full (modules_to_save), lr 3e-3 cosine, global batch 32 (2 x 16 for
 # LoRA, 1 x 32 for QLoRA). Measured 2026-11-27 on this base (single process, 100 held-out items):
 # 0.00 at step 0, 0.26 at 300, 0.76 at 450, 0.91 at 600. In CI the 2-worker LoRA job reached only
-# 0.16 at 450 steps (QLoRA passed), so LoRA gets 600. STEPS trades that against the CI budget.
-STEPS = {"lora": 600, "qlora": 450}
+# 0.16 at 450 steps (QLoRA passed). The LoRA job's accuracy is the demo test's (800 steps); here it
+# runs 160 steps for its progress, lineage and accounting (600 took ~4 min of CI with QLoRA beside it).
+STEPS = {"lora": 160, "qlora": 450}
 LR = 3e-3
 MARGIN = 0.40  # adapters must beat the base's held-out exact match by at least this much
 EVAL_ITEMS = 100
@@ -67,7 +70,7 @@ def test_follow_shows_progress_then_the_registered_result(jobs, name):
     assert re.search(rf"registered\s+models:/rev-{name}/1", stdout)
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora"])
+@pytest.mark.parametrize("name", ["qlora"])
 def test_registered_adapter_beats_the_base_on_held_out_items(jobs, name, local_stack, tiny_base, task_data, base_accuracy):
     from mlflow.tracking import MlflowClient
 
