@@ -89,7 +89,8 @@ FIELDS: dict[str, FieldRule] = {
                                  "`json_object`: the output is one JSON object, no whitespace outside strings, closed within "
                                  "`max_tokens` (finish_reason `stop`; `{}` needs 2 tokens, 3 on vLLM). Constrained decoding: hf, a "
                                  "JSON automaton; vLLM, its structured outputs (xgrammar) plus a logits processor with the same "
-                                 "automaton that closes the object in time. `json_schema`: vLLM only, no whitespace either; the "
+                                 "automaton that closes the object in time (vLLM on CPU; on GPUs vLLM's Model Runner V2 takes "
+                                 "no such processor: valid and compact, but a model may still be cut at `max_tokens`). `json_schema`: vLLM only, no whitespace either; the "
                                  "output follows the schema, but only a schema that bounds its output (enums, `maxLength`) is sure "
                                  "to end within `max_tokens`", ({"type": "text"},),
                                  (("hf", lambda v: isinstance(v, dict) and v.get("type") == "json_schema",

@@ -44,16 +44,21 @@ def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parall
         "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel, "max_num_seqs": max_batch_size,
         "enable_prefix_caching": False, "enable_lora": enable_lora, "disable_log_stats": False,
         # response_format: JSON with no whitespace outside strings (else a model may pad with spaces
-        # until max_tokens), and json_object closed within max_tokens (vllm_json). vLLM allows
-        # disable_any_whitespace only with a named backend (xgrammar or guidance), not "auto".
-        "structured_outputs_config": dict(STRUCTURED_OUTPUTS), "logits_processors": [JSON_CLOSER],
+        # until max_tokens). vLLM allows disable_any_whitespace only with a named backend (xgrammar
+        # or guidance), not "auto".
+        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
     }
+    cuda = _has_cuda() if cuda is None else cuda
+    if not cuda:
+        # json_object closed within max_tokens (vllm_json). A V1-runner logits processor: vLLM's CPU
+        # backend runs the V1 model runner; on GPUs vLLM picks Model Runner V2, whose processors
+        # have another interface, so there json_object has the grammar's guarantees only.
+        args["logits_processors"] = [JSON_CLOSER]
     if served_name:
         args["served_model_name"] = served_name
     if enable_lora:
         args.update({"max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
                      "max_cpu_loras": max_loaded_adapters * 2})
-    cuda = _has_cuda() if cuda is None else cuda
     if tensor_parallel > 1:
         # GPUs: shards go into the replica's placement group. CPU: vLLM refuses Ray ("current platform cpu
         # does not support ray"), so the shards are processes of this replica on its node.

@@ -8,7 +8,8 @@ request's text with the JSON automaton and, once the tokens left could run short
 (`closer` length + the most a token can lengthen it), keeps only tokens after which the object
 still closes in time, one token before `max_tokens` so that end-of-sequence follows it and the
 finish_reason is `stop` (checked among the `CANDIDATES` likeliest the grammar allows; when none
-does, the tokens that start the shortest completion). vLLM applies the grammar's mask first.
+does, the tokens that start the shortest completion). vLLM applies the grammar's mask first. This is the V1 model runner's processor interface (vLLM's CPU
+backend); `engine_args` names it on CPU only.
 """
 
 from __future__ import annotations
