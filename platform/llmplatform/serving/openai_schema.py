@@ -86,9 +86,13 @@ FIELDS: dict[str, FieldRule] = {
     "echo": _both("prepends the prompt to the text; refused together with `logprobs`", (COMPLETIONS,)),
     "ignore_eos": _both("vLLM's extension: generate `max_tokens` even past the end-of-sequence token (benchmarks)"),
     "response_format": FieldRule((CHAT,), WORKS, WORKS,
-                                 "`json_object`: the output is one JSON object (constrained decoding: vLLM's structured outputs; "
-                                 "hf: a JSON automaton, no whitespace outside strings, closed within `max_tokens`); "
-                                 "`json_schema`: vLLM only", ({"type": "text"},),
+                                 "`json_object`: the output is one JSON object, no whitespace outside strings, closed within "
+                                 "`max_tokens` (finish_reason `stop`; `{}` needs 2 tokens, 3 on vLLM). Constrained decoding: hf, a "
+                                 "JSON automaton; vLLM, its structured outputs (xgrammar) plus a logits processor with the same "
+                                 "automaton that closes the object in time (vLLM on CPU; on GPUs vLLM's Model Runner V2 takes "
+                                 "no such processor: valid and compact, but a model may still be cut at `max_tokens`). `json_schema`: vLLM only, no whitespace either; the "
+                                 "output follows the schema, but only a schema that bounds its output (enums, `maxLength`) is sure "
+                                 "to end within `max_tokens`", ({"type": "text"},),
                                  (("hf", lambda v: isinstance(v, dict) and v.get("type") == "json_schema",
                                    "`json_schema` needs a schema grammar, which the hf engine lacks (`json_object` works)"),)),
     "tools": _refused("the served chat templates (Llama 2) have no tool support, and no tool-call parser is configured",

@@ -35,8 +35,12 @@ def test_vllm_tp_uses_the_ray_executor_on_gpus_and_local_shards_on_cpu():
     assert args["tensor_parallel_size"] == 2 and args["distributed_executor_backend"] == "ray"
     assert "gpu_memory_utilization" not in args  # vLLM's GPU default, unless PLATFORM_VLLM_MEMORY_FRACTION says otherwise
     assert args["enable_lora"] and args["max_loras"] == 8 and args["max_num_seqs"] == 64
-    single = engine_args("/m", dtype="auto", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2)
+    single = engine_args("/m", dtype="auto", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2, cuda=False)
     assert "distributed_executor_backend" not in single and single["dtype"] == "auto"
+    # JSON without whitespace padding (vLLM allows that only with a named backend) and json_object closed in time
+    assert single["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert single["logits_processors"] == ["llmplatform.serving.engines.vllm_json:JsonObjectCloser"]  # CPU: the V1 model runner
+    assert args["structured_outputs_config"] == single["structured_outputs_config"] and "logits_processors" not in args  # GPUs: V2
     cpu = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=2, max_batch_size=8, max_loaded_adapters=2, cuda=False)
     assert cpu["distributed_executor_backend"] == "mp"  # vLLM's CPU backend refuses the Ray executor
 

@@ -259,3 +259,17 @@ def test_json_automaton_accepts_json_objects_only_and_closes_any_prefix():
     assert J.choose(J.feed_text(J.START, "{"), [2, 1], texts, 1)[0] == 1
     assert J.choose(J.START, [6], texts, 5) is None  # whitespace outside strings never fits
     assert J.piece_text("<0x22>") == '"' and J.piece_text("<0xE2>") is None and J.piece_text("\u2581the") == " the"
+
+
+def test_json_mask_keeps_tokens_that_still_close_in_time_else_forces_the_closer():
+    """vLLM's json_object mask (vllm_json): of the likeliest tokens, those after which the object closes in the tokens left."""
+    from llmplatform.serving.engines import json_constraint as J
+
+    texts = ['{', '}', '"', 'a', ':', '1', ' x', '"}', None, 'ab"']
+    in_key = J.feed_text(J.START, '{"')  # closer '":0}': 4 tokens at worst
+    assert J.closable(in_key, [3, 9, 6], texts, 10) == [3, 9, 6]  # room enough: every candidate stays
+    assert J.closable(in_key, [3, 9], texts, 4) == [9]  # 'a' leaves '":0}' (4) after it; 'ab"' leaves ':0}' (3)
+    # no candidate fits: the tokens that start the shortest completion ('"' and '"}' start '":0}'; '"}' is not a prefix)
+    assert J.closable(in_key, [3], texts, 2) == [2]
+    in_value = J.feed_text(J.START, '{"a":"x')  # closer '"}'
+    assert J.closable(in_value, [3], texts, 1) == [2, 7]

@@ -170,3 +170,19 @@ def choose(state: tuple, order: list[int], texts: list[str | None], tokens_left:
         if nxt is not None and len(closer(nxt)) <= tokens_left - 1:
             return tid, nxt
     return None
+
+
+def closable(state: tuple, candidates: list[int], texts: list[str | None], tokens_left: int) -> list[int]:
+    """The mask form of `choose` (for an engine that samples from a set, vLLM): those of
+    `candidates` after which the object still closes in the tokens left (`tokens_left` counts this
+    token); when none does, every token that starts the shortest completion (`closer`)."""
+    keep = []
+    for tid in candidates:
+        text = texts[tid] if tid < len(texts) else None
+        nxt = feed_text(state, text) if text else None
+        if nxt is not None and len(closer(nxt)) <= tokens_left - 1:
+            keep.append(tid)
+    if keep:
+        return keep
+    close = closer(state)
+    return [tid for tid, text in enumerate(texts) if text and close.startswith(text)]

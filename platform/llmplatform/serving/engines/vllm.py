@@ -6,8 +6,8 @@ vLLM's CPU backend has no Ray executor: there the shards are local processes (`m
 replica's node, each bound to its own share of the CPUs (STRICT_PACK reserved them). LoRA
 adapters become `LoRARequest`s with a stable integer id per adapter id; vLLM loads them lazily
 and keeps `max_loras` on the device. `n`, logprobs, penalties, logit_bias and structured outputs
-(`response_format`) are vLLM's own (`sampling_kwargs`). Events match the hf engine's, so the
-ingress can't tell them apart.
+(`response_format`) are vLLM's own (`sampling_kwargs`); `vllm_json` closes json_object within
+`max_tokens`. Events match the hf engine's, so the ingress can't tell them apart.
 """
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ from llmplatform.serving.engines import EngineError, GenerationRequest, check_re
 logger = logging.getLogger(__name__)
 
 
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+"""vLLM's StructuredOutputsConfig for every deployment (keywords; `VLLMEngine` builds the object)."""
+JSON_CLOSER = "llmplatform.serving.engines.vllm_json:JsonObjectCloser"
+
+
 def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parallel: int, max_batch_size: int,
                 max_loaded_adapters: int, max_lora_rank: int = 64, enable_lora: bool = True, cuda: bool | None = None,
                 served_name: str | None = None) -> dict:
-    """AsyncEngineArgs keywords (pure, so tests can check them without vLLM).
+    """AsyncEngineArgs keywords (pure, so tests can check them without vLLM; `structured_outputs_config`
+    stays a dict here and becomes vLLM's StructuredOutputsConfig in `VLLMEngine`).
 
     `served_name` becomes vLLM's `served_model_name`, the `model_name` label of vLLM's metrics (else
     vLLM labels them with the weights' path). Stats stay on: vLLM's PrometheusStatLogger feeds /metrics.
@@ -37,13 +43,22 @@ def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parall
         "model": model_dir, "tokenizer": model_dir, "dtype": "auto" if dtype == "auto" else dtype,
         "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel, "max_num_seqs": max_batch_size,
         "enable_prefix_caching": False, "enable_lora": enable_lora, "disable_log_stats": False,
+        # response_format: JSON with no whitespace outside strings (else a model may pad with spaces
+        # until max_tokens). vLLM allows disable_any_whitespace only with a named backend (xgrammar
+        # or guidance), not "auto".
+        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
     }
+    cuda = _has_cuda() if cuda is None else cuda
+    if not cuda:
+        # json_object closed within max_tokens (vllm_json). A V1-runner logits processor: vLLM's CPU
+        # backend runs the V1 model runner; on GPUs vLLM picks Model Runner V2, whose processors
+        # have another interface, so there json_object has the grammar's guarantees only.
+        args["logits_processors"] = [JSON_CLOSER]
     if served_name:
         args["served_model_name"] = served_name
     if enable_lora:
         args.update({"max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
                      "max_cpu_loras": max_loaded_adapters * 2})
-    cuda = _has_cuda() if cuda is None else cuda
     if tensor_parallel > 1:
         # GPUs: shards go into the replica's placement group. CPU: vLLM refuses Ray ("current platform cpu
         # does not support ray"), so the shards are processes of this replica on its node.
@@ -214,6 +229,9 @@ class VLLMEngine:
         self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
                                 max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora,
                                 max_lora_rank=max_lora_rank, cuda=cuda, served_name=served_name)
+        from vllm.config import StructuredOutputsConfig
+
+        vllm_args = {**self.args, "structured_outputs_config": StructuredOutputsConfig(**self.args["structured_outputs_config"])}
         partition = None if cuda else cpus.from_env()
         binding = None
         if not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -224,10 +242,10 @@ class VLLMEngine:
         self.cpu_binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") if not cuda else None
         self.scheduler_nice = None
         if partition and binding:
-            self.engine, self.scheduler_nice = _start_partitioned(lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args)),
+            self.engine, self.scheduler_nice = _start_partitioned(lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_args)),
                                                                   partition)
         else:
-            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_args))
         self.adapters: dict[str, tuple[int, str]] = {}  # adapter id -> (lora int id, path)
         self._ids = itertools.count(1)
         self.requests = 0
