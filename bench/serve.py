@@ -361,7 +361,8 @@ def start_vllm_direct(model_dir: Path, adapters: list[tuple[str, Path]] | None =
                 "--lora-modules", *[f"{name}={path}" for name, path in adapters]]
     if not _cuda():
         cmd += ["--gpu-memory-utilization", os.environ.get("PLATFORM_VLLM_MEMORY_FRACTION", "0.15")]  # CPU: share of host RAM
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    # vLLM as shipped: without our LoRA ops (vllm_lora_cpu), even where its plugin entry point is installed
+    env = {**{k: v for k, v in os.environ.items() if k != "PLATFORM_VLLM_LORA_OPS"}, "VLLM_CPU_KVCACHE_SPACE": "2"}
     proc = subprocess.Popen(cmd + ["--no-enable-prefix-caching"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     deadline = time.time() + 300

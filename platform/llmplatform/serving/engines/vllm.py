@@ -208,6 +208,17 @@ def _has_cuda() -> bool:
         return False
 
 
+def _use_platform_lora_ops() -> str:
+    """vLLM's CPU LoRA ops -> ours (vllm_lora_cpu), in the processes vLLM is about to start (its
+    general plugin, found through the installed entry point or a metadata folder on PYTHONPATH)
+    and in this one (an in-process engine core). Returns whose ops run: `platform` or `vllm`."""
+    from llmplatform.serving.engines import vllm_lora_cpu
+
+    plugin_dir = None if vllm_lora_cpu.plugin_installed() else str(vllm_lora_cpu.plugin_path(vllm_lora_cpu.default_plugin_root()))
+    os.environ.update(vllm_lora_cpu.engine_env(os.environ, plugin_dir))
+    return "platform" if vllm_lora_cpu.register() else "vllm"
+
+
 class VLLMEngine:
     """vLLM AsyncLLM behind the engine interface (generate / load_adapter / unload_adapter / info)."""
 
@@ -240,6 +251,7 @@ class VLLMEngine:
             if binding:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # read by the shard processes vLLM starts
         self.cpu_binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") if not cuda else None
+        self.lora_ops = _use_platform_lora_ops() if enable_lora and not cuda else None
         self.scheduler_nice = None
         if partition and binding:
             self.engine, self.scheduler_nice = _start_partitioned(lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_args)),
@@ -254,7 +266,8 @@ class VLLMEngine:
         return {"engine": "vllm", "model_dir": self.model_dir, "tensor_parallel": self.tensor_parallel,
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters), "requests": self.requests,
                 "executor": self.args.get("distributed_executor_backend", "uni"), "lora_enabled": self.args["enable_lora"],
-                "cpu_binding": self.cpu_binding, "scheduler_nice": self.scheduler_nice, "max_lora_rank": self.args.get("max_lora_rank")}
+                "cpu_binding": self.cpu_binding, "scheduler_nice": self.scheduler_nice, "max_lora_rank": self.args.get("max_lora_rank"),
+                "lora_ops": self.lora_ops}
 
     def stats(self) -> dict:
         """vLLM's own scheduler gauges (num_requests_running/waiting, kv_cache_usage_perc), read back

@@ -1,0 +1,176 @@
+"""Faster CPU multi-LoRA ops for vLLM, and the vLLM plugin that makes its CPU punica wrapper use them.
+
+vLLM's CPU backend applies LoRA with its torch ops (`vllm.lora.ops.torch_ops`): per token it
+gathers that token's adapter weights (`W[indices]`, a copy of rank x width per token) and runs a
+batched einsum. Here each op is one dense GEMM over all stacked adapter slots instead: shrink is
+`x @ A_all.T` and then each token's rank block is picked; expand places each token's rank vector
+in its slot's block of a zero row and multiplies by all slots' B at once. The wasted work (the
+other slots' blocks) is small at LoRA ranks; the gathers it saves are not.
+
+The six functions keep the signatures and write semantics of the vLLM ops they replace (slice
+offsets, `scaling`, `add_inputs`, the padding rules of `bgmv_expand`), with one deliberate
+difference: a token index of -1 means "no adapter" (as vLLM's punica metadata documents) and
+contributes nothing, where vLLM's torch ops index slot -1, i.e. the last adapter slot.
+
+Pure torch; vLLM is imported only by `register`, the `vllm.general_plugins` entry point that
+vLLM calls in each of its processes (front end, engine core, workers). It swaps the ops into
+`vllm.lora.punica_wrapper.punica_cpu` on the CPU platform when `PLATFORM_VLLM_LORA_OPS` is
+`platform` (VLLMEngine sets it; `vllm` keeps vLLM's own ops). `plugin_path` makes the entry
+point discoverable where the installed distribution predates it (an editable install built
+before the entry point was added): a folder with a metadata-only distribution for PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+OPS_ENV = "PLATFORM_VLLM_LORA_OPS"
+"""`platform`: vLLM's CPU punica wrapper uses the ops below; `vllm` (or unset): vLLM's own torch ops."""
+PLUGIN_GROUP = "vllm.general_plugins"
+PLUGIN_NAME = "llmplatform_cpu_lora"
+PLUGIN_TARGET = "llmplatform.serving.engines.vllm_lora_cpu:register"
+
+
+def _slots(weights: torch.Tensor) -> torch.Tensor:
+    """Stacked adapter weights as [slots, out, in] (vLLM stores linear layers' as [slots, 1, out, in])."""
+    return weights.squeeze(1) if weights.dim() == 4 else weights
+
+
+def shrink_rows(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row t: x[t] @ a[indices[t]].T in `dtype` ([tokens, rank]); zero where indices[t] < 0."""
+    a = _slots(a).to(dtype)
+    slots, rank, width = a.shape
+    tokens = x.shape[0]
+    every = (x.to(dtype) @ a.reshape(slots * rank, width).T).view(tokens, slots, rank)
+    rows = every[torch.arange(tokens, device=x.device), indices.clamp_min(0)]
+    return rows.masked_fill_((indices < 0).unsqueeze(1), 0)
+
+
+def expand_rows(x: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row t: x[t] @ b[indices[t]].T in `dtype` ([tokens, out]); zero where indices[t] < 0."""
+    b = _slots(b).to(dtype)
+    slots, out, rank = b.shape
+    tokens = x.shape[0]
+    placed = torch.zeros(tokens, slots, rank, dtype=dtype, device=x.device)
+    keep = (indices >= 0).unsqueeze(1)
+    placed[torch.arange(tokens, device=x.device), indices.clamp_min(0)] = x[:, :rank].to(dtype) * keep
+    return placed.view(tokens, slots * rank) @ b.transpose(1, 2).reshape(slots * rank, out)
+
+
+def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    """output[:, :rank] = scaling * (inputs[t] @ A[indices[t]].T) per token."""
+    rows = shrink_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : rows.shape[1]] = scaling * rows
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    """output[:, :n] (+)= inputs[t] @ B[indices[t]].T per token, n the shorter width (padding); one
+    result row is broadcast to every output row, as vLLM's op does."""
+    rows = expand_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = 1 if rows.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    common = min(rows.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common] += rows[:limit, :common]
+    else:
+        output_tensor[:, :common] = rows[:limit, :common]
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int,
+                      add_inputs: bool = True):
+    """output[:, offset:offset+size] (+)= inputs[t] @ B[indices[t]].T per token."""
+    rows = expand_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += rows
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = rows
+
+
+def token_indices(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
+    """The prefill metadata (one adapter index per run of tokens) as one index per token."""
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches: int,
+                max_seq_length: int, token_nums: int, scaling: float):
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, token_indices(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches: int,
+                max_seq_length: int, token_nums: int, add_inputs: bool = False):
+    bgmv_expand(inputs, lora_b_weights, output_tensor, token_indices(lora_indices_tensor, seq_len_tensor), add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches: int,
+                      max_seq_length: int, token_nums: int, slice_offset: int, slice_size: int, add_inputs: bool = False):
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, token_indices(lora_indices_tensor, seq_len_tensor), slice_offset,
+                      slice_size, add_inputs)
+
+
+OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv_shrink, sgmv_expand, sgmv_expand_slice)}
+"""The names `vllm.lora.punica_wrapper.punica_cpu` imports from vLLM's torch ops, and ours."""
+
+
+def register() -> bool:
+    """The vLLM general plugin: on the CPU platform, with `PLATFORM_VLLM_LORA_OPS=platform`, the CPU
+    punica wrapper calls our ops. Idempotent (vLLM may load plugins more than once); True when on."""
+    if os.environ.get(OPS_ENV) != "platform":
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    for name, fn in OPS.items():
+        setattr(punica_cpu, name, fn)
+    return True
+
+
+def entry_points_txt() -> str:
+    """The entry point, as pyproject.toml declares it and as `plugin_path` writes it."""
+    return f"[{PLUGIN_GROUP}]\n{PLUGIN_NAME} = {PLUGIN_TARGET}\n"
+
+
+def plugin_path(root: Path) -> Path:
+    """A folder holding a metadata-only distribution that declares the entry point (for
+    PYTHONPATH, so vLLM's processes find the plugin without reinstalling the project); written
+    once, returned as is afterwards."""
+    dist = root / "llm_platform_vllm_plugins-0.dist-info"
+    files = {"METADATA": "Metadata-Version: 2.1\nName: llm-platform-vllm-plugins\nVersion: 0\n",
+             "entry_points.txt": entry_points_txt()}
+    dist.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = dist / name
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    return root
+
+
+def plugin_installed() -> bool:
+    """Whether the installed distributions already declare the entry point."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP))
+
+
+def default_plugin_root() -> Path:
+    """Where `plugin_path` writes for this user when the entry point is not installed."""
+    return Path(tempfile.gettempdir()) / f"llmplatform-vllm-plugins-{os.getuid()}"
+
+
+def engine_env(environ: Mapping[str, str], plugin_dir: str | None) -> dict[str, str]:
+    """The environment updates that make the vLLM processes a VLLMEngine starts use our ops:
+    `PLATFORM_VLLM_LORA_OPS` defaults to `platform` (an operator's `vllm` stays), and `plugin_dir`
+    (given when the entry point is not installed) goes first on PYTHONPATH."""
+    env = {OPS_ENV: environ.get(OPS_ENV) or "platform"}
+    paths = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if plugin_dir and plugin_dir not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([plugin_dir, *paths])
+    return env

@@ -1,0 +1,161 @@
+"""Our CPU LoRA ops for vLLM (serving/engines/vllm_lora_cpu.py) against a per-token reference, and how
+vLLM's processes find the plugin that installs them. Pure torch: vLLM's own ops are compared in
+the vllm tier (tests/integration/serving/test_vllm_tier.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmplatform.serving.engines import vllm_lora_cpu as ops
+
+SLOTS, RANK, WIDTH = 4, 8, 48
+
+
+def ref_rows(x: torch.Tensor, w: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """Token by token: x[t] @ w[i].T with w as [slots, 1, out, in]; a zero row for i = -1."""
+    rows = [x[t] @ w[i, 0].T if i >= 0 else torch.zeros(w.shape[2], dtype=x.dtype) for t, i in enumerate(indices)]
+    return torch.stack(rows)
+
+
+def runs(indices: list[int]) -> tuple[torch.Tensor, ...]:
+    """vLLM's prefill metadata for a token mapping (punica_wrapper/utils.py compute_meta): run starts,
+    run lengths, one adapter index per run, batches, longest run, tokens."""
+    lora, lengths = torch.unique_consecutive(torch.tensor(indices), return_counts=True)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return starts, lengths, lora, len(lora), int(lengths.max()), int(lengths.sum())
+
+
+@pytest.fixture
+def weights():
+    g = torch.Generator().manual_seed(0)
+    a = tuple(torch.randn(SLOTS, 1, RANK, WIDTH, generator=g) for _ in range(3))  # q, k, v slices
+    b = tuple(torch.randn(SLOTS, 1, size, RANK, generator=g) for size in (WIDTH, 16, 16))
+    return a, b
+
+
+MAPPINGS = {
+    "decode, every slot and no adapter": [2, -1, 0, 3, 1, 1, -1, 2],
+    "prefill runs": [1] * 5 + [-1] * 3 + [3] * 4 + [0] * 2,
+    "all base": [-1] * 6,
+    "one adapter": [2] * 7,
+}
+
+
+@pytest.mark.parametrize("mapping", list(MAPPINGS.values()), ids=list(MAPPINGS))
+@pytest.mark.parametrize("prefill", [False, True], ids=["bgmv", "sgmv"])
+def test_linear_lora_matches_per_token_reference(weights, mapping, prefill):
+    """What PunicaWrapperCPU.add_lora_linear does with the ops (a float32 shrink buffer per slice,
+    then each slice's expand added at its offset): y += scale * x @ A[i].T @ B[i].T per slice."""
+    a, b = weights
+    x = torch.randn(len(mapping), WIDTH)
+    y = torch.randn(len(mapping), sum(s.shape[2] for s in b))
+    expected = y.clone()
+    offset = 0
+    for sa, sb in zip(a, b):
+        expected[:, offset: offset + sb.shape[2]] += ref_rows(ref_rows(x, sa, mapping) * 0.5, sb, mapping)
+        offset += sb.shape[2]
+    idx, meta = torch.tensor(mapping), runs(mapping)
+    offset = 0
+    for sa, sb in zip(a, b):
+        buf = torch.zeros(len(mapping), RANK)
+        size = sb.shape[2]
+        if prefill:
+            ops.sgmv_shrink(x, sa, buf, *meta, 0.5)
+            ops.sgmv_expand_slice(buf, sb, y, *meta, offset, size, True)
+        else:
+            ops.bgmv_shrink(x, sa, buf, idx, 0.5)
+            ops.bgmv_expand_slice(buf, sb, y, idx, offset, size, True)
+        offset += size
+    torch.testing.assert_close(y, expected)
+
+
+def test_shrink_writes_scaled_rows_and_zero_for_no_adapter(weights):
+    a = weights[0][0]
+    mapping = [3, -1, 0]
+    x = torch.randn(3, WIDTH)
+    buf = torch.full((3, RANK), 7.0)  # stale values: shrink overwrites every row
+    ops.bgmv_shrink(x, a, buf, torch.tensor(mapping), 2.0)
+    torch.testing.assert_close(buf, 2.0 * ref_rows(x, a, mapping))
+    assert not buf[1].any()
+
+
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_expand_slice_touches_only_its_slice(weights, add_inputs):
+    b = weights[1][1]  # 16 wide
+    mapping = [1, -1, 2, 1]
+    x = torch.randn(4, RANK)
+    y = torch.randn(4, 40)
+    before = y.clone()
+    ops.bgmv_expand_slice(x, b, y, torch.tensor(mapping), 10, 16, add_inputs)
+    part = ref_rows(x, b, mapping)
+    torch.testing.assert_close(y[:, 10:26], (before[:, 10:26] if add_inputs else 0) + part)
+    torch.testing.assert_close(y[:, :10], before[:, :10])
+    torch.testing.assert_close(y[:, 26:], before[:, 26:])
+    if add_inputs:  # the base token keeps the base model's output
+        torch.testing.assert_close(y[1], before[1])
+
+
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_expand_pads_to_the_shorter_width_and_broadcasts_one_row(add_inputs):
+    """bgmv_expand as embeddings and logits use it: adapter and model widths may differ by padding."""
+    b = torch.randn(SLOTS, 1, 20, RANK)
+    x = torch.randn(3, RANK)
+    mapping = [0, 2, -1]
+    y = torch.randn(3, 16)
+    before = y.clone()
+    ops.bgmv_expand(x, b, y, torch.tensor(mapping), add_inputs)
+    torch.testing.assert_close(y, (before if add_inputs else 0) + ref_rows(x, b, mapping)[:, :16])
+    wide = torch.zeros(3, 24)
+    ops.sgmv_expand(x, b, wide, *runs(mapping), False)
+    torch.testing.assert_close(wide[:, :20], ref_rows(x, b, mapping))
+    assert not wide[:, 20:].any()
+    one = torch.zeros(4, 20)
+    ops.bgmv_expand(x[:1], b, one, torch.tensor([1]), False)
+    torch.testing.assert_close(one, ref_rows(x[:1], b, [1]).expand(4, 20))
+
+
+def test_bfloat16_model_with_float32_buffer():
+    """The dtypes vLLM runs a bfloat16 model with: the shrink buffer is float32, the output bfloat16."""
+    a = torch.randn(SLOTS, 1, RANK, WIDTH, dtype=torch.bfloat16)
+    b = torch.randn(SLOTS, 1, WIDTH, RANK, dtype=torch.bfloat16)
+    mapping = [0, 3, -1, 3]
+    x = torch.randn(4, WIDTH, dtype=torch.bfloat16)
+    buf = torch.zeros(4, RANK)
+    y = torch.zeros(4, WIDTH, dtype=torch.bfloat16)
+    ops.bgmv_shrink(x, a, buf, torch.tensor(mapping), 1.0)
+    ops.bgmv_expand_slice(buf, b, y, torch.tensor(mapping), 0, WIDTH, True)
+    assert buf.dtype == torch.float32 and y.dtype == torch.bfloat16
+    expected = ref_rows(ref_rows(x.float(), a.float(), mapping), b.float(), mapping)
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.5)
+    assert not y[2].any()
+
+
+def test_engine_env_defaults_to_our_ops_and_keeps_an_operators_choice():
+    env = ops.engine_env({"PYTHONPATH": "/src"}, "/plugins")
+    assert env == {"PLATFORM_VLLM_LORA_OPS": "platform", "PYTHONPATH": os.pathsep.join(["/plugins", "/src"])}
+    assert ops.engine_env({"PLATFORM_VLLM_LORA_OPS": "vllm"}, None) == {"PLATFORM_VLLM_LORA_OPS": "vllm"}
+    assert "PYTHONPATH" not in ops.engine_env({"PYTHONPATH": "/plugins"}, "/plugins")
+
+
+def test_plugin_path_makes_the_entry_point_visible_to_a_new_process(tmp_path):
+    """What vLLM's spawned processes see: importlib.metadata finds the entry point via PYTHONPATH."""
+    root = ops.plugin_path(tmp_path / "plugins")
+    assert ops.plugin_path(root) == root  # a second writer finds it in place
+    probe = ("from importlib.metadata import entry_points; "
+             "print([(e.name, e.value) for e in entry_points(group='vllm.general_plugins')])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    assert str((ops.PLUGIN_NAME, ops.PLUGIN_TARGET)) in out
+
+
+def test_pyproject_declares_the_same_entry_point():
+    """Installed distributions (the GPU image, a rebuilt .venv-vllm) carry it without plugin_path."""
+    project = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"][ops.PLUGIN_GROUP] == {ops.PLUGIN_NAME: ops.PLUGIN_TARGET}
