@@ -84,7 +84,46 @@ def fields_check(c, base):
     return out
 '''
 
-SCRIPT = FIELDS_CHECK + PRELUDE + r'''
+LORA_CHECK = r'''
+def lora_check(c, base, adapter):
+    """The adapter's greedy tokens served vs transformers with the adapter merged by hand (W += alpha/r * B @ A)."""
+    import json as _json
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmplatform.serving.openai_schema import token_text
+    user = [{"role": "user", "content": "hi"}]
+    r = c.chat.completions.create(model=base + ":a", messages=user, max_tokens=12, temperature=0, logprobs=True,
+                                  extra_body={"ignore_eos": True})
+    cfg = _json.load(open(f"{adapter}/adapter_config.json"))
+    lora = load_file(f"{adapter}/adapter_model.safetensors")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, a in lora.items():
+            if ".lora_A." in key:
+                target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                weights[target] += cfg["lora_alpha"] / cfg["r"] * (lora[key.replace("lora_A", "lora_B")] @ a)
+    ids = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return {"served": [e.token for e in r.choices[0].logprobs.content],
+            "merged": [token_text(p)[0] for p in tok.convert_ids_to_tokens(ids[start:])]}
+
+
+def worker_plugins(pid):
+    """The vLLM general plugins a process with this pid's environment finds (what vLLM loads there)."""
+    import subprocess
+    env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+    probe = "import json; from importlib.metadata import entry_points; print(json.dumps([e.name for e in entry_points(group='vllm.general_plugins')]))"
+    found = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout)
+    return {"found": found, "lora_ops": env.get("PLATFORM_VLLM_LORA_OPS")}
+'''
+
+SCRIPT = FIELDS_CHECK + LORA_CHECK + PRELUDE + r'''
     spec = {"name": "vt", "engine": "vllm", "model": {"base": base, "adapters": [{"name": "a", "source": sys.argv[2]}]},
             "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}, "topology": sys.argv[3]}
     st = deploy_spec(spec, timeout_s=400)
@@ -109,11 +148,13 @@ SCRIPT = FIELDS_CHECK + PRELUDE + r'''
                       "generation_tokens": sum(s.value for f in fams if f.name == "vllm:generation_tokens" for s in f.samples
                                                if s.name.endswith("_total"))}
     out["fields"] = fields_check(c, base)  # after the scrape: its token counts are the three requests above
+    out["lora"] = lora_check(c, base, sys.argv[2])
     from llmplatform import cpus
     # the kernel's 15-character comm: psutil completes a cut name from the command line when vLLM's set it
     procs = [(pid, comm[:15]) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
     out["affinity"] = {comm: cpus.format_cpu_list(os.sched_getaffinity(pid)) for pid, comm in procs}
     out["nice"] = {comm: os.getpriority(os.PRIO_PROCESS, pid) for pid, comm in procs}
+    out["worker_plugins"] = [worker_plugins(pid) for pid, comm in procs if comm == "VLLM::Worker"]
     print("RESULT " + json.dumps(out), flush=True)
     ray.shutdown()
 '''
@@ -176,6 +217,12 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     assert out["engine"]["lora_enabled"]  # adapters listed, so vLLM gets its LoRA layers
     assert out["base_tokens"] == 12
     assert out["lora_text"] != out["base_text"]
+    # LoRA runs through our CPU ops (vllm_lora_cpu): the worker finds the plugin and has it switched on,
+    # and the adapter's answer is the merged model's
+    assert out["engine"]["lora_ops"] == "platform"
+    assert out["worker_plugins"] and all("llmplatform_cpu_lora" in w["found"] and w["lora_ops"] == "platform"
+                                         for w in out["worker_plugins"]), out["worker_plugins"]
+    assert out["lora"]["served"] == out["lora"]["merged"], out["lora"]
     assert out["stream_chunks"] >= 3
     f = out["fields"]  # docs/openai-api.md, engine vllm
     assert f["logprobs"]["served"] == f["logprobs"]["model"]
@@ -231,3 +278,50 @@ def test_vllm_tensor_parallel_2_runs_for_real_on_cpu(vllm_python, tmp_path):
     assert two["group"]["strategy"] == "STRICT_PACK" and len(two["group"]["bundles"]) == 2
     assert out["one"]["engine"]["tensor_parallel"] == 1 and out["one"]["group"] is None
     assert two["texts"] == out["one"]["texts"] and all(two["texts"])
+
+
+PLUGIN_SCRIPT = r'''
+import json, torch
+import vllm.lora.ops.torch_ops as theirs
+import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+from vllm.plugins import load_general_plugins
+from llmplatform.serving.engines import vllm_lora_cpu as ours
+load_general_plugins()  # what each vLLM process does at start
+out = {"swapped": sorted(n for n, f in ours.OPS.items() if getattr(punica_cpu, n) is f)}
+g = torch.Generator().manual_seed(1)
+a, b = torch.randn(4, 1, 8, 64, generator=g), torch.randn(4, 1, 96, 8, generator=g)
+idx, x = torch.tensor([3, 3, 0, 2, 2, 2, 1]), torch.randn(7, 64, generator=g)
+lora, lengths = torch.unique_consecutive(idx, return_counts=True)
+meta = (torch.cumsum(lengths, 0) - lengths, lengths, lora, len(lora), int(lengths.max()), int(lengths.sum()))
+res = {}
+for name, m in (("ours", ours), ("vllm", theirs)):  # no -1 in the mapping: there vLLM's ops index the last slot
+    buf, y, pad, pre = torch.zeros(7, 8), torch.ones(7, 200), torch.zeros(7, 90), torch.ones(7, 100)
+    m.bgmv_shrink(x, a, buf, idx, 0.5)
+    m.bgmv_expand_slice(buf, b, y, idx, 50, 96, True)
+    m.bgmv_expand(buf, b, pad, idx, False)
+    pbuf = torch.zeros(7, 8)
+    m.sgmv_shrink(x, a, pbuf, *meta, 2.0)
+    m.sgmv_expand_slice(pbuf, b, pre, *meta, 4, 96, True)
+    res[name] = (buf, y, pad, pbuf, pre)
+out["max_diff"] = max(float((p - q).abs().max()) for p, q in zip(res["ours"], res["vllm"]))
+print("RESULT " + json.dumps(out), flush=True)
+'''
+
+
+@pytest.mark.parametrize("ops_env", ["platform", None])
+def test_plugin_swaps_our_lora_ops_into_a_fresh_vllm_process(vllm_python, tmp_path, ops_env):
+    """A new process (as vLLM spawns its engine core and workers) with the env VLLMEngine gives it:
+    vLLM's plugin loader puts our ops into its CPU punica wrapper, and only when switched on; ours
+    compute what vLLM's torch ops compute (bgmv and sgmv, scaling, slices, padding)."""
+    from llmplatform.serving.engines import vllm_lora_cpu
+
+    env = {k: v for k, v in os.environ.items() if k != vllm_lora_cpu.OPS_ENV}
+    env.update(vllm_lora_cpu.engine_env(env, str(vllm_lora_cpu.plugin_path(tmp_path / "plugins"))))
+    if ops_env is None:  # the plugin is found but stays off (vLLM's own ops, as in `vllm serve`)
+        env.pop(vllm_lora_cpu.OPS_ENV)
+    done = subprocess.run([vllm_python, "-c", PLUGIN_SCRIPT], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, done.stderr[-3000:]
+    out = json.loads(line[7:])
+    assert out["swapped"] == (sorted(vllm_lora_cpu.OPS) if ops_env else [])
+    assert out["max_diff"] < 1e-4

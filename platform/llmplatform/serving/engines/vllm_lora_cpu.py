@@ -22,12 +22,15 @@ before the entry point was added): a folder with a metadata-only distribution fo
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 OPS_ENV = "PLATFORM_VLLM_LORA_OPS"
 """`platform`: vLLM's CPU punica wrapper uses the ops below; `vllm` (or unset): vLLM's own torch ops."""
@@ -126,8 +129,11 @@ def register() -> bool:
         return False
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
+    if all(getattr(punica_cpu, name) is fn for name, fn in OPS.items()):
+        return True
     for name, fn in OPS.items():
         setattr(punica_cpu, name, fn)
+    logger.info("vLLM's CPU LoRA ops replaced by llmplatform's (vllm_lora_cpu) in process %d", os.getpid())
     return True
 
 
