@@ -286,8 +286,10 @@ import vllm.lora.ops.torch_ops as theirs
 import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 from vllm.plugins import load_general_plugins
 from llmplatform.serving.engines import vllm_lora_cpu as ours
+vllm_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear
 load_general_plugins()  # what each vLLM process does at start
 out = {"swapped": sorted(n for n, f in ours.OPS.items() if getattr(punica_cpu, n) is f)}
+out["linear_swapped"] = punica_cpu.PunicaWrapperCPU.add_lora_linear is ours.add_lora_linear
 g = torch.Generator().manual_seed(1)
 a, b = torch.randn(4, 1, 8, 64, generator=g), torch.randn(4, 1, 96, 8, generator=g)
 idx, x = torch.tensor([3, 3, 0, 2, 2, 2, 1]), torch.randn(7, 64, generator=g)
@@ -304,6 +306,26 @@ for name, m in (("ours", ours), ("vllm", theirs)):  # no -1 in the mapping: ther
     m.sgmv_expand_slice(pbuf, b, pre, *meta, 4, 96, True)
     res[name] = (buf, y, pad, pbuf, pre)
 out["max_diff"] = max(float((p - q).abs().max()) for p, q in zip(res["ours"], res["vllm"]))
+# the fused add_lora_linear vs vLLM's wrapper with vLLM's ops: q, k, v slices, a prefill and a decode step
+a3 = tuple(torch.randn(4, 1, 8, 64, generator=g) for _ in range(3))
+b3 = tuple(torch.randn(4, 1, n, 8, generator=g) for n in (64, 32, 32))
+diffs = []
+for prefill in (True, False):
+    w = punica_cpu.PunicaWrapperCPU(64, 64, "cpu")
+    w._token_lora_indices[:7] = idx
+    w.indices_len = [7, 7, 7, 7]
+    w.is_prefill = prefill
+    if prefill:
+        w._update_prefill_metadata(w.token_lora_indices)
+    ys = []
+    for fn, m in ((ours.add_lora_linear, ours), (vllm_linear, theirs)):
+        for n in ours.OPS:
+            setattr(punica_cpu, n, getattr(m, n))
+        y = torch.ones(7, 128)
+        fn(w, y, x, a3, b3, 0.25, (64, 32, 32))
+        ys.append(y)
+    diffs.append(float((ys[0] - ys[1]).abs().max()))
+out["linear_max_diff"] = max(diffs)
 print("RESULT " + json.dumps(out), flush=True)
 '''
 
@@ -312,7 +334,8 @@ print("RESULT " + json.dumps(out), flush=True)
 def test_plugin_swaps_our_lora_ops_into_a_fresh_vllm_process(vllm_python, tmp_path, ops_env):
     """A new process (as vLLM spawns its engine core and workers) with the env VLLMEngine gives it:
     vLLM's plugin loader puts our ops into its CPU punica wrapper, and only when switched on; ours
-    compute what vLLM's torch ops compute (bgmv and sgmv, scaling, slices, padding)."""
+    compute what vLLM's torch ops compute (bgmv and sgmv, scaling, slices, padding), and the fused
+    add_lora_linear what vLLM's wrapper computes with them."""
     from llmplatform.serving.engines import vllm_lora_cpu
 
     env = {k: v for k, v in os.environ.items() if k != vllm_lora_cpu.OPS_ENV}
@@ -324,4 +347,5 @@ def test_plugin_swaps_our_lora_ops_into_a_fresh_vllm_process(vllm_python, tmp_pa
     assert line, done.stderr[-3000:]
     out = json.loads(line[7:])
     assert out["swapped"] == (sorted(vllm_lora_cpu.OPS) if ops_env else [])
-    assert out["max_diff"] < 1e-4
+    assert out["linear_swapped"] == bool(ops_env)
+    assert out["max_diff"] < 1e-4 and out["linear_max_diff"] < 1e-4, out

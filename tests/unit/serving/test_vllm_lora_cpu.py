@@ -76,6 +76,34 @@ def test_linear_lora_matches_per_token_reference(weights, mapping, prefill):
     torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.parametrize("mapping", list(MAPPINGS.values()), ids=list(MAPPINGS))
+def test_fused_linear_lora_matches_per_token_reference(weights, mapping):
+    """lora_linear (the wrapper's add_lora_linear, all slices at once) at an offset, one slice all zero
+    (a projection the adapters don't target), then again after an adapter is written into a slot."""
+    a, b = weights
+    a = (a[0], torch.zeros_like(a[1]), a[2])
+    x = torch.randn(len(mapping), WIDTH)
+    y = torch.randn(len(mapping), 6 + sum(s.shape[2] for s in b))
+    idx = torch.tensor(mapping)
+
+    def expected(before):
+        out, offset = before.clone(), 6
+        for sa, sb in zip(a, b):
+            out[:, offset: offset + sb.shape[2]] += ref_rows(ref_rows(x, sa, mapping) * 0.5, sb, mapping)
+            offset += sb.shape[2]
+        return out
+
+    for _ in range(2):  # the second call uses the stacked A kept from the first
+        want = expected(y)
+        ops.lora_linear(y, x, a, b, 0.5, tuple(s.shape[2] for s in b), idx, offset_start=6)
+        torch.testing.assert_close(y, want)
+    a[1][1, 0].copy_(torch.randn(RANK, WIDTH))  # vLLM's set_lora writes in place
+    b[2][1].zero_()
+    want = expected(y)
+    ops.lora_linear(y, x, a, b, 0.5, tuple(s.shape[2] for s in b), idx, offset_start=6)
+    torch.testing.assert_close(y, want)
+
+
 def test_shrink_writes_scaled_rows_and_zero_for_no_adapter(weights):
     a = weights[0][0]
     mapping = [3, -1, 0]
@@ -159,3 +187,31 @@ def test_pyproject_declares_the_same_entry_point():
     """Installed distributions (the GPU image, a rebuilt .venv-vllm) carry it without plugin_path."""
     project = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())["project"]
     assert project["entry-points"][ops.PLUGIN_GROUP] == {ops.PLUGIN_NAME: ops.PLUGIN_TARGET}
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["tensor", "inference tensor"])
+def test_layers_no_adapter_targets_add_nothing_until_one_is_loaded_into_them(inference):
+    """vLLM gives every linear layer LoRA weights; where no loaded adapter targets a layer they are all
+    zero and the ops skip it. Loading an adapter writes the stacked weights in place: the next call
+    uses them (inference tensors, which have no version counter, included)."""
+    with torch.inference_mode(inference):
+        a, b = torch.zeros(SLOTS, 1, RANK, WIDTH), torch.zeros(SLOTS, 1, 16, RANK)
+    mapping = [2, -1, 2]
+    idx = torch.tensor(mapping)
+    x = torch.randn(3, WIDTH)
+    buf = torch.full((3, RANK), 5.0)
+    y = torch.randn(3, 16)
+    before = y.clone()
+    ops.bgmv_shrink(x, a, buf, idx, 1.0)
+    assert not buf.any()
+    ops.bgmv_expand_slice(torch.randn(3, RANK), b, y, idx, 0, 16, True)
+    torch.testing.assert_close(y, before)
+    ops.bgmv_expand_slice(torch.randn(3, RANK), b, y, idx, 0, 16, False)
+    assert not y.any()
+    with torch.inference_mode(inference):  # vLLM's set_lora: a copy into the slot
+        a[2, 0].copy_(torch.randn(RANK, WIDTH))
+        b[2, 0].copy_(torch.randn(16, RANK))
+    ops.bgmv_shrink(x, a, buf, idx, 1.0)
+    torch.testing.assert_close(buf, ref_rows(x, a, mapping))
+    ops.bgmv_expand_slice(buf, b, y, idx, 0, 16, True)
+    torch.testing.assert_close(y, ref_rows(buf, b, mapping))

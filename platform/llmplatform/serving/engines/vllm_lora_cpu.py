@@ -2,22 +2,27 @@
 
 vLLM's CPU backend applies LoRA with its torch ops (`vllm.lora.ops.torch_ops`): per token it
 gathers that token's adapter weights (`W[indices]`, a copy of rank x width per token) and runs a
-batched einsum. Here each op is one dense GEMM over all stacked adapter slots instead: shrink is
-`x @ A_all.T` and then each token's rank block is picked; expand places each token's rank vector
-in its slot's block of a zero row and multiplies by all slots' B at once. The wasted work (the
-other slots' blocks) is small at LoRA ranks; the gathers it saves are not.
+batched einsum, slice by slice, for every linear layer. Here each op is one dense GEMM over all
+stacked adapter slots instead: shrink is `x @ A_all.T` and then each token's rank block is
+picked; expand places each token's rank vector in its slot's block of a zero row and multiplies
+by all slots' B at once. The wasted work (the other slots' blocks) is small at LoRA ranks; the
+gathers it saves are not. `lora_linear` (the wrapper's `add_lora_linear`) does one shrink for
+all slices of a projection (q, k, v) with their A stacked once and kept until vLLM next writes
+them. Layers no loaded adapter targets (all-zero weights, e.g. the MLP when adapters cover
+attention) are skipped.
 
-The six functions keep the signatures and write semantics of the vLLM ops they replace (slice
-offsets, `scaling`, `add_inputs`, the padding rules of `bgmv_expand`), with one deliberate
-difference: a token index of -1 means "no adapter" (as vLLM's punica metadata documents) and
-contributes nothing, where vLLM's torch ops index slot -1, i.e. the last adapter slot.
+The six op functions keep the signatures and write semantics of the vLLM ops they replace
+(slice offsets, `scaling`, `add_inputs`, the padding rules of `bgmv_expand`), with one
+deliberate difference: a token index of -1 means "no adapter" (as vLLM's punica metadata
+documents) and contributes nothing, where vLLM's torch ops index slot -1, i.e. the last slot.
 
 Pure torch; vLLM is imported only by `register`, the `vllm.general_plugins` entry point that
-vLLM calls in each of its processes (front end, engine core, workers). It swaps the ops into
-`vllm.lora.punica_wrapper.punica_cpu` on the CPU platform when `PLATFORM_VLLM_LORA_OPS` is
-`platform` (VLLMEngine sets it; `vllm` keeps vLLM's own ops). `plugin_path` makes the entry
-point discoverable where the installed distribution predates it (an editable install built
-before the entry point was added): a folder with a metadata-only distribution for PYTHONPATH.
+vLLM calls in each of its processes (front end, engine core, workers). It swaps the ops and
+`add_lora_linear` into `vllm.lora.punica_wrapper.punica_cpu` on the CPU platform when
+`PLATFORM_VLLM_LORA_OPS` is `platform` (VLLMEngine sets it; `vllm` keeps vLLM's own).
+`plugin_path` makes the entry point discoverable where the installed distribution predates it
+(an editable install built before the entry point was added): a folder with a metadata-only
+distribution for PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -44,6 +49,27 @@ def _slots(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
+def _cached(owner: torch.Tensor, key: str, sources: tuple[torch.Tensor, ...], build):
+    """`build()`, remembered on `owner` until one of `sources` is next written (their version counters:
+    vLLM writes adapters into the stacked weights in place); built each time for inference
+    tensors, which have no version counter."""
+    try:
+        versions = tuple(t._version for t in sources)
+    except RuntimeError:
+        return build()
+    cache = owner.__dict__.setdefault("_llmplatform_lora", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != versions:
+        hit = cache[key] = (versions, build())
+    return hit[1]
+
+
+def all_zero(weights: torch.Tensor) -> bool:
+    """Whether every slot's weights are zero: vLLM gives every linear layer LoRA weights, also those
+    no loaded adapter targets (an MLP when adapters cover attention only)."""
+    return _cached(weights, "all_zero", (weights,), lambda: not bool(weights.any()))
+
+
 def shrink_rows(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Row t: x[t] @ a[indices[t]].T in `dtype` ([tokens, rank]); zero where indices[t] < 0."""
     a = _slots(a).to(dtype)
@@ -67,6 +93,9 @@ def expand_rows(x: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, dtype: 
 
 def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     """output[:, :rank] = scaling * (inputs[t] @ A[indices[t]].T) per token."""
+    if all_zero(lora_b_weights):
+        output_tensor[:, : lora_b_weights.shape[-2]] = 0
+        return
     rows = shrink_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : rows.shape[1]] = scaling * rows
 
@@ -74,6 +103,10 @@ def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scal
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
     """output[:, :n] (+)= inputs[t] @ B[indices[t]].T per token, n the shorter width (padding); one
     result row is broadcast to every output row, as vLLM's op does."""
+    if all_zero(lora_b_weights):
+        if not add_inputs:
+            output_tensor[:, : lora_b_weights.shape[-2]] = 0
+        return
     rows = expand_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = 1 if rows.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
     common = min(rows.shape[1], output_tensor.shape[1])
@@ -86,11 +119,47 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int,
                       add_inputs: bool = True):
     """output[:, offset:offset+size] (+)= inputs[t] @ B[indices[t]].T per token."""
+    if all_zero(lora_b_weights):
+        if not add_inputs:
+            output_tensor[:, slice_offset: slice_offset + slice_size] = 0
+        return
     rows = expand_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset: slice_offset + slice_size] += rows
     else:
         output_tensor[:, slice_offset: slice_offset + slice_size] = rows
+
+
+def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float,
+                output_slices: tuple[int, ...], indices: torch.Tensor, offset_start: int = 0) -> None:
+    """PunicaWrapperCPU.add_lora_linear fused over the slices (q, k, v of one projection): for each
+    slice s at its offset, y[t] += scale * x[t] @ A_s[i].T @ B_s[i].T with i = indices[t] (-1:
+    nothing). One shrink GEMM over all slices and slots (their A stacked once, kept until vLLM
+    next writes them), one placement of each token's rank vectors, one addmm per slice. The
+    rank vectors are rounded to y's dtype before the expand, as vLLM's expand does with its
+    float32 buffer."""
+    y = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    if all(all_zero(a) for a in lora_a) or all(all_zero(b) for b in lora_b):
+        return
+    first = lora_a[0]
+    slices, slots, rank = len(lora_a), first.shape[0], first.shape[-2]
+    stacked = _cached(first, "a_all", lora_a, lambda: torch.cat([_slots(a).reshape(slots * rank, -1) for a in lora_a]))
+    tokens = x.shape[0]
+    every = (x.to(stacked.dtype) @ stacked.T).view(tokens, slices, slots, rank)
+    ar = torch.arange(tokens, device=x.device)
+    slot = indices.clamp_min(0)
+    picked = every[ar, :, slot].to(y.dtype)  # [tokens, slices, rank]
+    keep = (indices >= 0).view(tokens, 1, 1)
+    picked = picked * keep if scale == 1.0 else picked * (keep * scale)
+    placed = torch.zeros(tokens, slices, slots, rank, dtype=y.dtype, device=y.device)
+    placed[ar, :, slot] = picked
+    placed = placed.view(tokens, slices, slots * rank)
+    offset = offset_start
+    for s, (b, size) in enumerate(zip(lora_b, output_slices)):
+        flat = _cached(b, f"b_flat_{y.dtype}", (b,), lambda b=b: _slots(b).to(y.dtype).transpose(1, 2).reshape(slots * rank, -1))
+        y[:, offset: offset + size].addmm_(placed[:, s], flat)
+        offset += size
 
 
 def token_indices(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
@@ -118,6 +187,14 @@ OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv
 """The names `vllm.lora.punica_wrapper.punica_cpu` imports from vLLM's torch ops, and ours."""
 
 
+def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs) -> None:
+    """PunicaWrapperCPU.add_lora_linear (same arguments) through `lora_linear`, with the wrapper's
+    per-token adapter indices (prefill and decode alike); `buffer` is not needed."""
+    if self.is_prefill and self.no_lora:
+        return
+    lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, self.token_lora_indices)
+
+
 def register() -> bool:
     """The vLLM general plugin: on the CPU platform, with `PLATFORM_VLLM_LORA_OPS=platform`, the CPU
     punica wrapper calls our ops. Idempotent (vLLM may load plugins more than once); True when on."""
@@ -129,10 +206,9 @@ def register() -> bool:
         return False
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
-    if all(getattr(punica_cpu, name) is fn for name, fn in OPS.items()):
-        return True
     for name, fn in OPS.items():
         setattr(punica_cpu, name, fn)
+    punica_cpu.PunicaWrapperCPU.add_lora_linear = add_lora_linear
     logger.info("vLLM's CPU LoRA ops replaced by llmplatform's (vllm_lora_cpu) in process %d", os.getpid())
     return True
 
