@@ -20,7 +20,8 @@ ratio at 16 streams (`*_accounting_vs_plain`, target >= 0.97).
 Multi-adapter workload: `hf_endpoint_adapters`, `vllm_endpoint_adapters` and `vllm_direct_adapters`
 serve 8 LoRA adapters (rank 8 on q/k/v/o, `ADAPTERS` below) beside the base, and request k of the
 load names adapter k mod 8, so 16 streams spread over 8 adapters; the base systems run the same
-prompts without adapters. `targets` gives each engine's adapters/base ratio at 16 streams
+prompts without adapters. On CPU our endpoint's vLLM runs LoRA through our ops
+(serving/engines/vllm_lora_cpu.py), vLLM direct through vLLM's own. `targets` gives each engine's adapters/base ratio at 16 streams
 (target >= 0.8 for ours on vllm, and no worse than `vllm_direct_adapters_vs_base`: vLLM's own
 multi-LoRA, `--enable-lora` with the same adapters, in the same run).
 Our endpoints get their own Ray, started as `platformctl up` starts the local head (on a host
@@ -504,7 +505,10 @@ def main(argv: list[str] | None = None) -> dict:
     hf_model = None
     adapters = bench_adapters(model_dir, Path(args.cache)) if any(s.endswith("_adapters") for s in systems) else None
     if adapters:
-        result["workload"]["adapters"] = {"count": len(adapters), "rank": ADAPTER_RANK, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+        result["workload"]["adapters"] = {"count": len(adapters), "rank": ADAPTER_RANK, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                          # whose CPU LoRA ops run (serving/engines/vllm_lora_cpu.py): the endpoint's engine sets ours
+                                          "cpu_lora_ops": {"vllm_endpoint_adapters": os.environ.get("PLATFORM_VLLM_LORA_OPS") or "platform",
+                                                           "vllm_direct_adapters": "vllm"}}
     for rnd in range(args.rounds):
         for system in systems:
             if system in result["skipped"]:
