@@ -135,7 +135,7 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ..
     """PunicaWrapperCPU.add_lora_linear fused over the slices (q, k, v of one projection): for each
     slice s at its offset, y[t] += scale * x[t] @ A_s[i].T @ B_s[i].T with i = indices[t] (-1:
     nothing). One shrink GEMM over all slices and slots (their A stacked once, kept until vLLM
-    next writes them), one placement of each token's rank vectors, one addmm per slice. The
+    next writes them), a mask that keeps each token's own slot, one addmm per slice. The
     rank vectors are rounded to y's dtype before the expand, as vLLM's expand does with its
     float32 buffer."""
     y = y.view(-1, y.shape[-1])
@@ -147,14 +147,12 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ..
     stacked = _cached(first, "a_all", lora_a, lambda: torch.cat([_slots(a).reshape(slots * rank, -1) for a in lora_a]))
     tokens = x.shape[0]
     every = (x.to(stacked.dtype) @ stacked.T).view(tokens, slices, slots, rank)
-    ar = torch.arange(tokens, device=x.device)
-    slot = indices.clamp_min(0)
-    picked = every[ar, :, slot].to(y.dtype)  # [tokens, slices, rank]
-    keep = (indices >= 0).view(tokens, 1, 1)
-    picked = picked * keep if scale == 1.0 else picked * (keep * scale)
-    placed = torch.zeros(tokens, slices, slots, rank, dtype=y.dtype, device=y.device)
-    placed[ar, :, slot] = picked
-    placed = placed.view(tokens, slices, slots * rank)
+    # each token keeps its slot's rank block (a mask; an index of -1 matches no slot) and the
+    # blocks, so placed, multiply all slots' B in one GEMM per slice
+    mine = (indices.unsqueeze(1) == torch.arange(slots, device=indices.device)).to(y.dtype).view(tokens, 1, slots, 1)
+    if scale != 1.0:
+        mine = mine * scale
+    placed = (every.to(y.dtype) * mine).view(tokens, slices, slots * rank)
     offset = offset_start
     for s, (b, size) in enumerate(zip(lora_b, output_slices)):
         flat = _cached(b, f"b_flat_{y.dtype}", (b,), lambda b=b: _slots(b).to(y.dtype).transpose(1, 2).reshape(slots * rank, -1))
