@@ -5,6 +5,7 @@ the vllm tier (tests/integration/serving/test_vllm_tier.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -215,3 +216,14 @@ def test_layers_no_adapter_targets_add_nothing_until_one_is_loaded_into_them(inf
     torch.testing.assert_close(buf, ref_rows(x, a, mapping))
     ops.bgmv_expand_slice(buf, b, y, idx, 0, 16, True)
     torch.testing.assert_close(y, ref_rows(buf, b, mapping))
+
+
+def test_private_plugin_path_is_the_users_cache_else_a_private_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert ops.private_plugin_path() == tmp_path / "cache/llmplatform/vllm-plugins"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a folder: the cache can't be written
+    fallback = ops.private_plugin_path()
+    assert fallback.name.startswith("llmplatform-vllm-plugins-") and (fallback.stat().st_mode & 0o777) == 0o700
+    assert (fallback / "llm_platform_vllm_plugins-0.dist-info/entry_points.txt").read_text() == ops.entry_points_txt()
+    shutil.rmtree(fallback)

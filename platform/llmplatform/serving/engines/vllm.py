@@ -214,7 +214,7 @@ def _use_platform_lora_ops() -> str:
     and in this one (an in-process engine core). Returns whose ops run: `platform` or `vllm`."""
     from llmplatform.serving.engines import vllm_lora_cpu
 
-    plugin_dir = None if vllm_lora_cpu.plugin_installed() else str(vllm_lora_cpu.plugin_path(vllm_lora_cpu.default_plugin_root()))
+    plugin_dir = None if vllm_lora_cpu.plugin_installed() else str(vllm_lora_cpu.private_plugin_path())
     os.environ.update(vllm_lora_cpu.engine_env(os.environ, plugin_dir))
     return "platform" if vllm_lora_cpu.register() else "vllm"
 

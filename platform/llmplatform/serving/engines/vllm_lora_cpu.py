@@ -240,9 +240,14 @@ def plugin_installed() -> bool:
     return any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP))
 
 
-def default_plugin_root() -> Path:
-    """Where `plugin_path` writes for this user when the entry point is not installed."""
-    return Path(tempfile.gettempdir()) / f"llmplatform-vllm-plugins-{os.getuid()}"
+def private_plugin_path() -> Path:
+    """`plugin_path` in this user's cache folder, else (a read-only home) in a new private temporary
+    folder: never a shared, guessable one, where another user could add a distribution whose entry
+    point vLLM would then load."""
+    try:
+        return plugin_path(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmplatform" / "vllm-plugins")
+    except OSError:
+        return plugin_path(Path(tempfile.mkdtemp(prefix="llmplatform-vllm-plugins-")))
 
 
 def engine_env(environ: Mapping[str, str], plugin_dir: str | None) -> dict[str, str]:
