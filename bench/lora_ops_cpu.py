@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -24,17 +25,22 @@ import torch
 HIDDEN, MLP, RANK, SLOTS = 512, 1376, 8, 8
 
 
-def timed(fn, n: int = 30) -> float:
+def timed(fn, n: int = 10, batches: int = 7) -> float:
+    """ms per call: the median over `batches` batches of `n` calls (robust to a busy host)."""
     fn()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e3
+    per_call = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        per_call.append((time.perf_counter() - start) / n * 1e3)
+    return statistics.median(per_call)
 
 
 def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--note", help="the conditions of the run, kept in the result (e.g. what else ran)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import vllm.lora.ops.torch_ops as theirs
@@ -54,7 +60,8 @@ def main() -> dict:
     steps = {"decode_16": torch.arange(16) % SLOTS, "mixed_79": torch.cat([torch.arange(15) % SLOTS, torch.full((64,), 3)]),
              "prefill_1024": torch.arange(1024) // 64 % SLOTS}
     setups = {"vllm": (theirs, vllm_linear), "vllm_wrapper_our_ops": (ours, vllm_linear), "ours_fused": (ours, ours.add_lora_linear)}
-    result = {"shape": {"hidden": HIDDEN, "mlp": MLP, "rank": RANK, "slots": SLOTS, "dtype": "bfloat16", "threads": 1},
+    result = {"measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "note": args.note,
+              "shape": {"hidden": HIDDEN, "mlp": MLP, "rank": RANK, "slots": SLOTS, "dtype": "bfloat16", "threads": 1},
               "ms_per_layer": {}, "max_rel_diff_vs_vllm": {}}
     for step, indices in steps.items():
         tokens = len(indices)
