@@ -118,14 +118,18 @@ def worker_plugins(pid):
     """The vLLM general plugins a process with this pid's environment finds (what vLLM loads there)."""
     import subprocess
     env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
-    probe = "import json; from importlib.metadata import entry_points; print(json.dumps([e.name for e in entry_points(group='vllm.general_plugins')]))"
+    # names of the plugins whose code imports there (a failing one vLLM only logs)
+    probe = "import json; from importlib.metadata import entry_points; print(json.dumps([e.name for e in entry_points(group='vllm.general_plugins') if e.load()]))"
     found = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout)
     return {"found": found, "lora_ops": env.get("PLATFORM_VLLM_LORA_OPS")}
 '''
 
 SCRIPT = FIELDS_CHECK + LORA_CHECK + PRELUDE + r'''
+    # one adapter slot: the adapter sits in vLLM's last slot, which vLLM's own CPU LoRA ops apply to tokens
+    # without an adapter (index -1); the base answers below (fields_check) are checked after it is loaded
     spec = {"name": "vt", "engine": "vllm", "model": {"base": base, "adapters": [{"name": "a", "source": sys.argv[2]}]},
-            "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}, "topology": sys.argv[3]}
+            "max_model_len": 256, "dtype": "float32", "limits": {"max_batch_size": 8}, "topology": sys.argv[3],
+            "max_loaded_adapters": 1}
     st = deploy_spec(spec, timeout_s=400)
     c = openai.OpenAI(base_url=st["url"], api_key="x", max_retries=0, timeout=120)
     out = {"engine": st["engine"]}

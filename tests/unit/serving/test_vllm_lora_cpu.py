@@ -171,6 +171,8 @@ def test_engine_env_defaults_to_our_ops_and_keeps_an_operators_choice():
     assert env == {"PLATFORM_VLLM_LORA_OPS": "platform", "PYTHONPATH": os.pathsep.join(["/plugins", "/src"])}
     assert ops.engine_env({"PLATFORM_VLLM_LORA_OPS": "vllm"}, None) == {"PLATFORM_VLLM_LORA_OPS": "vllm"}
     assert "PYTHONPATH" not in ops.engine_env({"PYTHONPATH": "/plugins"}, "/plugins")
+    assert ops.engine_env({"PYTHONPATH": "/src"}, None, "/code")["PYTHONPATH"] == os.pathsep.join(["/code", "/src"])
+    assert (Path(ops.source_dir()) / "llmplatform/serving/engines/vllm_lora_cpu.py").exists()
 
 
 def test_plugin_path_makes_the_entry_point_visible_to_a_new_process(tmp_path):

@@ -215,7 +215,7 @@ def _use_platform_lora_ops() -> str:
     from llmplatform.serving.engines import vllm_lora_cpu
 
     plugin_dir = None if vllm_lora_cpu.plugin_installed() else str(vllm_lora_cpu.private_plugin_path())
-    os.environ.update(vllm_lora_cpu.engine_env(os.environ, plugin_dir))
+    os.environ.update(vllm_lora_cpu.engine_env(os.environ, plugin_dir, vllm_lora_cpu.source_dir()))
     return "platform" if vllm_lora_cpu.register() else "vllm"
 
 

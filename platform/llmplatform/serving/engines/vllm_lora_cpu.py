@@ -250,12 +250,20 @@ def private_plugin_path() -> Path:
         return plugin_path(Path(tempfile.mkdtemp(prefix="llmplatform-vllm-plugins-")))
 
 
-def engine_env(environ: Mapping[str, str], plugin_dir: str | None) -> dict[str, str]:
+def engine_env(environ: Mapping[str, str], plugin_dir: str | None, source_dir: str | None = None) -> dict[str, str]:
     """The environment updates that make the vLLM processes a VLLMEngine starts use our ops:
-    `PLATFORM_VLLM_LORA_OPS` defaults to `platform` (an operator's `vllm` stays), and `plugin_dir`
-    (given when the entry point is not installed) goes first on PYTHONPATH."""
+    `PLATFORM_VLLM_LORA_OPS` defaults to `platform` (an operator's `vllm` stays); `plugin_dir`
+    (given when the entry point is not installed) and `source_dir` (the folder this engine
+    imported llmplatform from, so vLLM's processes load the plugin from the same code: a Ray
+    worker's sys.path is not always its PYTHONPATH) go first on PYTHONPATH."""
     env = {OPS_ENV: environ.get(OPS_ENV) or "platform"}
     paths = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if plugin_dir and plugin_dir not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([plugin_dir, *paths])
+    first = [d for d in (plugin_dir, source_dir) if d and d not in paths]
+    if first:
+        env["PYTHONPATH"] = os.pathsep.join([*first, *paths])
     return env
+
+
+def source_dir() -> str:
+    """The folder holding the llmplatform package this process imported."""
+    return str(Path(__file__).resolve().parents[3])
