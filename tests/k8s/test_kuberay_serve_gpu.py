@@ -83,9 +83,15 @@ def test_tp2_gpu_replica_is_told_its_placement_engine_and_env(api: KubeApi, kube
     assert values["engine"]["value"] == "vllm" and values["tensor_parallel"]["value"] == 2
     assert values["topology"]["value"] == "colocated"
     # Ray's own state: the replica's placement group, 2 bundles of {CPU 1, GPU 1} packed on the GPU worker
-    pgs = state_api(local, "/api/v0/placement_groups?detail=1&limit=100")["data"]["result"]["result"]
-    placed = [pg for pg in pgs if pg["name"].startswith(f"SERVE_REPLICA::{NAME}#ingress#") and pg["state"] == "CREATED"]
-    assert placed, f"no created placement group of the replica: {[(pg['name'], pg['state']) for pg in pgs]}"
+    # Serve retries the failing replica, each try with a new group: between a try's removal and the next's
+    # creation none is CREATED (CI, 2026-12-05: one REMOVED, one PENDING), so wait for a try that holds one
+    def created_groups():
+        pgs = state_api(local, "/api/v0/placement_groups?detail=1&limit=100")["data"]["result"]["result"]
+        placed = [pg for pg in pgs if pg["name"].startswith(f"SERVE_REPLICA::{NAME}#ingress#") and pg["state"] == "CREATED"]
+        assert placed, f"no created placement group of the replica: {[(pg['name'], pg['state']) for pg in pgs]}"
+        return placed
+
+    placed = eventually(created_groups, timeout=60, what="a created placement group of the replica")
     bundles = placed[0]["bundles"]
     assert [b["unit_resources"] for b in bundles] == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     gpu_node = next(n for n in state_api(local, "/api/v0/nodes?limit=100")["data"]["result"]["result"] if n["resources_total"].get("GPU"))

@@ -20,6 +20,11 @@ from llmplatform.errors import JobError
 PATIENCE_S = 20.0  # a running stack's health checks may time out (2 s each) while the machine is busy
 
 
+def _all_running(info) -> bool:
+    """Every component of the stack has a live process of ours."""
+    return bool(info.components) and all(c.state == "running" for c in info.components)
+
+
 def _answering_stack(home: str | None):
     """The stack's status, polled for up to PATIENCE_S while its processes run but a health check
     fails (a busy 2-core machine: two submits at once made the dashboard miss a 2 s check)."""
@@ -27,8 +32,7 @@ def _answering_stack(home: str | None):
 
     deadline = time.monotonic() + PATIENCE_S
     info = stack.status(home)
-    while (not info.healthy and info.components and all(c.state == "running" for c in info.components)
-           and time.monotonic() < deadline):
+    while not info.healthy and _all_running(info) and time.monotonic() < deadline:
         time.sleep(1.0)
         info = stack.status(home)
     return info
@@ -38,7 +42,7 @@ def local_backend(home: str | None = None) -> RayJobsBackend:
     """A backend bound to the running local stack; a clear error if it isn't running."""
     info = _answering_stack(home)
     slow = [c for c in info.components if c.state == "running" and not c.healthy]
-    if slow and all(c.state == "running" for c in info.components):
+    if slow and _all_running(info):
         raise JobError(f"the local stack in {info.home} is running but did not answer its health checks for {PATIENCE_S:.0f} s: "
                        + "; ".join(f"{c.name} at {c.url} (log: {c.log})" for c in slow) + "; retry, or `platformctl status`")
     if not info.dashboard_url or not info.healthy:

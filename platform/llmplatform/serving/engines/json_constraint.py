@@ -158,16 +158,20 @@ def piece_text(piece: str) -> str | None:
     return piece.replace("\u2581", " ")
 
 
+def _after(state: tuple, tid: int, texts: list[str | None], tokens_left: int) -> tuple | None:
+    """The state after token `tid` when it keeps `state` valid and its completion (`closer`) still
+    fits in the tokens after it (`tokens_left` counts this token); else None."""
+    text = texts[tid] if tid < len(texts) else None
+    nxt = feed_text(state, text) if text else None
+    return nxt if nxt is not None and len(closer(nxt)) <= tokens_left - 1 else None
+
+
 def choose(state: tuple, order: list[int], texts: list[str | None], tokens_left: int) -> tuple[int, tuple] | None:
     """The first token of `order` (the engine's preference) that keeps `state` valid and leaves a
     completion (`closer`) that fits in the tokens after it, with the state after it. `tokens_left`
     counts this token. None when no token fits (the engine then ends the sequence)."""
     for tid in order:
-        text = texts[tid]
-        if not text:
-            continue
-        nxt = feed_text(state, text)
-        if nxt is not None and len(closer(nxt)) <= tokens_left - 1:
+        if (nxt := _after(state, tid, texts, tokens_left)) is not None:
             return tid, nxt
     return None
 
@@ -176,12 +180,7 @@ def closable(state: tuple, candidates: list[int], texts: list[str | None], token
     """The mask form of `choose` (for an engine that samples from a set, vLLM): those of
     `candidates` after which the object still closes in the tokens left (`tokens_left` counts this
     token); when none does, every token that starts the shortest completion (`closer`)."""
-    keep = []
-    for tid in candidates:
-        text = texts[tid] if tid < len(texts) else None
-        nxt = feed_text(state, text) if text else None
-        if nxt is not None and len(closer(nxt)) <= tokens_left - 1:
-            keep.append(tid)
+    keep = [tid for tid in candidates if _after(state, tid, texts, tokens_left) is not None]
     if keep:
         return keep
     close = closer(state)
