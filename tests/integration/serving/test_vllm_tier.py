@@ -85,33 +85,60 @@ def fields_check(c, base):
 '''
 
 LORA_CHECK = r'''
-def lora_check(c, base, adapter):
-    """The adapter's greedy tokens served vs transformers with the adapter merged by hand (W += alpha/r * B @ A)."""
+def hf_greedy(base, user, steps, adapter=None):
+    """transformers' greedy tokens (as the SDK's logprobs name them) for a chat; with `adapter`, on the
+    model with the adapter merged by hand (W += alpha/r * B @ A)."""
     import json as _json
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from llmplatform.serving.openai_schema import token_text
-    user = [{"role": "user", "content": "hi"}]
-    r = c.chat.completions.create(model=base + ":a", messages=user, max_tokens=12, temperature=0, logprobs=True,
-                                  extra_body={"ignore_eos": True})
-    cfg = _json.load(open(f"{adapter}/adapter_config.json"))
-    lora = load_file(f"{adapter}/adapter_model.safetensors")
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    weights = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, a in lora.items():
-            if ".lora_A." in key:
-                target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-                weights[target] += cfg["lora_alpha"] / cfg["r"] * (lora[key.replace("lora_A", "lora_B")] @ a)
+    if adapter:
+        cfg = _json.load(open(f"{adapter}/adapter_config.json"))
+        lora = load_file(f"{adapter}/adapter_model.safetensors")
+        weights = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, a in lora.items():
+                if ".lora_A." in key:
+                    target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                    weights[target] += cfg["lora_alpha"] / cfg["r"] * (lora[key.replace("lora_A", "lora_B")] @ a)
     ids = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
     start = len(ids)
     with torch.no_grad():
-        for _ in range(12):
+        for _ in range(steps):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return {"served": [e.token for e in r.choices[0].logprobs.content],
-            "merged": [token_text(p)[0] for p in tok.convert_ids_to_tokens(ids[start:])]}
+    return [token_text(p)[0] for p in tok.convert_ids_to_tokens(ids[start:])]
+
+
+def lora_check(c, base, adapter):
+    """The adapter's greedy tokens served vs transformers with the adapter merged."""
+    user = [{"role": "user", "content": "hi"}]
+    r = c.chat.completions.create(model=base + ":a", messages=user, max_tokens=12, temperature=0, logprobs=True,
+                                  extra_body={"ignore_eos": True})
+    return {"served": [e.token for e in r.choices[0].logprobs.content], "merged": hf_greedy(base, user, 12, adapter)}
+
+
+def mixed_check(c, base):
+    """Base requests answered while an adapter request decodes (so vLLM batches them together, base tokens
+    without an adapter beside the adapter's): the base answers' greedy tokens vs transformers' base model."""
+    import threading
+    user = [{"role": "user", "content": "Tell me about the sea."}]
+    stream = iter(c.chat.completions.create(model=base + ":a", messages=[{"role": "user", "content": "hi"}], max_tokens=200,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    next(stream)  # the adapter request is decoding
+    answers = []
+    def ask():
+        r = c.chat.completions.create(model=base, messages=user, max_tokens=12, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
+        answers.append([e.token for e in r.choices[0].logprobs.content])
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alongside = sum(1 for _ in stream)  # chunks the adapter request still had to send when the base answers were done
+    return {"served": answers, "base": hf_greedy(base, user, 12), "adapter_chunks_after": alongside}
 
 
 def worker_plugins(pid):
@@ -153,6 +180,7 @@ SCRIPT = FIELDS_CHECK + LORA_CHECK + PRELUDE + r'''
                                                if s.name.endswith("_total"))}
     out["fields"] = fields_check(c, base)  # after the scrape: its token counts are the three requests above
     out["lora"] = lora_check(c, base, sys.argv[2])
+    out["mixed"] = mixed_check(c, base)
     from llmplatform import cpus
     # the kernel's 15-character comm: psutil completes a cut name from the command line when vLLM's set it
     procs = [(pid, comm[:15]) for pid, comm in cpus.descendants(os.getpid()) if comm.startswith(("VLLM::", "ray::ProxyActor"))]
@@ -227,6 +255,11 @@ def test_vllm_engine_serves_base_lora_and_streams(vllm_python, lora_factory, tmp
     assert out["worker_plugins"] and all("llmplatform_cpu_lora" in w["found"] and w["lora_ops"] == "platform"
                                          for w in out["worker_plugins"]), out["worker_plugins"]
     assert out["lora"]["served"] == out["lora"]["merged"], out["lora"]
+    # base answers decoded beside an adapter request are the base model's (vLLM's own CPU ops add the adapter
+    # in vLLM's last slot to them), and the model runs compiled with LoRA on (vLLM's own ops need eager)
+    m = out["mixed"]
+    assert m["adapter_chunks_after"] > 0 and m["served"] == [m["base"]] * 3, m
+    assert out["engine"]["compiled"] is True
     assert out["stream_chunks"] >= 3
     f = out["fields"]  # docs/openai-api.md, engine vllm
     assert f["logprobs"]["served"] == f["logprobs"]["model"]

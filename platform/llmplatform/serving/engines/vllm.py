@@ -223,6 +223,16 @@ def _use_platform_lora_ops() -> str:
     return "platform" if vllm_lora_cpu.register() else "vllm"
 
 
+def _compiled(engine) -> bool | None:
+    """Whether vLLM compiles the model (torch.compile), from the config it settled on; None if unknown."""
+    try:
+        from vllm.config import CompilationMode
+
+        return engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+    except (AttributeError, ImportError):
+        return None
+
+
 class VLLMEngine:
     """vLLM AsyncLLM behind the engine interface (generate / load_adapter / unload_adapter / info)."""
 
@@ -262,6 +272,7 @@ class VLLMEngine:
                                                                   partition)
         else:
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_args))
+        self.compiled = _compiled(self.engine)
         self.adapters: dict[str, tuple[int, str]] = {}  # adapter id -> (lora int id, path)
         self._ids = itertools.count(1)
         self.requests = 0
@@ -271,7 +282,7 @@ class VLLMEngine:
                 "max_batch_size": self.max_batch_size, "adapters_loaded": sorted(self.adapters), "requests": self.requests,
                 "executor": self.args.get("distributed_executor_backend", "uni"), "lora_enabled": self.args["enable_lora"],
                 "cpu_binding": self.cpu_binding, "scheduler_nice": self.scheduler_nice, "max_lora_rank": self.args.get("max_lora_rank"),
-                "lora_ops": self.lora_ops}
+                "lora_ops": self.lora_ops, "compiled": self.compiled}
 
     def stats(self) -> dict:
         """vLLM's own scheduler gauges (num_requests_running/waiting, kv_cache_usage_perc), read back

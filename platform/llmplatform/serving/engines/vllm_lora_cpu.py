@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 OPS_ENV = "PLATFORM_VLLM_LORA_OPS"
 """`platform`: vLLM's CPU punica wrapper uses the ops below; `vllm` (or unset): vLLM's own torch ops."""
+COMPILE_ENV = "PLATFORM_VLLM_LORA_COMPILE"
+"""`0`: keep vLLM's CPU rule (no torch.compile when LoRA is on) even with our ops."""
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "llmplatform_cpu_lora"
 PLUGIN_TARGET = "llmplatform.serving.engines.vllm_lora_cpu:register"
@@ -144,9 +147,9 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ..
         return
     first = lora_a[0]
     slices, slots, rank = len(lora_a), first.shape[0], first.shape[-2]
-    stacked = _cached(first, "a_all", lora_a, lambda: torch.cat([_slots(a).reshape(slots * rank, -1) for a in lora_a]))
+    shrink = _cached(first, "a_all", lora_a, lambda: Gemm(torch.cat([_slots(a).reshape(slots * rank, -1) for a in lora_a]).T))
     tokens = x.shape[0]
-    every = (x.to(stacked.dtype) @ stacked.T).view(tokens, slices, slots, rank)
+    every = shrink(x.to(shrink.dtype)).view(tokens, slices, slots, rank)
     # each token keeps its slot's rank block (a mask; an index of -1 matches no slot) and the
     # blocks, so placed, multiply all slots' B in one GEMM per slice
     mine = (indices.unsqueeze(1) == torch.arange(slots, device=indices.device)).to(y.dtype).view(tokens, 1, slots, 1)
@@ -155,9 +158,31 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ..
     placed = (every.to(y.dtype) * mine).view(tokens, slices, slots * rank)
     offset = offset_start
     for s, (b, size) in enumerate(zip(lora_b, output_slices)):
-        flat = _cached(b, f"b_flat_{y.dtype}", (b,), lambda b=b: _slots(b).to(y.dtype).transpose(1, 2).reshape(slots * rank, -1))
-        y[:, offset: offset + size].addmm_(placed[:, s], flat)
+        expand = _cached(b, f"b_flat_{y.dtype}", (b,), lambda b=b: Gemm(_slots(b).to(y.dtype).transpose(1, 2).reshape(slots * rank, -1)))
+        y[:, offset: offset + size] += expand(placed[:, s].contiguous() if slices > 1 else placed[:, s])
         offset += size
+
+
+class Gemm:
+    """`x @ w` for a fixed `w` ([K, N]): through vLLM's oneDNN GEMM (what vLLM's CPU linear layers
+    use; several times faster than torch's bf16 matmul at LoRA shapes) when vLLM's CPU ops are
+    loaded in this process, else torch's."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w.contiguous()
+        self.dtype = w.dtype
+        self.onednn = self.handler = None
+        ops = sys.modules.get("vllm._custom_ops")
+        if ops is not None and getattr(ops, "_supports_onednn", False):
+            try:
+                self.handler, self.onednn = ops.create_onednn_mm(self.w, 32), ops
+            except RuntimeError:  # a dtype or shape oneDNN refuses: torch's matmul
+                pass
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.handler is not None:
+            return self.onednn.onednn_mm(self.handler, x, None)
+        return x @ self.w
 
 
 def token_indices(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
@@ -186,11 +211,79 @@ OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv
 
 
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs) -> None:
-    """PunicaWrapperCPU.add_lora_linear (same arguments) through `lora_linear`, with the wrapper's
-    per-token adapter indices (prefill and decode alike); `buffer` is not needed."""
-    if self.is_prefill and self.no_lora:
+    """PunicaWrapperCPU.add_lora_linear (same arguments) through `lora_linear`. The wrapper's
+    per-token adapter indices are its buffer's first rows, one per row of `x` (as vLLM's LoRA
+    embedding reads `_embeddings_indices`: no Python int that a trace would freeze). Inside a
+    torch.compile trace it is one opaque custom op (`llmplatform::lora_linear`), so its Python
+    (which slots are all zero, the cached stacks) runs at every call, not once at trace time."""
+    rows = x.view(-1, x.shape[-1]).shape[0]
+    args = (y, x, list(lora_a_stacked), list(lora_b_stacked), float(scale), list(output_slices), self._token_lora_indices[:rows])
+    if torch.compiler.is_compiling():
+        torch.ops.llmplatform.lora_linear(*args)
+    else:  # eager: no dispatcher round trip
+        _linear_op(*args)
+
+
+def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs: bool = True, **kwargs) -> None:
+    """PunicaWrapperCPU.add_lora_embedding (y += x @ B[i].T per token); the custom op
+    `llmplatform::lora_expand` inside a trace, as `add_lora_linear`."""
+    args = (y, x, lora_b_stacked, self._token_lora_indices[: x.shape[0]], bool(add_inputs))
+    if torch.compiler.is_compiling():
+        torch.ops.llmplatform.lora_expand(*args)
+    else:
+        _expand_op(*args)
+
+
+def _linear_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scale: float,
+               output_slices: list[int], indices: torch.Tensor) -> None:
+    if bool((indices >= 0).any()):  # else no token has an adapter
+        lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(output_slices), indices)
+
+
+def _expand_op(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor, add_inputs: bool) -> None:
+    bgmv_expand(x, lora_b, y, indices, add_inputs)
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+_LIBRARY = None
+
+
+def _define_custom_ops() -> None:
+    """`torch.ops.llmplatform.lora_linear` and `.lora_expand` (registered once per process, as
+    vLLM registers its own: straight to the CPU dispatch key, without torch.library.custom_op's
+    per-call overhead). Needs vLLM; called by `register`, before any trace."""
+    global _LIBRARY
+    if _LIBRARY is not None:
         return
-    lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, self.token_lora_indices)
+    from torch.library import Library
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    library = Library("llmplatform", "FRAGMENT")
+    direct_register_custom_op("lora_linear", _linear_op, mutates_args=["y"], fake_impl=_nothing, target_lib=library, dispatch_key="CPU")
+    direct_register_custom_op("lora_expand", _expand_op, mutates_args=["y"], fake_impl=_nothing, target_lib=library, dispatch_key="CPU")
+    _LIBRARY = library
+
+
+def _compile_with_lora(platform_cls) -> None:
+    """vLLM's CPU platform compiles the model (torch.compile, inductor) except when LoRA is on, for
+    its own LoRA ops' sake; with ours (custom ops) the model compiles with LoRA too: the platform
+    configures compilation as for a model without LoRA, and then LoRA is put back."""
+    original = platform_cls.check_and_update_config
+    if getattr(original, "_llmplatform", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        lora, vllm_config.lora_config = vllm_config.lora_config, None
+        try:
+            original.__func__(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    check_and_update_config._llmplatform = True
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
 def register() -> bool:
@@ -207,6 +300,10 @@ def register() -> bool:
     for name, fn in OPS.items():
         setattr(punica_cpu, name, fn)
     punica_cpu.PunicaWrapperCPU.add_lora_linear = add_lora_linear
+    punica_cpu.PunicaWrapperCPU.add_lora_embedding = add_lora_embedding
+    _define_custom_ops()  # before any trace of the model (a trace can't define ops)
+    if os.environ.get(COMPILE_ENV, "1") != "0":
+        _compile_with_lora(type(current_platform))
     logger.info("vLLM's CPU LoRA ops replaced by llmplatform's (vllm_lora_cpu) in process %d", os.getpid())
     return True
 
