@@ -77,10 +77,13 @@ def test_linear_lora_matches_per_token_reference(weights, mapping, prefill):
     torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.parametrize("fused_up_to", [0, 64], ids=["expand-per-slice", "expand-block-diagonal"])
 @pytest.mark.parametrize("mapping", list(MAPPINGS.values()), ids=list(MAPPINGS))
-def test_fused_linear_lora_matches_per_token_reference(weights, mapping):
+def test_fused_linear_lora_matches_per_token_reference(weights, mapping, fused_up_to, monkeypatch):
     """lora_linear (the wrapper's add_lora_linear, all slices at once) at an offset, one slice all zero
-    (a projection the adapters don't target), then again after an adapter is written into a slot."""
+    (a projection the adapters don't target), then again after an adapter is written into a slot;
+    with one expand GEMM per slice (prefill-sized batches) and one for all (decode-sized)."""
+    monkeypatch.setattr(ops, "FUSED_EXPAND_TOKENS", fused_up_to)
     a, b = weights
     a = (a[0], torch.zeros_like(a[1]), a[2])
     x = torch.randn(len(mapping), WIDTH)
