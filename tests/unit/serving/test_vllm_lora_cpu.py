@@ -232,3 +232,41 @@ def test_private_plugin_path_is_the_users_cache_else_a_private_temporary_folder(
     assert fallback.name.startswith("llmplatform-vllm-plugins-") and (fallback.stat().st_mode & 0o777) == 0o700
     assert (fallback / "llm_platform_vllm_plugins-0.dist-info/entry_points.txt").read_text() == ops.entry_points_txt()
     shutil.rmtree(fallback)
+
+
+def test_platform_configures_compilation_as_without_lora_and_keeps_lora():
+    """vLLM's CPU platform turns compilation off when it sees a LoRA config; wrapped, it configures the
+    model as without LoRA (what it does with compilation then) and the LoRA config is there afterwards,
+    also when the platform raises; wrapping twice wraps once."""
+    seen = []
+
+    class Platform:
+        @classmethod
+        def check_and_update_config(cls, config):
+            seen.append(config.lora_config)
+            config.compilation = "off" if config.lora_config is not None else "inductor"
+            if config.fail:
+                raise ValueError("bad config")
+
+    class Config:
+        def __init__(self, fail=False):
+            self.lora_config, self.compilation, self.fail = {"max_loras": 8}, None, fail
+
+    ops._compile_with_lora(Platform)
+    ops._compile_with_lora(Platform)
+    config = Config()
+    Platform.check_and_update_config(config)
+    assert seen == [None] and config.compilation == "inductor" and config.lora_config == {"max_loras": 8}
+    broken = Config(fail=True)
+    with pytest.raises(ValueError):
+        Platform.check_and_update_config(broken)
+    assert broken.lora_config == {"max_loras": 8} and len(seen) == 2
+
+
+def test_gemm_without_vllm_is_torch_matmul():
+    """Without vLLM's CPU ops in the process (these tests) `Gemm` multiplies with torch."""
+    w = torch.randn(16, 5)
+    x = torch.randn(3, 16)
+    gemm = ops.Gemm(w.T.contiguous().T)
+    assert gemm.handler is None
+    torch.testing.assert_close(gemm(x), x @ w)

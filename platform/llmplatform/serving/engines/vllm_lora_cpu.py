@@ -17,9 +17,13 @@ deliberate difference: a token index of -1 means "no adapter" (as vLLM's punica 
 documents) and contributes nothing, where vLLM's torch ops index slot -1, i.e. the last slot.
 
 Pure torch; vLLM is imported only by `register`, the `vllm.general_plugins` entry point that
-vLLM calls in each of its processes (front end, engine core, workers). It swaps the ops and
-`add_lora_linear` into `vllm.lora.punica_wrapper.punica_cpu` on the CPU platform when
-`PLATFORM_VLLM_LORA_OPS` is `platform` (VLLMEngine sets it; `vllm` keeps vLLM's own).
+vLLM calls in each of its processes (front end, engine core, workers). It swaps the ops,
+`add_lora_linear` and `add_lora_embedding` into `vllm.lora.punica_wrapper.punica_cpu` on the CPU
+platform when `PLATFORM_VLLM_LORA_OPS` is `platform` (VLLMEngine sets it; `vllm` keeps vLLM's
+own). There the GEMMs go through vLLM's oneDNN handler (`Gemm`), and the two wrapper methods
+become opaque custom ops inside a torch.compile trace, so vLLM's CPU platform may compile the
+model with LoRA on (it turns compilation off for LoRA because its own ops don't trace;
+`PLATFORM_VLLM_LORA_COMPILE=0` keeps that rule).
 `plugin_path` makes the entry point discoverable where the installed distribution predates it
 (an editable install built before the entry point was added): a folder with a metadata-only
 distribution for PYTHONPATH.
