@@ -217,6 +217,17 @@ def _max_lora_rank(spec: ServeSpec, engine: str, enable_lora: bool, ranks: dict[
     return Derived(value, source, reason)
 
 
+def _lora_slots(spec: ServeSpec, engine: str, enable_lora: bool) -> Derived:
+    """vLLM's adapter slots: `max_loras` (adapters in one batch, on the device) and `max_cpu_loras`
+    (adapters kept in host memory, so a re-used one is not read from disk again)."""
+    if engine != "vllm":
+        return Derived(None, "default", "the hf engine keeps max_loaded_adapters adapters itself")
+    if not enable_lora:
+        return Derived(None, "default", "base model only: LoRA off")
+    slots = {"max_loras": max(1, min(spec.max_loaded_adapters, spec.limits.max_batch_size)), "max_cpu_loras": spec.max_loaded_adapters * 2}
+    return Derived(slots, "spec", "max_loaded_adapters in a batch (at most limits.max_batch_size), twice as many in host memory")
+
+
 def _api_keys_file(spec: ServeSpec, facts: Facts) -> Derived:
     """The API-key file the ingress reads: the target's (on Kubernetes the mounted Secret), else the spec's."""
     auth = spec.auth
@@ -286,6 +297,7 @@ def resolve_serve(spec: ServeSpec, facts: Facts | None = None) -> Resolved:
     enable_lora = bool(spec.model.adapters or spec.model.registry or spec.model.allow_dynamic_adapters)
     v["enable_lora"] = Derived(enable_lora, "spec", "adapters listed, a registry reference, or dynamic adapters allowed" if enable_lora else "base model only")
     v["max_lora_rank"] = _max_lora_rank(spec, engine.value, enable_lora, ranks, problems)
+    v["lora_slots"] = _lora_slots(spec, engine.value, enable_lora)
     v["dtype"] = Derived(spec.dtype if spec.dtype != "auto" else (plan.dtype if plan else "auto"), "spec" if spec.dtype != "auto" else ("planner" if plan else "default"))
     v["max_model_len"] = Derived(spec.max_model_len, "spec" if "max_model_len" in spec.model_fields_set else "default")
     v["alias_following"] = Derived("operator" if facts.target == "k8s" else "app", "target",

@@ -52,7 +52,7 @@ def build_engine(plan: Resolved, base_dir: str):
         from llmplatform.serving.engines.vllm import VLLMEngine
 
         return VLLMEngine(base_dir, dtype=spec.dtype, max_model_len=plan["max_model_len"], tensor_parallel=plan["tensor_parallel"],
-                          max_batch_size=spec.limits.max_batch_size, max_loaded_adapters=spec.max_loaded_adapters,
+                          max_batch_size=spec.limits.max_batch_size, lora_slots=plan["lora_slots"],
                           enable_lora=plan["enable_lora"], max_lora_rank=plan["max_lora_rank"] or 16,
                           served_name=str(plan["base_model"]))
     from llmplatform.serving.engines.hf import HFEngine

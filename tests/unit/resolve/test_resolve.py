@@ -65,8 +65,24 @@ def test_max_lora_rank_reaches_the_engine_arguments():
     reg = "models:/wide@prod"
     plan = resolve(sv(engine="vllm", model={"base": "llama2-7b", "registry": reg}), Facts(vllm_available=True, registry={reg: RegistryFact(reg, 1, "llama2-7b", 128)})).require()
     args = engine_args("/m", dtype="auto", max_model_len=plan["max_model_len"], tensor_parallel=plan["tensor_parallel"], max_batch_size=8,
-                       max_loaded_adapters=2, max_lora_rank=plan["max_lora_rank"], enable_lora=plan["enable_lora"], cuda=True)
+                       lora_slots=plan["lora_slots"], max_lora_rank=plan["max_lora_rank"], enable_lora=plan["enable_lora"], cuda=True)
     assert args["max_lora_rank"] == 128
+
+
+def test_vllm_adapter_slots_come_from_the_plan():
+    """max_loaded_adapters adapters share a batch (never more than the batch holds), twice as many stay in host
+    memory; none for the hf engine or a base-only deployment."""
+    from llmplatform.serving.engines.vllm import engine_args
+
+    plan = resolve(sv(engine="vllm", max_loaded_adapters=6, limits={"max_batch_size": 4}), Facts(vllm_available=True)).require()
+    assert plan["lora_slots"] == {"max_loras": 4, "max_cpu_loras": 12} and plan.source("lora_slots") == "spec"
+    args = engine_args("/m", dtype="auto", max_model_len=512, tensor_parallel=1, max_batch_size=4, lora_slots=plan["lora_slots"], cuda=True)
+    assert (args["max_loras"], args["max_cpu_loras"]) == (4, 12)
+    assert resolve(sv(engine="hf"), Facts())["lora_slots"] is None
+    base_only = resolve(sv(engine="vllm", model={"base": "llama2-7b", "allow_dynamic_adapters": False}), Facts(vllm_available=True))
+    assert base_only["lora_slots"] is None and not base_only["enable_lora"]
+    with pytest.raises(ValueError, match="lora_slots"):
+        engine_args("/m", dtype="auto", max_model_len=512, tensor_parallel=1, max_batch_size=4, cuda=True)
 
 
 def test_an_adapter_above_the_engines_rank_is_refused_at_resolve_and_at_load(tmp_path):

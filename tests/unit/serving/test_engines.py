@@ -29,19 +29,22 @@ def test_auto_picks_vllm_only_when_importable():
     assert plan["engine"] == ("vllm" if ok else "hf") and plan.source("engine") == "target"
 
 
+SLOTS = {"max_loras": 2, "max_cpu_loras": 4}
+
+
 def test_vllm_tp_uses_the_ray_executor_on_gpus_and_local_shards_on_cpu():
-    args = engine_args("/m", dtype="bfloat16", max_model_len=4096, tensor_parallel=2, max_batch_size=64, max_loaded_adapters=8,
-                       cuda=True)
+    args = engine_args("/m", dtype="bfloat16", max_model_len=4096, tensor_parallel=2, max_batch_size=64,
+                       lora_slots={"max_loras": 8, "max_cpu_loras": 16}, cuda=True)
     assert args["tensor_parallel_size"] == 2 and args["distributed_executor_backend"] == "ray"
     assert "gpu_memory_utilization" not in args  # vLLM's GPU default, unless PLATFORM_VLLM_MEMORY_FRACTION says otherwise
-    assert args["enable_lora"] and args["max_loras"] == 8 and args["max_num_seqs"] == 64
-    single = engine_args("/m", dtype="auto", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2, cuda=False)
+    assert args["enable_lora"] and args["max_loras"] == 8 and args["max_cpu_loras"] == 16 and args["max_num_seqs"] == 64
+    single = engine_args("/m", dtype="auto", max_model_len=512, tensor_parallel=1, max_batch_size=8, lora_slots=SLOTS, cuda=False)
     assert "distributed_executor_backend" not in single and single["dtype"] == "auto"
     # JSON without whitespace padding (vLLM allows that only with a named backend) and json_object closed in time
     assert single["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
     assert single["logits_processors"] == ["llmplatform.serving.engines.vllm_json:JsonObjectCloser"]  # CPU: the V1 model runner
     assert args["structured_outputs_config"] == single["structured_outputs_config"] and "logits_processors" not in args  # GPUs: V2
-    cpu = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=2, max_batch_size=8, max_loaded_adapters=2, cuda=False)
+    cpu = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=2, max_batch_size=8, lora_slots=SLOTS, cuda=False)
     assert cpu["distributed_executor_backend"] == "mp"  # vLLM's CPU backend refuses the Ray executor
 
 
@@ -75,7 +78,7 @@ def test_base_only_deployments_run_vllm_without_lora_layers():
     assert serves_adapters()  # dynamic adapters are on by default
     assert serves_adapters(allow_dynamic_adapters=False, adapters=[{"name": "a", "source": "/tmp/a"}])
     assert serves_adapters(base=None, registry="models:/bot@production", allow_dynamic_adapters=False)
-    args = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=1, max_batch_size=8, max_loaded_adapters=2,
+    args = engine_args("/m", dtype="bfloat16", max_model_len=512, tensor_parallel=1, max_batch_size=8,
                        enable_lora=False)
     assert args["enable_lora"] is False and "max_loras" not in args and "max_lora_rank" not in args
 

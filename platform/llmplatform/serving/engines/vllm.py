@@ -31,7 +31,7 @@ JSON_CLOSER = "llmplatform.serving.engines.vllm_json:JsonObjectCloser"
 
 
 def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parallel: int, max_batch_size: int,
-                max_loaded_adapters: int, max_lora_rank: int = 64, enable_lora: bool = True, cuda: bool | None = None,
+                lora_slots: dict | None = None, max_lora_rank: int = 64, enable_lora: bool = True, cuda: bool | None = None,
                 served_name: str | None = None) -> dict:
     """AsyncEngineArgs keywords (pure, so tests can check them without vLLM; `structured_outputs_config`
     stays a dict here and becomes vLLM's StructuredOutputsConfig in `VLLMEngine`).
@@ -39,7 +39,8 @@ def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parall
     `served_name` becomes vLLM's `served_model_name`, the `model_name` label of vLLM's metrics (else
     vLLM labels them with the weights' path). Stats stay on: vLLM's PrometheusStatLogger feeds /metrics.
     `enable_lora=False` for base-only deployments: vLLM's LoRA layers cost every request time,
-    adapter or not (on CPU they cut base-model throughput by several times)."""
+    adapter or not (on CPU they cut base-model throughput by several times). `lora_slots` is the
+    resolved plan's (`max_loras`, `max_cpu_loras`), required with LoRA on."""
     args = {
         "model": model_dir, "tokenizer": model_dir, "dtype": "auto" if dtype == "auto" else dtype,
         "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel, "max_num_seqs": max_batch_size,
@@ -58,8 +59,9 @@ def engine_args(model_dir: str, *, dtype: str, max_model_len: int, tensor_parall
     if served_name:
         args["served_model_name"] = served_name
     if enable_lora:
-        args.update({"max_loras": max(1, min(max_loaded_adapters, max_batch_size)), "max_lora_rank": max_lora_rank,
-                     "max_cpu_loras": max_loaded_adapters * 2})
+        if not lora_slots:
+            raise ValueError("engine_args: LoRA on needs the plan's lora_slots (max_loras, max_cpu_loras)")
+        args.update({"max_loras": lora_slots["max_loras"], "max_cpu_loras": lora_slots["max_cpu_loras"], "max_lora_rank": max_lora_rank})
     if tensor_parallel > 1:
         # GPUs: shards go into the replica's placement group. CPU: vLLM refuses Ray ("current platform cpu
         # does not support ray"), so the shards are processes of this replica on its node.
@@ -237,7 +239,7 @@ class VLLMEngine:
     """vLLM AsyncLLM behind the engine interface (generate / load_adapter / unload_adapter / info)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", max_model_len: int = 4096, tensor_parallel: int = 1,
-                 max_batch_size: int = 32, max_loaded_adapters: int = 8, enable_lora: bool = True, max_lora_rank: int = 64,
+                 max_batch_size: int = 32, lora_slots: dict | None = None, enable_lora: bool = True, max_lora_rank: int = 64,
                  served_name: str | None = None):
         from vllm import AsyncEngineArgs
 
@@ -252,7 +254,7 @@ class VLLMEngine:
         self.max_batch_size = max_batch_size
         cuda = _has_cuda()
         self.args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
-                                max_batch_size=max_batch_size, max_loaded_adapters=max_loaded_adapters, enable_lora=enable_lora,
+                                max_batch_size=max_batch_size, lora_slots=lora_slots, enable_lora=enable_lora,
                                 max_lora_rank=max_lora_rank, cuda=cuda, served_name=served_name)
         from vllm.config import StructuredOutputsConfig
 
