@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 
 
+SESSION_MODEL_CACHE = pytest.StashKey[str]()
+
+
 def pytest_configure(config):
     """One model cache for the whole session (and the Ray/Serve processes tests start), so the
     pretrained llama2-tiny base is built once, not once per temporary PLATFORM_HOME. It is the
@@ -29,6 +32,27 @@ def pytest_configure(config):
     from llmplatform import paths
 
     os.environ.setdefault("PLATFORM_MODEL_CACHE", str(paths.model_cache()))
+    config.stash[SESSION_MODEL_CACHE] = os.environ["PLATFORM_MODEL_CACHE"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def session_model_cache_env(pytestconfig) -> Path:
+    """Each module runs with the session's model cache in PLATFORM_MODEL_CACHE (restored after it).
+
+    A session fixture may point it elsewhere for its own directory (serving's `serving_env` uses a
+    temporary cache, and overrides this fixture there); that must not follow the later modules:
+    the KubeRay pods take the variable from this process, and the k8s and unit tests that need the
+    pretrained llama2-tiny then built it again in serving's cache (~90 s of CI)."""
+    cache = pytestconfig.stash[SESSION_MODEL_CACHE]
+    before = os.environ.get("PLATFORM_MODEL_CACHE")
+    os.environ["PLATFORM_MODEL_CACHE"] = cache
+    try:
+        yield Path(cache)
+    finally:
+        if before is None:
+            os.environ.pop("PLATFORM_MODEL_CACHE", None)
+        else:
+            os.environ["PLATFORM_MODEL_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

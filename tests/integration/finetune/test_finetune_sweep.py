@@ -1,5 +1,5 @@
 """`platformctl finetune sweep` on the real local stack (Ray Tune over Ray Train, real MLflow):
-four learning rates on the pretrained llama2-tiny, one hopeless (1e-6): the best by eval_loss is
+three learning rates on the pretrained llama2-tiny, one hopeless (1e-6): the best by eval_loss is
 registered and nothing else is, ASHA stops the hopeless trial before its last step, and MLflow
 holds one parent run with a child per trial."""
 
@@ -21,14 +21,16 @@ def test_sweep_registers_only_the_best_trial_and_asha_stops_a_bad_one(ctl_env, t
                       resources={"workers": 1, "cpus_per_worker": 0.5},  # two trials at once on two cores
                       eval={"every_n_steps": 4, "max_batches": 1}, mlflow={"registered_model_name": "rev-sweep"})
     # the hopeless rate comes last, so the good ones have set the bar at ASHA's first rung when it gets there
-    proc = ctl(ctl_env, "finetune", "sweep", str(spec), "--param", "hyperparameters.learning_rate=2e-3,1e-3,3e-3,1e-6",
+    # (reduction factor 2: the cut is the rung's median, which the worst of three is below). Two good rates
+    # train together, then the hopeless one alone: a third good rate only added a full trial beside it.
+    proc = ctl(ctl_env, "finetune", "sweep", str(spec), "--param", "hyperparameters.learning_rate=2e-3,1e-3,1e-6",
                "--max-concurrent", "2", "--early-stop", "asha", "--output", "json", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     result, trials = out["result"], {t["trial"]: t for t in out["trials"]}
-    assert out["job"]["state"] == "succeeded" and len(trials) == 4
+    assert out["job"]["state"] == "succeeded" and len(trials) == 3
     assert result["best_params"]["hyperparameters.learning_rate"] != 1e-6
-    hopeless = trials[3]
+    hopeless = trials[2]
     assert hopeless["state"] == "stopped" and hopeless["step"] < hopeless["total_steps"], trials
 
     client = MlflowClient(local_stack.mlflow_url)
@@ -37,7 +39,7 @@ def test_sweep_registers_only_the_best_trial_and_asha_stops_a_bad_one(ctl_env, t
     assert float(parent.data.params["best.hyperparameters.learning_rate"]) == result["best_params"]["hyperparameters.learning_rate"]
     assert parent.data.metrics["best_eval_loss"] == pytest.approx(result["value"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 4
+    assert len(children) == 3
     assert {c.info.status for c in children if c.info.run_id != result["best_run_id"]} <= {"FINISHED", "KILLED"}
     versions = client.search_model_versions("name='rev-sweep'")
     assert [v.run_id for v in versions] == [result["best_run_id"]]  # only the best trial is registered

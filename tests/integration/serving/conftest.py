@@ -47,6 +47,12 @@ def lora_factory():
     return make_adapter
 
 
+@pytest.fixture(scope="module", autouse=True)
+def session_model_cache_env() -> None:
+    """Overrides the root conftest's: these modules keep the cache serving_env set (its replicas
+    were deployed with it); serving_env restores the session's at the end of the session."""
+
+
 @pytest.fixture(scope="session")
 def serving_env(local_stack, tmp_path_factory):
     """Env for the driver and (forwarded) for replicas; Ray connected to the local stack."""
