@@ -142,9 +142,9 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ..
     """PunicaWrapperCPU.add_lora_linear fused over the slices (q, k, v of one projection): for each
     slice s at its offset, y[t] += scale * x[t] @ A_s[i].T @ B_s[i].T with i = indices[t] (-1:
     nothing). One shrink GEMM over all slices and slots (their A stacked once, kept until vLLM
-    next writes them), a mask that keeps each token's own slot, one addmm per slice. The
-    rank vectors are rounded to y's dtype before the expand, as vLLM's expand does with its
-    float32 buffer."""
+    next writes them), a mask that keeps each token's own slot, then one expand GEMM per slice,
+    or one for all slices in decode-sized batches (`FUSED_EXPAND_TOKENS`). The rank vectors are
+    rounded to y's dtype before the expand, as vLLM's expand does with its float32 buffer."""
     y = y.view(-1, y.shape[-1])
     x = x.view(-1, x.shape[-1])
     if all(all_zero(a) for a in lora_a) or all(all_zero(b) for b in lora_b):
