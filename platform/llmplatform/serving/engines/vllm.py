@@ -218,10 +218,11 @@ def _use_platform_lora_ops() -> str:
     from llmplatform.serving.engines import vllm_lora_cpu
 
     plugin_dir = None if vllm_lora_cpu.plugin_installed() else str(vllm_lora_cpu.private_plugin_path())
-    os.environ.update(vllm_lora_cpu.engine_env(os.environ, plugin_dir, vllm_lora_cpu.source_dir()))
+    source = vllm_lora_cpu.source_dir()
+    os.environ.update(vllm_lora_cpu.engine_env(os.environ, plugin_dir, source))
     # vLLM spawns its processes with multiprocessing, which gives each child this process's
     # sys.path, not the PYTHONPATH above: the folders go first here too
-    sys.path[:0] = [d for d in (plugin_dir, vllm_lora_cpu.source_dir()) if d and d not in sys.path]
+    sys.path[:0] = [d for d in (plugin_dir, source) if d and d not in sys.path]
     return "platform" if vllm_lora_cpu.register() else "vllm"
 
 

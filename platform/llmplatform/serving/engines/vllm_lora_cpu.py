@@ -148,12 +148,14 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ..
     y = y.view(-1, y.shape[-1])
     x = x.view(-1, x.shape[-1])
     if all(all_zero(a) for a in lora_a) or all(all_zero(b) for b in lora_b):
-        return
+        return  # a layer no loaded adapter targets
+    if not bool((indices >= 0).any()):
+        return  # no token has an adapter
     first = lora_a[0]
     slices, slots, rank = len(lora_a), first.shape[0], first.shape[-2]
     shrink = _cached(first, "a_all", lora_a, lambda: Gemm(torch.cat([_slots(a).reshape(slots * rank, -1) for a in lora_a]).T))
     tokens = x.shape[0]
-    every = shrink(x.to(shrink.dtype)).view(tokens, slices, slots, rank)
+    every = shrink(x.to(shrink.w.dtype)).view(tokens, slices, slots, rank)
     # each token keeps its slot's rank block (a mask; an index of -1 matches no slot) and the
     # blocks, so placed, multiply all slots' B in one GEMM per slice, or, for a decode-sized batch,
     # one GEMM for all slices with their B on a block diagonal (fewer calls; more multiplies by zero)
@@ -204,7 +206,6 @@ class Gemm:
 
     def __init__(self, w: torch.Tensor):
         self.w = w.contiguous()
-        self.dtype = w.dtype
         self.onednn = self.handler = None
         ops = sys.modules.get("vllm._custom_ops")
         if ops is not None and getattr(ops, "_supports_onednn", False):
@@ -251,29 +252,27 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
     torch.compile trace it is one opaque custom op (`llmplatform::lora_linear`), so its Python
     (which slots are all zero, the cached stacks) runs at every call, not once at trace time."""
     rows = x.view(-1, x.shape[-1]).shape[0]
-    args = (y, x, list(lora_a_stacked), list(lora_b_stacked), float(scale), list(output_slices), self._token_lora_indices[:rows])
-    if torch.compiler.is_compiling():
-        torch.ops.llmplatform.lora_linear(*args)
-    else:  # eager: no dispatcher round trip
-        _linear_op(*args)
+    _run("lora_linear", _linear_op, y, x, list(lora_a_stacked), list(lora_b_stacked), float(scale), list(output_slices),
+         self._token_lora_indices[:rows])
 
 
 def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs: bool = True, **kwargs) -> None:
     """PunicaWrapperCPU.add_lora_embedding (y += x @ B[i].T per token); the custom op
     `llmplatform::lora_expand` inside a trace, as `add_lora_linear`."""
-    args = (y, x, lora_b_stacked, self._token_lora_indices[: x.shape[0]], bool(add_inputs))
+    _run("lora_expand", _expand_op, y, x, lora_b_stacked, self._token_lora_indices[: x.shape[0]], bool(add_inputs))
+
+
+def _run(op: str, eager, *args) -> None:
+    """`torch.ops.llmplatform.<op>` inside a torch.compile trace; else `eager` itself (no dispatcher round trip)."""
     if torch.compiler.is_compiling():
-        torch.ops.llmplatform.lora_expand(*args)
+        getattr(torch.ops.llmplatform, op)(*args)
     else:
-        _expand_op(*args)
+        eager(*args)
 
 
 def _linear_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scale: float,
                output_slices: list[int], indices: torch.Tensor) -> None:
-    if all(all_zero(a) for a in lora_a) or all(all_zero(b) for b in lora_b):
-        return  # a layer no loaded adapter targets
-    if bool((indices >= 0).any()):  # else no token has an adapter
-        lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(output_slices), indices)
+    lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(output_slices), indices)
 
 
 def _expand_op(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor, add_inputs: bool) -> None:
